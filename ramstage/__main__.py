@@ -1,0 +1,3 @@
+from ramstage.cli import main
+
+raise SystemExit(main())

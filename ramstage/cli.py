@@ -1,0 +1,205 @@
+"""The command line: the only module that prints or exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from ramstage import __version__
+from ramstage.config import Config, config_path, load_config
+from ramstage.errors import ConfigError, NotFound, RamstageError, UsageError
+from ramstage.protocol import request
+
+STAGE_TIMEOUT_SECONDS = 3700.0
+
+
+def _human(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError(unit)
+
+
+def _config(args: argparse.Namespace) -> tuple[Path, Config]:
+    path = config_path(args.config)
+    return path, load_config(path)
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    """The socket from the config; with no config file, the default, so `status` still works."""
+    path = config_path(args.config)
+    return load_config(path).socket if path.exists() else Config().socket
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from ramstage.daemon import run_daemon
+    from ramstage.service import setup_logging
+
+    setup_logging(args.debug)
+    return run_daemon(config_path(args.config))
+
+
+def _status_table(status: dict[str, Any]) -> str:
+    store, memory = status["store"], status["memory"]
+    swap = {True: ", can swap", False: ", never swapped", None: ""}[store.get("swappable")]
+    lines = [
+        f"ramstage {status['version']} (pid {status['pid']})",
+        (
+            f"store   {store['path']}: {_human(store['used_bytes'])} used of"
+            f" {_human(store['size_bytes'])} ({'tmpfs' if store['mounted'] else 'plain directory'}{swap})"
+        ),
+        (
+            f"memory  {_human(memory['available_bytes'])} available, evicting below"
+            f" {_human(memory['min_available_bytes'])}, staging again above"
+            f" {_human(memory.get('resume_available_bytes'))}"
+            f"{', UNDER PRESSURE' if memory['pressure'] else ''}"
+        ),
+        "",
+    ]
+    rows = [("NAME", "STATE", "SIZE", "GENERATION", "USERS", "PINNED", "REASON / TARGET")]
+    for m in status["models"]:
+        state = m["state"] if m["state"] != "staging" else f"staging {m['progress']:.0%}"
+        rows.append(
+            (
+                m["name"],
+                state,
+                _human(m["size_bytes"]),
+                m["generation"] or "-",
+                str(len(m["users"])),
+                _human(m["pinned_bytes"]) if m["pinned_bytes"] else "-",
+                m["reason"] or m["target"] or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    if not status["models"]:
+        lines.append("(no models configured)")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = request(_socket(args), "status", **({"name": args.name} if args.name else {}))
+    print(json.dumps(status, indent=2) if args.json else _status_table(status))
+    return 0
+
+
+def cmd_path(args: argparse.Namespace) -> int:
+    path, config = _config(args)
+    if config.model(args.name) is None:
+        raise NotFound(f"no model named {args.name} in {path}")
+    print(config.links_dir / args.name)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    if not args.names and not args.all:
+        raise UsageError("name one or more models, or give --all")
+    result = request(
+        _socket(args), "stage", names=args.names, all=args.all, timeout=STAGE_TIMEOUT_SECONDS
+    )
+    print("staged: " + (", ".join(result["staged"]) or "nothing"))
+    return 0
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    request(_socket(args), "evict", names=args.names)
+    print("evicted: " + ", ".join(args.names) + " (links point at the sources)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    result = request(_socket(args), "verify", names=args.names, timeout=STAGE_TIMEOUT_SECONDS)
+    print("verified: " + (", ".join(result["verified"]) or "no staged models"))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    result = request(_socket(args), "reload", timeout=60)
+    print(f"reloaded: {result['models']} models")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = config_path(args.path or args.config)
+    config = load_config(path, check_sources=True)
+    print(f"{path}: OK ({len(config.models)} models)")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ramstage", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ramstage {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument(
+            "--config",
+            metavar="PATH",
+            help="config file (default: $RAMSTAGE_CONFIG or /etc/ramstage/ramstage.yaml)",
+        )
+        sub.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("daemon", cmd_daemon, "run the daemon in the foreground")
+    sub = command("status", cmd_status, "state of the store, memory and every model")
+    sub.add_argument("name", nargs="?", metavar="NAME")
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = command("path", cmd_path, "print the link path to put in an application's config")
+    sub.add_argument("name", metavar="NAME")
+    sub = command("stage", cmd_stage, "stage models now (after an evict, or to retry)")
+    sub.add_argument("names", nargs="*", metavar="NAME")
+    sub.add_argument("--all", action="store_true", help="every configured model")
+    sub = command("evict", cmd_evict, "point links at the sources and free the RAM")
+    sub.add_argument("names", nargs="+", metavar="NAME")
+    sub = command("verify", cmd_verify, "re-hash generations in RAM against their digests")
+    sub.add_argument("names", nargs="*", metavar="NAME")
+    command("reload", cmd_reload, "re-read the config (as SIGHUP)")
+    sub = command("check-config", cmd_check_config, "validate a config file and list its problems")
+    sub.add_argument("path", nargs="?", metavar="PATH")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:
+        return 2 if exit.code else 0
+    try:
+        return int(args.handler(args))
+    except RamstageError as error:
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(error, ConfigError):
+            print("ramstage: the config has problems:", file=sys.stderr)
+            for problem in error.problems:
+                print(f"  {problem}", file=sys.stderr)
+        else:
+            print(f"ramstage: {error.message}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            logging.getLogger("ramstage").debug("unexpected error", exc_info=True)
+            print(
+                f"ramstage: unexpected error: {error} (run with --debug for details)",
+                file=sys.stderr,
+            )
+        return 1

@@ -1,0 +1,358 @@
+"""The configuration file: schema, converters and errors that name the key path."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import yaml
+
+from ramstage.digest import available_algorithms
+from ramstage.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/ramstage/ramstage.yaml")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_PSI_RE = re.compile(r"^(some|full)\s+(\S+)\s+(\S+)$")
+CHECKSUMS = ("sha256", "blake3")
+READY_MODES = ("links", "staged")
+VALIDATE_MODES = ("format", "torch", "none")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path = Path("/run/ramstage/store")
+    size_bytes: int = 8 << 30
+    mount: bool = True
+
+
+@dataclass(frozen=True)
+class PsiTrigger:
+    kind: str = "some"
+    stall_seconds: float = 0.15
+    window_seconds: float = 1.0
+
+    def trigger_line(self) -> str:
+        """The line written to /proc/pressure/memory (psi.rst: "some|full STALL_US WINDOW_US")."""
+        return f"{self.kind} {round(self.stall_seconds * 1e6)} {round(self.window_seconds * 1e6)}"
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    min_available_bytes: int = 2 << 30
+    resume_available_bytes: int = 4 << 30
+    psi: PsiTrigger = field(default_factory=PsiTrigger)
+    cooldown_seconds: float = 0.0  # 0: twice the PSI window
+
+    @property
+    def effective_cooldown_seconds(self) -> float:
+        return self.cooldown_seconds or 2 * self.psi.window_seconds
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    settle_seconds: float = 2.0
+    rescan_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    source: Path
+    priority: int = 0
+    digest: str | None = None  # "sha256:<hex>" or "blake3:<hex>"
+    validate: str = "format"
+
+
+@dataclass(frozen=True)
+class Config:
+    store: StoreConfig = field(default_factory=StoreConfig)
+    links_dir: Path = Path("/run/ramstage/models")
+    socket: Path = Path("/run/ramstage/control.sock")
+    checksum: str = "sha256"
+    ready: str = "links"
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    models: tuple[ModelConfig, ...] = ()
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+class _Problems:
+    """Collects every problem in one pass, so check-config can list them all at once."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, key: str, message: str, value: Any) -> None:
+        self.items.append(f"{key}: {message}: {value!r}")
+
+
+class _Invalid(Exception):
+    pass
+
+
+def parse_size(text: Any) -> int:
+    """`512M`, `8G`, `1.5GiB`, `25%` (of RAM) or a plain number of bytes; units are powers of 1024."""
+    if isinstance(text, bool):
+        raise _Invalid("expected a size such as 512M, 8G, 1.5GiB or 25%")
+    if isinstance(text, int):
+        if text < 0:
+            raise _Invalid("a size cannot be negative")
+        return text
+    if isinstance(text, str) and text.strip().endswith("%"):
+        try:
+            percent = float(text.strip()[:-1])
+        except ValueError:
+            raise _Invalid("expected a percentage such as 25%") from None
+        if not 0 < percent <= 100:
+            raise _Invalid("a percentage must be above 0 and at most 100")
+        return int(psutil.virtual_memory().total * percent / 100)
+    match = _SIZE_RE.match(text) if isinstance(text, str) else None
+    if not match or (match.group(3) and not match.group(2) and match.group(3).lower() != "b"):
+        raise _Invalid("expected a size such as 512M, 8G, 1.5GiB or 25%")
+    power = " KMGT".index(match.group(2).upper() or " ")
+    return int(float(match.group(1)) * 1024**power)
+
+
+def parse_duration(text: Any) -> float:
+    """`500ms`, `2s`, `1m`, `1h`, or a plain number of seconds."""
+    if isinstance(text, bool):
+        raise _Invalid("expected a duration such as 500ms, 2s or 1m")
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise _Invalid("a duration cannot be negative")
+        return float(text)
+    match = _DURATION_RE.match(text) if isinstance(text, str) else None
+    if not match:
+        raise _Invalid("expected a duration such as 500ms, 2s or 1m")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_psi(text: Any) -> PsiTrigger:
+    """`some 150ms 1s`: the kernel takes windows from 500ms to 10s (psi.rst)."""
+    match = _PSI_RE.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        raise _Invalid("expected 'some|full STALL WINDOW', such as 'some 150ms 1s'")
+    stall, window = parse_duration(match.group(2)), parse_duration(match.group(3))
+    if not 0.5 <= window <= 10:
+        raise _Invalid("the window must be from 500ms to 10s")
+    if not 0 < stall <= window:
+        raise _Invalid("the stall must be above 0 and at most the window")
+    return PsiTrigger(match.group(1), stall, window)
+
+
+def _absolute_path(value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _Invalid("expected a path")
+    if "\0" in value:
+        raise _Invalid("a path cannot contain NUL")
+    if not os.path.isabs(value):
+        raise _Invalid("must be an absolute path")
+    return Path(os.path.normpath(value))
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in options:
+            raise _Invalid("expected one of " + ", ".join(options))
+        return str(value)
+
+    return convert
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("expected true or false")
+    return value
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid("expected a whole number")
+    return value
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", ".."):
+        raise _Invalid(
+            "a name is 1 to 64 of A-Z a-z 0-9 . _ - starting with a letter or digit, not . or .."
+        )
+    return value
+
+
+def _digest(value: Any) -> str:
+    algorithm, _, hexdigest = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if algorithm not in CHECKSUMS or not re.fullmatch(r"[0-9a-f]{64}", hexdigest):
+        raise _Invalid("expected sha256:<64 hex digits> or blake3:<64 hex digits>")
+    return str(value)
+
+
+class _Section:
+    """Reads one mapping of the file, converting each key and rejecting unknown ones."""
+
+    def __init__(self, data: Any, key: str, problems: _Problems, known: tuple[str, ...]) -> None:
+        self.key, self.problems = key, problems
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            problems.add(key or "(top level)", "expected a mapping", data)
+            data = {}
+        self.data = data
+        for unknown in sorted(set(map(str, data)) - set(known)):
+            problems.add(self._path(unknown), "unknown key", data[unknown])
+
+    def _path(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def get(self, name: str, convert: Callable[[Any], Any], default: Any) -> Any:
+        if name not in self.data:
+            return default
+        try:
+            return convert(self.data[name])
+        except _Invalid as error:
+            self.problems.add(self._path(name), str(error), self.data[name])
+            return default
+
+    def require(self, name: str, convert: Callable[[Any], Any]) -> Any:
+        if name not in self.data:
+            self.problems.add(self._path(name), "is required", None)
+            return None
+        return self.get(name, convert, None)
+
+
+def _source_problem(source: Path) -> str | None:
+    if not source.exists():
+        return "no such file or directory"
+    if not (source.is_file() or source.is_dir()):
+        return "not a regular file or directory"
+    return None
+
+
+def _parse_models(data: Any, problems: _Problems, check_sources: bool) -> tuple[ModelConfig, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        problems.add("models", "expected a list", data)
+        return ()
+    models: list[ModelConfig] = []
+    seen: set[str] = set()
+    for index, item in enumerate(data):
+        key = f"models[{index}]"
+        section = _Section(
+            item, key, problems, ("name", "source", "priority", "digest", "validate")
+        )
+        name = section.require("name", _name)
+        source = section.require("source", _absolute_path)
+        problem = _source_problem(source) if check_sources and source is not None else None
+        if problem:
+            problems.add(f"{key}.source", problem, str(source))
+        if name is not None and name in seen:
+            problems.add(f"{key}.name", "duplicate name", name)
+        elif name is not None and source is not None:
+            seen.add(name)
+            models.append(
+                ModelConfig(
+                    name=name,
+                    source=source,
+                    priority=section.get("priority", _integer, 0),
+                    digest=section.get("digest", _digest, None),
+                    validate=section.get("validate", _choice(VALIDATE_MODES), "format"),
+                )
+            )
+    return tuple(models)
+
+
+def parse_config(data: Any, *, check_sources: bool = False) -> Config:
+    """Turns the loaded YAML into a Config, or raises ConfigError listing every problem.
+    With check_sources, sources that are missing now are problems too (check-config); the
+    daemon takes them as models to serve once they appear."""
+    problems = _Problems()
+    top = _Section(
+        data,
+        "",
+        problems,
+        ("store", "links_dir", "socket", "checksum", "ready", "memory", "watch", "models"),
+    )
+    store = _Section(top.data.get("store"), "store", problems, ("path", "size", "mount"))
+    memory = _Section(
+        top.data.get("memory"),
+        "memory",
+        problems,
+        ("min_available", "resume_available", "psi", "cooldown"),
+    )
+    watch = _Section(top.data.get("watch"), "watch", problems, ("settle", "rescan"))
+    defaults = Config()
+    min_available = memory.get("min_available", parse_size, defaults.memory.min_available_bytes)
+    resume_available = memory.get(
+        "resume_available", parse_size, max(defaults.memory.resume_available_bytes, min_available)
+    )
+    if resume_available < min_available:
+        problems.add(
+            "memory.resume_available",
+            f"must be at least memory.min_available ({min_available} bytes)",
+            memory.data.get("resume_available"),
+        )
+    config = Config(
+        store=StoreConfig(
+            path=store.get("path", _absolute_path, defaults.store.path),
+            size_bytes=store.get("size", parse_size, defaults.store.size_bytes),
+            mount=store.get("mount", _boolean, defaults.store.mount),
+        ),
+        links_dir=top.get("links_dir", _absolute_path, defaults.links_dir),
+        socket=top.get("socket", _absolute_path, defaults.socket),
+        checksum=top.get("checksum", _choice(CHECKSUMS), defaults.checksum),
+        ready=top.get("ready", _choice(READY_MODES), defaults.ready),
+        memory=MemoryConfig(
+            min_available_bytes=min_available,
+            resume_available_bytes=resume_available,
+            psi=memory.get("psi", parse_psi, defaults.memory.psi),
+            cooldown_seconds=memory.get("cooldown", parse_duration, 0.0),
+        ),
+        watch=WatchConfig(
+            settle_seconds=watch.get("settle", parse_duration, defaults.watch.settle_seconds),
+            rescan_seconds=watch.get("rescan", parse_duration, defaults.watch.rescan_seconds),
+        ),
+        models=_parse_models(top.data.get("models"), problems, check_sources),
+    )
+    if config.checksum not in available_algorithms():
+        problems.add("checksum", "not installed (pip install 'ramstage[blake3]')", config.checksum)
+    if config.store.size_bytes == 0:
+        problems.add("store.size", "must be above 0", store.data.get("size"))
+    if problems.items:
+        raise ConfigError(problems.items)
+    return config
+
+
+def source_problems(config: Config) -> list[str]:
+    """Sources that are missing now, for the daemon to log: it serves them once they appear."""
+    problems = _Problems()
+    for index, model in enumerate(config.models):
+        problem = _source_problem(model.source)
+        if problem:
+            problems.add(f"models[{index}].source", problem, str(model.source))
+    return problems.items
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """--config PATH, else $RAMSTAGE_CONFIG, else /etc/ramstage/ramstage.yaml."""
+    return Path(explicit or os.environ.get("RAMSTAGE_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_config(path: Path, *, check_sources: bool = False) -> Config:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read the config file: {error.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{path}: not valid YAML: {error}"]) from None
+    return parse_config(data, check_sources=check_sources)

@@ -1,0 +1,53 @@
+"""Errors that carry the exit code and the wire type the contract gives them."""
+
+from __future__ import annotations
+
+
+class RamstageError(Exception):
+    exit_code = 1
+    wire_type = "Failed"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(RamstageError):
+    exit_code = 2
+    wire_type = "ConfigError"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class UsageError(RamstageError):
+    exit_code = 2
+    wire_type = "BadRequest"
+
+
+class NotFound(RamstageError):
+    exit_code = 2
+    wire_type = "NotFound"
+
+
+class NotRunning(RamstageError):
+    exit_code = 3
+    wire_type = "NotRunning"
+
+
+class PermissionDenied(RamstageError):
+    exit_code = 4
+    wire_type = "PermissionDenied"
+
+
+WIRE_TYPES = {
+    cls.wire_type: cls
+    for cls in (RamstageError, UsageError, NotFound, NotRunning, PermissionDenied)
+}
+
+
+def from_wire(error_type: str, message: str) -> RamstageError:
+    if error_type == ConfigError.wire_type:
+        return ConfigError(message.splitlines())
+    return WIRE_TYPES.get(error_type, RamstageError)(message)

@@ -1,0 +1,72 @@
+"""The one seam to the operating system: /proc readings, the clock and mount(8).
+
+Tests point `proc` at a mock-up to reach corner cases; everything else uses the real thing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: Path
+    fstype: str
+    source: str
+    options: frozenset[str]
+
+
+class System:
+    def __init__(self, proc: Path = Path("/proc")) -> None:
+        self.proc = proc
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def meminfo_bytes(self, field: str) -> int:
+        for line in (self.proc / "meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == field:
+                return int(value.split()[0]) * 1024
+        raise KeyError(field)
+
+    def available_bytes(self) -> int:
+        return self.meminfo_bytes("MemAvailable")
+
+    def mounts(self, pid: str = "self") -> list[MountEntry]:
+        """Parses /proc/PID/mountinfo (proc(5)): fields, " - ", fstype, source, super options."""
+        entries = []
+        for line in (self.proc / pid / "mountinfo").read_text().splitlines():
+            before, _, after = line.partition(" - ")
+            fields, tail = before.split(), after.split()
+            options = set(fields[5].split(",")) | set(tail[2].split(",") if len(tail) > 2 else ())
+            mountpoint = fields[4].encode().decode("unicode_escape")
+            entries.append(MountEntry(Path(mountpoint), tail[0], tail[1], frozenset(options)))
+        return entries
+
+    def in_init_mount_namespace(self) -> bool:
+        try:
+            return os.readlink(self.proc / "self/ns/mnt") == os.readlink(self.proc / "1/ns/mnt")
+        except PermissionError:
+            # Some sandboxes hide PID 1's namespace links; mount IDs are unique across
+            # namespaces, so equal sets of them mean the same namespace.
+            return _mount_ids(self.proc / "self/mountinfo") == _mount_ids(self.proc / "1/mountinfo")
+
+    def run_in_init_namespace(self, argv: list[str]) -> None:
+        """Runs a mount command where every other process sees its result: a mount made in a
+        sandboxed service's private namespace is invisible outside (systemd.exec(5),
+        PrivateMounts=), while one made in PID 1's namespace propagates into the slave
+        namespaces of sandboxed services, ours included."""
+        if not self.in_init_mount_namespace():
+            argv = ["nsenter", f"--mount={self.proc}/1/ns/mnt", "--", *argv]
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise OSError(f"{' '.join(argv)}: {result.stderr.strip() or 'failed'}")
+
+
+def _mount_ids(mountinfo: Path) -> set[str]:
+    return {line.split(maxsplit=1)[0] for line in mountinfo.read_text().splitlines()}
