@@ -1,0 +1,151 @@
+"""Shared fixtures: real daemons in subprocesses, real tmpfs mounts, and the root/torch skips."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+
+IS_ROOT = os.geteuid() == 0
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "root" in item.keywords and not IS_ROOT:
+            item.add_marker(pytest.mark.skip(reason="needs root: mounts a real tmpfs"))
+        if "torch" in item.keywords and not HAS_TORCH:
+            item.add_marker(pytest.mark.skip(reason="needs torch (pip install torch==2.13.0)"))
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """Polls until predicate() is truthy and returns it; fails the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+        time.sleep(interval)
+
+
+def write_random(path: Path, size: int, seed: int = 0) -> Path:
+    """Writes size pseudo-random bytes (fast: one random MiB repeated with a varying prefix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        written = 0
+        while written < size:
+            chunk = (seed.to_bytes(4, "little") + written.to_bytes(8, "little") + block)[: min(1 << 20, size - written)]
+            f.write(chunk)
+            written += len(chunk)
+    return path
+
+
+class Daemon:
+    """A ramstage daemon subprocess with its own config, store, links and socket under tmp."""
+
+    def __init__(self, root: Path, mount: bool, models: list[dict[str, Any]], **overrides: Any) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.store = root / "store"
+        self.links = root / "models"
+        self.socket = root / "control.sock"
+        self.config_path = root / "ramstage.yaml"
+        self.log_path = root / "daemon.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.mount = mount
+        self.config: dict[str, Any] = {
+            "store": {"path": str(self.store), "size": "2G", "mount": mount},
+            "links_dir": str(self.links),
+            "socket": str(self.socket),
+            "memory": {"min_available": "512M", "resume_available": "1G"},
+            "watch": {"settle": "300ms"},
+            "models": models,
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(self.config.get(key), dict):
+                self.config[key].update(value)
+            else:
+                self.config[key] = value
+        self.write_config()
+
+    def write_config(self) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.config))
+
+    def start(self, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ramstage", "daemon", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        if wait:
+            wait_for(lambda: self.socket.exists() or self.process.poll() is not None)  # type: ignore[union-attr]
+            assert self.process.poll() is None, self.log()
+        return self
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "ramstage", *args[:1], "--config", str(self.config_path), *args[1:]],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    def status(self) -> dict[str, Any]:
+        result = self.cli("status", "--json", check=True)
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+    def model(self, name: str) -> dict[str, Any]:
+        return next(m for m in self.status()["models"] if m["name"] == name)
+
+    def wait_state(self, name: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
+        return wait_for(lambda: (m := self.model(name))["state"] == state and m, timeout)  # type: ignore[no-any-return]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def cleanup(self) -> None:
+        self.stop(signal.SIGKILL if self.process and self.process.poll() is None else signal.SIGTERM)
+        if self.mount:
+            subprocess.run(["umount", "--lazy", str(self.store)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """make_daemon(models=[...], mount=False, **config overrides) -> Daemon (not started)."""
+    made: list[Daemon] = []
+
+    def make(models: list[dict[str, Any]], mount: bool = False, **overrides: Any) -> Daemon:
+        daemon = Daemon(tmp_path / f"d{len(made)}", mount, models, **overrides)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.cleanup()
