@@ -22,19 +22,19 @@ from ramstage.config import Config, ModelConfig, load_config, source_problems
 from ramstage.control import ControlServer
 from ramstage.digest import new_hasher
 from ramstage.errors import ConfigError, NotFound, RamstageError
+from ramstage.manifest import Identity
 from ramstage.service import Notifier
 from ramstage.stager import (
     CHUNK_BYTES,
     Cancelled,
-    DigestMismatch,
     NoSpace,
     list_source,
-    source_identities,
     stage_source,
 )
 from ramstage.store import Generation, Store, remove_tree
 from ramstage.system import System
-from ramstage.users import FileKey, holders
+from ramstage.users import FileKey, holders, writers
+from ramstage.watcher import SourceWatcher
 
 log = logging.getLogger("ramstage")
 REQUEST_TIMEOUT_SECONDS = 3600.0
@@ -59,6 +59,8 @@ class Model:
     generation: Generation | None = None
     job: Job | None = None
     held: bool = False  # evicted by the operator: stays on its source until `stage`
+    changed_at: float | None = None  # last source event not yet looked at
+    seen: tuple[tuple[str, Identity], ...] | None = None  # the source version last taken up
     waiters: list[Future[str | None]] = field(default_factory=list)
     retired: dict[FileKey, int] = field(default_factory=dict)  # unlinked files, by size
 
@@ -98,7 +100,17 @@ class VerifyFailed:
     generation_id: str
 
 
-Event = Union[Stop, Reload, Request, JobDone, VerifyFailed]
+@dataclass(frozen=True)
+class SourceEvent:
+    name: str
+
+
+@dataclass(frozen=True)
+class Rescan:
+    reason: str
+
+
+Event = Union[Stop, Reload, Request, JobDone, VerifyFailed, SourceEvent, Rescan]
 
 
 class Daemon:
@@ -112,11 +124,16 @@ class Daemon:
         self.models: dict[str, Model] = {}
         self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramstage-copy")
         self.control: ControlServer | None = None
+        self.watcher = SourceWatcher(
+            lambda name: self.events.put(SourceEvent(name)),
+            lambda reason: self.events.put(Rescan(reason)),
+        )
         self.snapshot: dict[str, Any] = {}
         self.ready_sent = False
         self.stopping = False
         self._last_extend = 0.0
         self._last_prune = 0.0
+        self._last_rescan = 0.0
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -129,6 +146,9 @@ class Daemon:
         self.store.open()
         links.prepare(self.config.links_dir)
         self._adopt_or_fall_back()
+        self.watcher.watch(self._sources())
+        self.watcher.start()
+        self._last_rescan = self.system.monotonic()
         self.control = ControlServer(self.config.socket, self._answer)
         self.control.start()
         self._publish_snapshot()
@@ -138,6 +158,7 @@ class Daemon:
             self.config.links_dir,
         )
         while not self.stopping:
+            self._settle()
             self._schedule()
             self._maybe_ready()
             self._publish_snapshot()
@@ -155,6 +176,10 @@ class Daemon:
         tick = 0.5 if any(m.job for m in self.models.values()) else 1.0
         if self.notifier.watchdog_interval:
             tick = min(tick, self.notifier.watchdog_interval)
+        settle = self.config.watch.settle_seconds
+        due = [m.changed_at + settle for m in self.models.values() if m.changed_at is not None]
+        if due:
+            tick = min(tick, max(min(due) - self.system.monotonic(), 0.01))
         return tick
 
     def _tick(self) -> None:
@@ -166,12 +191,15 @@ class Daemon:
         if now - self._last_prune > PRUNE_INTERVAL_SECONDS:
             self._last_prune = now
             self._prune_retired()
+        if now - self._last_rescan > self.config.watch.rescan_seconds:
+            self._rescan("periodic rescan")
 
     def _shutdown(self) -> None:
         log.info("stopping: links back to their sources, RAM freed")
         self.notifier.send("STOPPING=1")
         if self.control:
             self.control.close()
+        self.watcher.stop()
         for model in self.models.values():
             if model.job:
                 model.job.cancel.set()
@@ -198,6 +226,10 @@ class Daemon:
                 event.future.set_exception(error)
         elif isinstance(event, JobDone):
             self._job_done(event.name, event.job)
+        elif isinstance(event, SourceEvent):
+            self._source_event(event.name)
+        elif isinstance(event, Rescan):
+            self._rescan(event.reason)
         elif isinstance(event, VerifyFailed):
             model = self.models.get(event.name)
             if model and model.generation and model.generation.id == event.generation_id:
@@ -252,7 +284,7 @@ class Daemon:
         waiting = [
             policy.Candidate(m.config.name, m.config.priority)
             for m in self.models.values()
-            if m.state == "pending" and not m.held
+            if m.state == "pending" and not m.held and m.changed_at is None
         ]
         name = policy.next_to_stage(waiting)
         if name is not None:
@@ -260,13 +292,14 @@ class Daemon:
 
     def _start(self, model: Model) -> None:
         try:
-            need = list_source(model.config.source).size_bytes
+            listing = list_source(model.config.source)
         except FileNotFoundError:
             self._set_missing(model)
             return
         except (OSError, RamstageError) as error:
             self._fall_back(model, f"error: {error}")
             return
+        need, model.seen = listing.size_bytes, listing.identities()
         refusal = policy.admit(
             need,
             self.store.free_bytes(),
@@ -289,6 +322,7 @@ class Daemon:
         job.future = self.copier.submit(self._copy, model.config, job)
         job.future.add_done_callback(lambda _: self.events.put(JobDone(model.config.name, job)))
         model.job, model.state = job, "staging"
+        model.reason = "source_changed" if model.generation else None
         log.info("%s: staging %d bytes from %s", model.config.name, need, model.config.source)
 
     def _copy(self, config: ModelConfig, job: Job) -> Generation:
@@ -326,23 +360,28 @@ class Daemon:
         model.job = None
         if error is None:
             self._publish(model, job.future.result())
-        elif isinstance(error, Cancelled):
             return
-        elif isinstance(error, FileNotFoundError):
+        if isinstance(error, Cancelled):
+            return
+        if isinstance(error, FileNotFoundError):
             self._set_missing(model)
-        elif isinstance(error, NoSpace):
-            self._fall_back(model, "too_large")
-        elif isinstance(error, (DigestMismatch, RamstageError, OSError)):
+            return
+        if isinstance(error, (RamstageError, OSError)):
             log.error("%s: staging failed: %s", name, error)
-            self._fall_back(model, f"error: {error}")
         else:
             log.error("%s: staging failed", name, exc_info=error)
-            self._fall_back(model, f"error: {error!r}")
-        model.settle(model.reason)
+        reason = "too_large" if isinstance(error, NoSpace) else f"error: {error}"
+        if model.generation:
+            # A new version that cannot be staged never replaces the verified previous one.
+            model.state, model.reason = "staged", reason
+            model.settle(None)
+        else:
+            self._fall_back(model, reason)
 
     def _publish(self, model: Model, generation: Generation) -> None:
         links.point(model.link, generation.target)
         old, model.generation = model.generation, generation
+        model.seen = generation.manifest.identities()
         model.state, model.reason = "staged", None
         if old and old.path != generation.path:
             self._retire(model, old)
@@ -356,6 +395,72 @@ class Daemon:
         for skipped in generation.manifest.skipped:
             log.warning("%s: skipped %s", model.config.name, skipped)
         model.settle(None)
+
+    # ---- watching sources -------------------------------------------------------------
+
+    def _sources(self) -> dict[str, Path]:
+        return {name: model.config.source for name, model in self.models.items()}
+
+    def _source_event(self, name: str) -> None:
+        model = self.models.get(name)
+        if model is None:
+            return
+        if model.changed_at is None:
+            log.debug(
+                "%s: source event; waiting %gs for it to settle",
+                name,
+                self.config.watch.settle_seconds,
+            )
+        model.changed_at = self.system.monotonic()
+        if model.job:
+            # The copy is of a source in flux: call it off and copy once it has settled.
+            model.job.cancel.set()
+            model.job = None
+            model.state = "staged" if model.generation else "pending"
+        self.watcher.watch(self._sources())  # a watched directory may have been replaced
+
+    def _rescan(self, reason: str) -> None:
+        """Looks at every source again, as if each had sent an event a settle period ago."""
+        log.info("rescanning every source (%s)", reason)
+        now = self.system.monotonic()
+        self._last_rescan = now
+        self.watcher.watch(self._sources())
+        for model in self.models.values():
+            if model.changed_at is None:
+                model.changed_at = now - self.config.watch.settle_seconds
+
+    def _settle(self) -> None:
+        """Takes up sources that have been quiet for watch.settle and that no one holds open
+        for writing; a source whose files have the identities last seen has not changed."""
+        now = self.system.monotonic()
+        for model in self.models.values():
+            if (
+                model.changed_at is None
+                or now - model.changed_at < self.config.watch.settle_seconds
+            ):
+                continue
+            try:
+                listing = list_source(model.config.source)
+            except FileNotFoundError:
+                model.changed_at = None
+                self._set_missing(model)
+                continue
+            except (OSError, RamstageError) as error:
+                model.changed_at = None
+                log.warning("%s: cannot list the source: %s", model.config.name, error)
+                continue
+            busy = writers(self.system.proc, {f.identity[:2] for f in listing.files})
+            if busy:
+                log.debug("%s: still open for writing by %s", model.config.name, sorted(busy))
+                model.changed_at = now
+                continue
+            model.changed_at = None
+            if listing.identities() == model.seen or model.held:
+                continue
+            log.info("%s: source changed; staging the new version", model.config.name)
+            if model.state == "missing":
+                self._point_at_source(model)
+            model.state = "pending"
 
     # ---- links and generations --------------------------------------------------------
 
@@ -380,8 +485,29 @@ class Daemon:
         model.settle(reason)
 
     def _set_missing(self, model: Model) -> None:
-        log.warning("%s: source %s is missing", model.config.name, model.config.source)
-        self._fall_back(model, "source_missing")
+        """A deleted source keeps being served from its verified copy; with no copy, the model
+        has no link at all (a link to nothing would only move the error into the app)."""
+        if model.reason != "source_missing":
+            log.warning(
+                "%s: source %s is missing; %s",
+                model.config.name,
+                model.config.source,
+                "serving the verified copy in RAM"
+                if model.generation
+                else "no link until it is back",
+            )
+        if model.job:
+            model.job.cancel.set()
+            model.job = None
+        model.seen = None
+        model.reason = "source_missing"
+        if model.generation:
+            model.state = "staged"
+            model.settle(None)
+        else:
+            links.remove(model.link)
+            model.state = "missing"
+            model.settle(model.reason)
 
     def _retire(self, model: Model, generation: Generation) -> None:
         """Deletes a generation no link points at; readers that still hold its files keep
@@ -411,6 +537,7 @@ class Daemon:
             if adopted:
                 links.point(model.link, adopted.target)
                 model.generation, model.state = adopted, "staged"
+                model.seen = adopted.manifest.identities()
                 log.info("%s: adopted generation %s without copying", config.name, adopted.id)
             elif config.source.exists():
                 self._point_at_source(model)
@@ -425,7 +552,7 @@ class Daemon:
             ):
                 continue
             try:
-                same_source = source_identities(config.source) == manifest.identities()
+                same_source = list_source(config.source).identities() == manifest.identities()
                 complete = all(
                     os.stat(generation.path / f.relpath).st_size == f.size_bytes
                     for f in manifest.files
@@ -495,6 +622,7 @@ class Daemon:
             else:
                 self.models[name].config = config
         self.config = new
+        self.watcher.watch(self._sources())
         log.info("reloaded %s: %d models", self.config_path, len(self.models))
         self.notifier.send("READY=1")
         if future:

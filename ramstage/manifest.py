@@ -6,13 +6,15 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+Identity = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns of a source file
+
 
 @dataclass(frozen=True)
 class StagedFile:
     relpath: str
     size_bytes: int
     digest: str
-    identity: tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns of the source
+    identity: Identity
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Manifest:
     def size_bytes(self) -> int:
         return sum(f.size_bytes for f in self.files)
 
-    def identities(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    def identities(self) -> tuple[tuple[str, Identity], ...]:
         return tuple((f.relpath, f.identity) for f in self.files)
 
     def to_json(self) -> str:

@@ -19,12 +19,11 @@ from typing import Callable
 
 from ramstage.digest import combine, new_hasher
 from ramstage.errors import RamstageError
-from ramstage.manifest import Manifest, StagedFile
+from ramstage.manifest import Identity, Manifest, StagedFile
 from ramstage.store import remove_tree
 
 CHUNK_BYTES = 8 << 20
 ATTEMPTS = 3
-Identity = tuple[int, int, int, int, int]
 
 
 class SourceChanged(RamstageError):
@@ -47,7 +46,11 @@ class DigestMismatch(RamstageError):
 class SourceFile:
     relpath: str
     path: Path
-    size_bytes: int
+    identity: Identity
+
+    @property
+    def size_bytes(self) -> int:
+        return self.identity[2]
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,11 @@ class SourceListing:
     @property
     def size_bytes(self) -> int:
         return sum(f.size_bytes for f in self.files)
+
+    def identities(self) -> tuple[tuple[str, Identity], ...]:
+        """What tells one version of a source from another without reading it (restic's rule:
+        a changed file changes its size, mtime or ctime), in the form manifests record it."""
+        return tuple((f.relpath, f.identity) for f in self.files)
 
 
 def identity(st: os.stat_result) -> Identity:
@@ -74,7 +82,7 @@ def list_source(source: Path) -> SourceListing:
     directory is followed only while it stays inside the source (rsync's rule for modules)."""
     st = os.stat(source)
     if stat.S_ISREG(st.st_mode):
-        return SourceListing("file", (SourceFile(source.name, source, st.st_size),), ())
+        return SourceListing("file", (SourceFile(source.name, source, identity(st)),), ())
     if not stat.S_ISDIR(st.st_mode):
         raise RamstageError(f"{source}: not a regular file or directory")
     root = os.path.realpath(source)
@@ -107,7 +115,7 @@ def list_source(source: Path) -> SourceListing:
                     seen_dirs.add(key)
                     pending.append((relpath + "/", path))
                 elif stat.S_ISREG(entry_st.st_mode):
-                    files.append(SourceFile(relpath, path, entry_st.st_size))
+                    files.append(SourceFile(relpath, path, identity(entry_st)))
                 else:
                     skipped.append(f"{relpath}: not a regular file")
     files.sort(key=lambda f: f.relpath)
@@ -182,7 +190,7 @@ def _copy_file(copier: _Copier, source: SourceFile, generation: Path) -> StagedF
         before = os.fstat(src_fd)
         if not stat.S_ISREG(before.st_mode):
             raise RamstageError(f"{source.path}: not a regular file")
-        source = SourceFile(source.relpath, source.path, before.st_size)
+        source = SourceFile(source.relpath, source.path, identity(before))
         target = generation / source.relpath
         target.parent.mkdir(parents=True, exist_ok=True)
         dst_fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -252,9 +260,3 @@ def stage_source(
         files=files,
         skipped=listing.skipped,
     )
-
-
-def source_identities(source: Path) -> tuple[tuple[str, Identity], ...]:
-    """What adoption compares with a manifest: every file's path and identity, as listed now."""
-    listing = list_source(source)
-    return tuple((f.relpath, identity(os.stat(f.path))) for f in listing.files)

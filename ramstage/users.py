@@ -1,4 +1,5 @@
-"""Who holds a staged file: the processes with it open (/proc/PID/fd) or mapped (/proc/PID/maps).
+"""Who holds a staged file or a source: the processes with it open (/proc/PID/fd) or mapped
+(/proc/PID/maps).
 
 Files are matched by (device, inode), which stays right after a generation is unlinked, when
 the paths in /proc only say "(deleted)".
@@ -7,6 +8,7 @@ the paths in /proc only say "(deleted)".
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 FileKey = tuple[int, int]  # (st_dev, st_ino)
@@ -22,25 +24,53 @@ def _maps_keys(maps: Path) -> set[FileKey]:
     return keys
 
 
+def _descriptors(pid_dir: Path) -> Iterator[tuple[FileKey, str]]:
+    """(file key, descriptor number) for each open file of one process."""
+    for fd in os.scandir(pid_dir / "fd"):
+        try:
+            st = os.stat(fd.path)
+        except OSError:
+            continue
+        yield (st.st_dev, st.st_ino), fd.name
+
+
+def _processes(proc: Path) -> Iterator[tuple[int, Path]]:
+    for pid_dir in proc.iterdir():
+        if pid_dir.name.isdigit():
+            yield int(pid_dir.name), pid_dir
+
+
 def holders(proc: Path, wanted: set[FileKey]) -> dict[FileKey, set[int]]:
-    """Maps each wanted file that some process holds to the PIDs that hold it."""
+    """Maps each wanted file that some process holds open or mapped to the PIDs that do."""
     found: dict[FileKey, set[int]] = {}
     if not wanted:
         return found
-    for pid_dir in proc.iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        pid = int(pid_dir.name)
+    for pid, pid_dir in _processes(proc):
         try:
-            held = _maps_keys(pid_dir / "maps")
-            for fd in os.scandir(pid_dir / "fd"):
-                try:
-                    st = os.stat(fd.path)
-                except OSError:
-                    continue
-                held.add((st.st_dev, st.st_ino))
+            held = _maps_keys(pid_dir / "maps") | {key for key, _ in _descriptors(pid_dir)}
         except OSError:  # the process exited, or is not ours to look at
             continue
         for key in held & wanted:
             found.setdefault(key, set()).add(pid)
     return found
+
+
+def writers(proc: Path, wanted: set[FileKey]) -> set[int]:
+    """The PIDs that hold one of the wanted files open for writing (the flags in fdinfo, proc(5)):
+    inotify cannot tell a writer that pauses from one that has finished."""
+    found = set()
+    for pid, pid_dir in _processes(proc):
+        try:
+            for key, fd in _descriptors(pid_dir):
+                if key in wanted and _writable(pid_dir / "fdinfo" / fd):
+                    found.add(pid)
+        except OSError:
+            continue
+    return found
+
+
+def _writable(fdinfo: Path) -> bool:
+    for line in fdinfo.read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+    return False
