@@ -40,6 +40,9 @@ log = logging.getLogger("ramstage")
 REQUEST_TIMEOUT_SECONDS = 3600.0
 EXTEND_TIMEOUT_USEC = 30_000_000
 PRUNE_INTERVAL_SECONDS = 5.0
+# A generation swapped out for a newer one stays this long, so that a reader that resolved the
+# link just before the swap (a sharded loader opening shard after shard) can still open it.
+SWAP_GRACE_SECONDS = 10.0
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Model:
     seen: tuple[tuple[str, Identity], ...] | None = None  # the source version last taken up
     waiters: list[Future[str | None]] = field(default_factory=list)
     retired: dict[FileKey, int] = field(default_factory=dict)  # unlinked files, by size
+    outgoing: list[tuple[float, Generation]] = field(default_factory=list)  # (delete at, gen)
 
     def settle(self, outcome: str | None) -> None:
         """Answers everyone waiting for this model to be staged: None, or why it is not."""
@@ -188,6 +192,9 @@ class Daemon:
             # Long copies hold back READY=1 (ready: staged); ask systemd for more time.
             self._last_extend = now
             self.notifier.send(f"EXTEND_TIMEOUT_USEC={EXTEND_TIMEOUT_USEC}")
+        for model in self.models.values():
+            while model.outgoing and model.outgoing[0][0] <= now:
+                self._retire(model, model.outgoing.pop(0)[1])
         if now - self._last_prune > PRUNE_INTERVAL_SECONDS:
             self._last_prune = now
             self._prune_retired()
@@ -206,8 +213,9 @@ class Daemon:
         self.copier.shutdown(wait=True)
         for model in self.models.values():
             self._point_at_source(model)
-            if model.generation:
-                self.store.remove(model.generation)
+            for generation in [*(g for _, g in model.outgoing), model.generation]:
+                if generation:
+                    self.store.remove(generation)
             model.settle("ramstage is stopping")
         self.store.close()
 
@@ -384,7 +392,7 @@ class Daemon:
         model.seen = generation.manifest.identities()
         model.state, model.reason = "staged", None
         if old and old.path != generation.path:
-            self._retire(model, old)
+            model.outgoing.append((self.system.monotonic() + SWAP_GRACE_SECONDS, old))
         log.info(
             "%s: staged generation %s (%d bytes, %s)",
             model.config.name,
@@ -476,9 +484,12 @@ class Daemon:
             model.job.cancel.set()
             model.job = None
         self._point_at_source(model)
+        outgoing = [g for _, g in model.outgoing]
         if model.generation:
-            self._retire(model, model.generation)
-            model.generation = None
+            outgoing.append(model.generation)
+        model.generation, model.outgoing = None, []
+        for generation in outgoing:
+            self._retire(model, generation)
         model.state, model.reason = "fallback", reason
         if not model.config.source.exists():
             model.state = "missing"
@@ -512,6 +523,8 @@ class Daemon:
     def _retire(self, model: Model, generation: Generation) -> None:
         """Deletes a generation no link points at; readers that still hold its files keep
         them, and their bytes are reported as pinned until they let go (invariant 3)."""
+        if model.generation and model.generation.path == generation.path:
+            return  # the same content was staged again and is linked once more
         model.retired.update(generation.file_keys)
         self.store.remove(generation)
         self._prune_retired()
@@ -660,7 +673,12 @@ class Daemon:
                     else (model.job.progress if model.job else 0.0),
                     "priority": model.config.priority,
                     "_current": generation.file_keys if generation else {},
-                    "_retired": dict(model.retired),
+                    # Swapped-out generations still in their grace period count like unlinked ones:
+                    # the link no longer points at them, so whoever holds them pins their bytes.
+                    "_retired": {
+                        **model.retired,
+                        **{k: v for _, g in model.outgoing for k, v in g.file_keys.items()},
+                    },
                 }
             )
         self.snapshot = {"models": models}

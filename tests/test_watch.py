@@ -1,0 +1,297 @@
+"""Live updates: real files, real inotify, a real daemon."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import wait_for, write_random
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def staged_generations(daemon) -> list[str]:  # type: ignore[no-untyped-def]
+    """Every generation the daemon published, in order, from its log."""
+    return re.findall(r"staged generation (\w+)", daemon.log())
+
+
+def replace(path: Path, data: bytes) -> None:
+    """A rename-into-place writer: write a temporary file, then os.replace."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def test_in_place_writer_is_staged_once_after_close_and_settle(tmp_path, make_daemon):
+    source = write_random(tmp_path / "src" / "m.ckpt", 16 << 20, seed=1)
+    daemon = make_daemon([{"name": "m", "source": str(source)}], watch={"settle": "500ms"}).start()
+    first = daemon.wait_state("m", "staged")
+    # torch.save-style writer: opens the final path and writes 256 MiB over about 3 s.
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, time
+        block = os.urandom(1 << 20)
+        with open({str(source)!r}, "wb") as f:
+            for i in range(256):
+                f.write(i.to_bytes(4, "little") + block[4:])
+                f.flush()
+                if i % 16 == 15:
+                    time.sleep(0.18)
+    """)])
+    targets = set()
+    while writer.poll() is None:
+        targets.add(os.readlink(daemon.links / "m"))
+        assert daemon.model("m")["generation"] == first["generation"]
+        time.sleep(0.05)
+    assert writer.returncode == 0
+    assert targets == {first["target"]}, "the link moved while the source was being written"
+    final = sha256(source)
+    model = wait_for(lambda: (m := daemon.model("m"))["digest"] == f"sha256:{final}" and m, timeout=30)
+    assert model["state"] == "staged" and model["reason"] is None
+    assert sha256(daemon.links / "m") == final
+    assert len(staged_generations(daemon)) == 2, daemon.log()
+
+
+def test_rename_into_place_makes_exactly_one_new_generation(tmp_path, make_daemon):
+    source = write_random(tmp_path / "src" / "m.safetensors", 4 << 20, seed=2)
+    daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
+    daemon.wait_state("m", "staged")
+    replace(source, os.urandom(3 << 20))
+    wait_for(lambda: daemon.model("m")["digest"] == f"sha256:{sha256(source)}")
+    time.sleep(1.0)  # time for a second, unwanted generation to appear
+    assert len(staged_generations(daemon)) == 2, daemon.log()
+    # The old generation is deleted once its grace period for late readers has passed.
+    current = daemon.model("m")["generation"]
+    wait_for(lambda: [p.name for p in (daemon.store / "m").iterdir() if p.is_dir()] == [current], timeout=20)
+
+
+def test_a_burst_of_100_modifications_makes_one_generation(tmp_path, make_daemon):
+    source = write_random(tmp_path / "src" / "m.pth", 1 << 20, seed=3)
+    daemon = make_daemon([{"name": "m", "source": str(source)}], watch={"settle": "500ms"}).start()
+    daemon.wait_state("m", "staged")
+    with open(source, "r+b") as f:
+        for i in range(100):
+            f.seek(i * 4096)
+            f.write(os.urandom(4096))
+            f.flush()
+            os.fsync(f.fileno())
+    wait_for(lambda: daemon.model("m")["digest"] == f"sha256:{sha256(source)}")
+    time.sleep(1.0)
+    assert len(staged_generations(daemon)) == 2, daemon.log()
+
+
+READER = textwrap.dedent("""
+    import hashlib, os, sys, time
+    link, deadline, out = sys.argv[1], time.monotonic() + float(sys.argv[2]), sys.argv[3]
+    seen, errors = [], []
+    while time.monotonic() < deadline:
+        try:
+            target = os.path.realpath(link)  # resolve once, as documented for readers
+            if os.path.isdir(target):
+                tags = {open(os.path.join(target, n), "rb").read(8) for n in sorted(os.listdir(target))}
+                seen.append("dir:" + ",".join(sorted(t.hex() for t in tags)))
+            else:
+                with open(target, "rb") as f:
+                    seen.append(hashlib.sha256(f.read()).hexdigest())
+        except OSError as error:
+            errors.append(repr(error))
+    with open(out, "w") as f:
+        f.write("\\n".join(["ERRORS"] + errors + ["SEEN"] + seen))
+""")
+
+
+def _run_readers(link: Path, seconds: float, out_dir: Path, count: int = 4) -> list[subprocess.Popen[bytes]]:
+    return [
+        subprocess.Popen([sys.executable, "-c", READER, str(link), str(seconds), str(out_dir / f"r{i}")])
+        for i in range(count)
+    ]
+
+
+def _reader_results(out_dir: Path, count: int = 4) -> tuple[list[str], list[str]]:
+    errors: list[str] = []
+    seen: list[str] = []
+    for i in range(count):
+        text = (out_dir / f"r{i}").read_text().split("\n")
+        split = text.index("SEEN")
+        errors += text[1:split]
+        seen += text[split + 1 :]
+    return errors, seen
+
+
+def test_readers_never_see_a_missing_or_partial_file_across_50_swaps(tmp_path, make_daemon):
+    source = tmp_path / "src" / "m.ckpt"
+    source.parent.mkdir()
+    versions = [os.urandom(512 << 10) for _ in range(51)]
+    source.write_bytes(versions[0])
+    daemon = make_daemon([{"name": "m", "source": str(source)}], watch={"settle": "100ms"}).start()
+    daemon.wait_state("m", "staged")
+    link = daemon.links / "m"
+    # A reader holding an mmap of the first generation across every swap.
+    mapped_file = open(link, "rb")
+    mapped = mmap.mmap(mapped_file.fileno(), 0, prot=mmap.PROT_READ)
+    readers = _run_readers(link, 12.0, tmp_path)
+    for version in versions[1:]:
+        replace(source, version)
+        time.sleep(0.2)
+    wait_for(lambda: daemon.model("m")["digest"] == "sha256:" + hashlib.sha256(versions[-1]).hexdigest())
+    for reader in readers:
+        assert reader.wait(60) == 0, "a reader died (SIGBUS?)"
+    errors, seen = _reader_results(tmp_path)
+    assert errors == []
+    assert len(seen) > 100
+    assert set(seen) <= {hashlib.sha256(v).hexdigest() for v in versions}
+    assert mapped[:] == versions[0]  # still the first generation's bytes, long since unlinked
+    mapped.close()
+    mapped_file.close()
+
+
+def test_a_directory_source_flips_as_a_whole(tmp_path, make_daemon):
+    source = tmp_path / "src" / "sharded"
+    source.mkdir(parents=True)
+
+    def write_version(n: int) -> None:
+        staging = tmp_path / "src" / f".next-{n}"
+        staging.mkdir()
+        for shard in range(3):
+            (staging / f"shard-{shard}.bin").write_bytes(n.to_bytes(8, "little") + os.urandom(64 << 10))
+        # Replace the whole directory: move the old one away, the new one in.
+        old = tmp_path / "src" / f".old-{n}"
+        source.rename(old)
+        staging.rename(source)
+        subprocess.run(["rm", "-rf", str(old)], check=True)
+
+    for shard in range(3):
+        (source / f"shard-{shard}.bin").write_bytes((0).to_bytes(8, "little") + os.urandom(64 << 10))
+    daemon = make_daemon([{"name": "m", "source": str(source)}], watch={"settle": "100ms"}).start()
+    daemon.wait_state("m", "staged")
+    readers = _run_readers(daemon.links / "m", 8.0, tmp_path)
+    for n in range(1, 16):
+        write_version(n)
+        time.sleep(0.3)
+    for reader in readers:
+        assert reader.wait(60) == 0
+    errors, seen = _reader_results(tmp_path)
+    assert errors == []
+    assert seen and all("," not in s for s in seen), "a reader saw shards of two versions"
+    final_tag = (15).to_bytes(8, "little").hex()
+    wait_for(lambda: (daemon.links / "m" / "shard-0.bin").read_bytes()[:8].hex() == final_tag)
+
+
+def test_directory_source_files_added_removed_and_renamed(tmp_path, make_daemon):
+    source = tmp_path / "src" / "model"
+    write_random(source / "a.bin", 1 << 20, seed=1)
+    write_random(source / "sub" / "b.bin", 1 << 20, seed=2)
+    daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
+    daemon.wait_state("m", "staged")
+    link = daemon.links / "m"
+
+    def files() -> list[str]:
+        return sorted(str(p.relative_to(link.resolve())) for p in link.resolve().rglob("*") if p.is_file())
+
+    write_random(source / "sub" / "c.bin", 1 << 20, seed=3)
+    wait_for(lambda: files() == ["a.bin", "sub/b.bin", "sub/c.bin"])
+    (source / "a.bin").unlink()
+    wait_for(lambda: files() == ["sub/b.bin", "sub/c.bin"])
+    (source / "sub" / "b.bin").rename(source / "b-renamed.bin")
+    wait_for(lambda: files() == ["b-renamed.bin", "sub/c.bin"])
+    assert sha256(link / "sub" / "c.bin") == sha256(source / "sub" / "c.bin")
+
+
+def test_the_source_parent_directory_being_replaced(tmp_path, make_daemon):
+    parent = tmp_path / "src" / "lama"
+    source = write_random(parent / "big-lama.ckpt", 1 << 20, seed=1)
+    daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
+    daemon.wait_state("m", "staged")
+    new_parent = tmp_path / "src" / "lama.new"
+    write_random(new_parent / "big-lama.ckpt", 2 << 20, seed=2)
+    parent.rename(tmp_path / "src" / "lama.old")
+    new_parent.rename(parent)
+    wait_for(lambda: daemon.model("m")["digest"] == f"sha256:{sha256(source)}")
+    # Still watched after the swap: a later change inside the new directory is seen too.
+    replace(source, os.urandom(1 << 20))
+    wait_for(lambda: daemon.model("m")["digest"] == f"sha256:{sha256(source)}")
+
+
+def test_a_deleted_source_is_served_from_ram_and_staged_again_when_back(tmp_path, make_daemon):
+    source = write_random(tmp_path / "src" / "m.ckpt", 1 << 20, seed=1)
+    content = source.read_bytes()
+    daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
+    daemon.wait_state("m", "staged")
+    source.unlink()
+    model = wait_for(lambda: (m := daemon.model("m"))["reason"] == "source_missing" and m)
+    assert model["state"] == "staged"
+    assert (daemon.links / "m").read_bytes() == content
+    time.sleep(1.0)
+    assert daemon.log().count("is missing") == 1, "logged once"
+    source.write_bytes(b"back again")
+    wait_for(lambda: (daemon.links / "m").read_bytes() == b"back again")
+    assert daemon.model("m")["reason"] is None
+
+
+def test_a_missing_source_with_no_copy_has_no_link(tmp_path, make_daemon):
+    source = tmp_path / "src" / "later.ckpt"
+    source.parent.mkdir()
+    daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
+    model = daemon.wait_state("m", "missing")
+    assert model["reason"] == "source_missing"
+    assert not os.path.lexists(daemon.links / "m")
+    source.write_bytes(b"now it exists")
+    daemon.wait_state("m", "staged")
+    assert (daemon.links / "m").read_bytes() == b"now it exists"
+
+
+def test_an_old_generation_held_by_a_reader_is_pinned_until_it_exits(tmp_path, make_daemon):
+    source = write_random(tmp_path / "src" / "m.ckpt", 2 << 20, seed=1)
+    daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
+    daemon.wait_state("m", "staged")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; f = open(sys.argv[1], 'rb'); print('open', flush=True); time.sleep(600)",
+         str(daemon.links / "m")],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout and holder.stdout.readline() == b"open\n"
+        assert holder.pid in daemon.model("m")["users"]
+        replace(source, os.urandom(1 << 20))
+        model = wait_for(lambda: (m := daemon.model("m"))["pinned_bytes"] == 2 << 20 and m)
+        assert holder.pid in model["users"]
+    finally:
+        holder.kill()
+        holder.wait()
+    model = wait_for(lambda: (m := daemon.model("m"))["pinned_bytes"] == 0 and m)
+    assert holder.pid not in model["users"]
+
+
+@pytest.mark.root
+def test_an_inotify_queue_overflow_still_converges(tmp_path, make_daemon):
+    limit = Path("/proc/sys/fs/inotify/max_queued_events")
+    original = limit.read_text()
+    source_dir = tmp_path / "src"
+    sources = [write_random(source_dir / f"m{i}.ckpt", 64 << 10, seed=i) for i in range(3)]
+    limit.write_text("16\n")  # applies to inotify instances created from now on
+    try:
+        daemon = make_daemon(
+            [{"name": f"m{i}", "source": str(s)} for i, s in enumerate(sources)],
+            watch={"settle": "200ms"},
+        ).start()
+        for i in range(3):
+            daemon.wait_state(f"m{i}", "staged")
+        # Far more events than the queue holds, then the changes that matter, last.
+        for n in range(300):
+            (source_dir / f"noise-{n}").write_bytes(b"x")
+        for source in sources:
+            replace(source, os.urandom(64 << 10))
+        for i, source in enumerate(sources):
+            wait_for(lambda: daemon.model(f"m{i}")["digest"] == f"sha256:{sha256(source)}", timeout=30)
+    finally:
+        limit.write_text(original)
+    assert "rescanning every source (inotify queue overflow)" in daemon.log()
