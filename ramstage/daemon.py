@@ -218,6 +218,18 @@ class Daemon:
                     self.store.remove(generation)
             model.settle("ramstage is stopping")
         self.store.close()
+        self._refuse_late_events()
+
+    def _refuse_late_events(self) -> None:
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(event, Reload):
+                log.info("reload during shutdown: ignored")
+            if isinstance(event, (Reload, Request)) and event.future:
+                event.future.set_exception(RamstageError("ramstage is stopping"))
 
     # ---- events -----------------------------------------------------------------------
 

@@ -17,5 +17,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# torch is pinned: an unpinned torch pulls several GB of CUDA packages.
-.venv/bin/pip install -q -e "." "torch==2.13.0" "$@"
+# torch is pinned: an unpinned torch pulls several GB of CUDA packages. numpy only quiets a
+# warning torch prints without it. pip's notes about absent extra index folders are noise.
+.venv/bin/pip install -q -e "." "torch==2.13.0" numpy "$@" 2> >(grep -v "is ignored: it is neither" >&2)
