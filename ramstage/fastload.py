@@ -143,7 +143,7 @@ def _merge(path: Path, results: list[Any]) -> Any:
     merged: dict[str, Any] = {}
     for result in results:
         if not isinstance(result, dict):
-            raise ValueError(f"{path}: a shard holds a {type(result).__name__}, not a dict")
+            raise TypeError(f"{path}: a shard holds a {type(result).__name__}, not a dict")
         duplicates = merged.keys() & result.keys()
         if duplicates:
             raise ValueError(f"{path}: tensors in more than one shard: {sorted(duplicates)[:5]}")

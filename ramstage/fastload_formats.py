@@ -13,9 +13,10 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
+from torch.types import Storage
 
 from ramstage.fastload_pipeline import Segment
 
@@ -98,7 +99,7 @@ def plan_torch_zip(path: Path, device: torch.device) -> Plan:
     ranges: dict[int, tuple[int, torch.UntypedStorage]] = {}  # file offset -> (nbytes, storage)
     first = _FileMappings(path)
 
-    def record(storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage:
+    def record(storage: Storage, location: str) -> Storage:
         nbytes = storage.nbytes()
         if nbytes:
             offset = first.offset(storage)
@@ -109,7 +110,8 @@ def plan_torch_zip(path: Path, device: torch.device) -> Plan:
 
     try:
         torch.load(path, mmap=True, map_location=record)
-    except Exception as error:  # torch.load itself will give the authoritative result or error
+    # Any failure means: leave it to plain torch.load, which gives the authoritative result or error.
+    except Exception as error:  # noqa: BLE001
         raise Unmappable(f"torch.load(mmap=True) failed: {type(error).__name__}: {error}") from None
     segments = [Segment(str(path), offset, nbytes, flat_bytes(storage), 0)
                 for offset, (nbytes, storage) in ranges.items()]
@@ -117,19 +119,19 @@ def plan_torch_zip(path: Path, device: torch.device) -> Plan:
     def finish() -> Any:
         second = _FileMappings(path)
 
-        def provide(storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage:
+        def provide(storage: Storage, location: str) -> Storage:
             nbytes = storage.nbytes()
             if not nbytes:
-                return torch.UntypedStorage(0, device=device)
+                return cast(Storage, torch.UntypedStorage(0, device=device))
             offset = second.offset(storage)
             known = ranges.get(offset)
             if known is None or known[0] != nbytes:
                 raise Unmappable(f"second pass met a storage at file offset {offset} not seen before")
-            return known[1]
+            return cast(Storage, known[1])
 
         try:
             return torch.load(path, mmap=True, map_location=provide)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 (as above)
             raise Unmappable(f"second torch.load(mmap=True) failed: {error}") from None
 
     return Plan(segments, finish)
@@ -162,7 +164,7 @@ class _FileMappings:
         self._path = path
         self._ranges: list[tuple[int, int, int]] = []  # (start, end, file offset of start)
 
-    def offset(self, storage: torch.UntypedStorage) -> int:
+    def offset(self, storage: Storage) -> int:
         if storage.device.type != "cpu":
             raise Unmappable(f"a storage arrived on {storage.device}, not as a slice of the file")
         address = storage.data_ptr()

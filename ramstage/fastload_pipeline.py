@@ -13,9 +13,10 @@ import ctypes
 import os
 import queue
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -57,7 +58,8 @@ class Chunk:
 def plan_chunks(segments: Sequence[Segment], chunk_bytes: int) -> list[Chunk]:
     """Packs segments, in file order, into reads of at most chunk_bytes; splits large segments."""
     chunks: list[Chunk] = []
-    source, begin, end, pieces = "", 0, 0, []  # the open chunk; empty pieces: none open
+    source, begin, end = "", 0, 0  # the open chunk (none while pieces is empty)
+    pieces: list[Piece] = []
 
     def close() -> None:
         if pieces:
