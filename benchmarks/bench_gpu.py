@@ -137,6 +137,14 @@ def meminfo_kib(field: str) -> int:
     return -1
 
 
+def vmstat(field: str) -> int:
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        name, _, value = line.partition(" ")
+        if name == field:
+            return int(value)
+    return -1
+
+
 def pinned_copy_seconds(nbytes: int, device: torch.device, reps: int) -> list[float]:
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda").fill_(1)
     target = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -188,7 +196,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sizes", default="512M,4G")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", default="4,8,16", help="sweep: reader thread counts")
+    parser.add_argument("--threads", default="4,8,12,16", help="sweep: reader thread counts")
     parser.add_argument("--rings", default="64M,128M,256M,512M", help="sweep: ring sizes")
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/ramstage-bench"),
                         help="disk directory for the checkpoints and the tmpfs mount points")
@@ -222,10 +230,12 @@ def main() -> int:
             for fmt, path in write_checkpoints(nbytes, disk, device).items():
                 files[(nbytes, fmt)] = {"disk": path}
                 for huge, mount in mounts.items():
-                    before = meminfo_kib("ShmemHugePages")
+                    before = vmstat("thp_file_alloc")
                     shutil.copyfile(path, mount / path.name)
                     files[(nbytes, fmt)][huge] = mount / path.name
-                    env[f"shmem_huge_kib_{huge}_{path.name}"] = meminfo_kib("ShmemHugePages") - before
+                    env[f"thp_file_alloc_{huge}_{path.name}"] = vmstat("thp_file_alloc") - before
+        env["meminfo_kib"] = {f: meminfo_kib(f) for f in ("Shmem", "ShmemHugePages",
+                                                           "ShmemPmdMapped", "FileHugePages")}
         largest = max(sizes)
         sweep_path = files[(largest, "safetensors")]["within_size"]
         sweep_results = sweep(sweep_path, device, args.reps, threads, rings)

@@ -7,10 +7,12 @@ function that builds the loaded object from those storages after the copy.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import sys
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, cast
@@ -19,6 +21,8 @@ import torch
 from torch.types import Storage
 
 from ramstage.fastload_pipeline import Segment
+
+log = logging.getLogger("ramstage.fastload")
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     name: dtype
@@ -89,52 +93,86 @@ def plan_safetensors(path: Path, device: torch.device) -> Plan:
 def plan_torch_zip(path: Path, device: torch.device) -> Plan:
     """Maps the storages of a torch.save zip file to their byte ranges in the file.
 
-    A first torch.load(mmap=True) runs torch's own unpickler (with its weights_only default) and
-    reports, through map_location, each storage as a slice of a private mapping of the file; its
-    file offset is read off /proc/self/maps. After the copy, a second such load hands torch the
-    filled device storages instead, so every object in the pickle (tied weights, views, nested
-    dicts, optimizer state) is rebuilt by torch itself, over correct data.
+    torch.load(mmap=True) runs torch's own unpickler and reports each storage, through
+    map_location, as a slice of a private mapping of the file; its file offset is read off
+    /proc/self/maps, and an empty device storage of its size is allocated. So every object in
+    the pickle (tied weights, views, nested dicts, optimizer state) is built by torch itself.
+
+    One pass suffices when the weights_only unpickler accepts the file and builds only plain
+    containers and dense tensors over those (still empty) device storages: nothing there read
+    tensor data while unpickling. Anything else (sparse tensors, which torch validates at load,
+    or objects only the full unpickler builds) is loaded again after the copy with torch.load's
+    own defaults, with the filled device storages handed in: whatever reads data reads it right.
     """
     _check_byteorder(path)
     ranges: dict[int, tuple[int, torch.UntypedStorage]] = {}  # file offset -> (nbytes, storage)
-    first = _FileMappings(path)
 
-    def record(storage: Storage, location: str) -> Storage:
-        nbytes = storage.nbytes()
-        if nbytes:
-            offset = first.offset(storage)
-            known = ranges.setdefault(offset, (nbytes, _device_storage(nbytes, device)))
-            if known[0] != nbytes:
-                raise Unmappable(f"two storages of different sizes at file offset {offset}")
-        return storage
+    def mapper(hand_out_device_storage: bool) -> Callable[[Storage, str], Storage]:
+        mappings = _FileMappings(path)
 
-    try:
-        torch.load(path, mmap=True, map_location=record)
-    # Any failure means: leave it to plain torch.load, which gives the authoritative result or error.
-    except Exception as error:  # noqa: BLE001
-        raise Unmappable(f"torch.load(mmap=True) failed: {type(error).__name__}: {error}") from None
-    segments = [Segment(str(path), offset, nbytes, flat_bytes(storage), 0)
-                for offset, (nbytes, storage) in ranges.items()]
-
-    def finish() -> Any:
-        second = _FileMappings(path)
-
-        def provide(storage: Storage, location: str) -> Storage:
+        def restore(storage: Storage, location: str) -> Storage:
             nbytes = storage.nbytes()
             if not nbytes:
                 return cast(Storage, torch.UntypedStorage(0, device=device))
-            offset = second.offset(storage)
-            known = ranges.get(offset)
-            if known is None or known[0] != nbytes:
-                raise Unmappable(f"second pass met a storage at file offset {offset} not seen before")
-            return cast(Storage, known[1])
+            offset = mappings.offset(storage)
+            known = ranges.setdefault(offset, (nbytes, _device_storage(nbytes, device)))
+            if known[0] != nbytes:
+                raise Unmappable(f"two storages of different sizes at file offset {offset}")
+            return cast(Storage, known[1]) if hand_out_device_storage else storage
+        return restore
 
+    def segments() -> list[Segment]:
+        return [Segment(str(path), offset, nbytes, flat_bytes(storage), 0)
+                for offset, (nbytes, storage) in ranges.items()]
+
+    # Any failure means: leave it to plain torch.load, which gives the authoritative result or error.
+    try:
+        result = torch.load(path, mmap=True, map_location=mapper(True), weights_only=True)
+        if _plain(result):
+            return Plan(segments(), lambda: result)
+    except Exception as error:  # noqa: BLE001
+        log.debug("fastload: %s: one weights_only pass is not enough: %s", path, error)
+    try:
+        torch.load(path, mmap=True, map_location=mapper(False))
+    except Exception as error:  # noqa: BLE001
+        raise Unmappable(f"torch.load(mmap=True) failed: {type(error).__name__}: {error}") from None
+    known_offsets = set(ranges)
+
+    def finish() -> Any:
         try:
-            return torch.load(path, mmap=True, map_location=provide)
-        except Exception as error:  # noqa: BLE001 (as above)
+            result = torch.load(path, mmap=True, map_location=mapper(True))
+        except Exception as error:  # noqa: BLE001
             raise Unmappable(f"second torch.load(mmap=True) failed: {error}") from None
+        if set(ranges) != known_offsets:
+            raise Unmappable("the second load met storages the first did not")
+        return result
 
-    return Plan(segments, finish)
+    return Plan(segments(), finish)
+
+
+PLAIN_TYPES = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device,
+               torch.Size)
+
+
+def _plain(obj: Any) -> bool:
+    """Only builtin containers, scalars and dense tensors: nothing that read tensor data."""
+    stack, seen = [obj], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, PLAIN_TYPES):
+            continue
+        seen.add(id(item))
+        if type(item) in (dict, OrderedDict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif type(item) in (list, tuple, set):
+            stack.extend(item)
+        elif type(item) in (torch.Tensor, torch.nn.Parameter):
+            if item.layout != torch.strided or item.is_quantized or item.is_nested:
+                return False
+        else:
+            return False
+    return True
 
 
 def _check_byteorder(path: Path) -> None:
