@@ -34,7 +34,9 @@ from ramstage.fastload_pipeline import Ring
 
 log = logging.getLogger(__name__)
 
-# Chosen from benchmarks/bench_gpu.py on one H100 (16 cores); see docs/gpu.md.
+# From the sweep in benchmarks/bench_gpu.py on one H100 (16 cores), see docs/gpu.md: 8 threads
+# and 256 MiB gave 21 GB/s for 4 GiB with the least spread; 12 threads and 512 MiB were 20% faster
+# but erratic with smaller rings, and hold twice the pinned memory.
 DEFAULT_THREADS = 8
 DEFAULT_RING_BYTES = 256 << 20
 MAX_THREADS = 64
