@@ -1,0 +1,179 @@
+"""Loads a staged checkpoint straight into GPU memory at close to PCIe speed.
+
+    ramstage.fastload.load(path, "cuda:0")  # what torch.load(path, map_location=...) returns
+    ramstage.fastload.release()             # frees the pinned ring and the reader threads
+
+Tensor bytes go from the (tmpfs) file through a small reused ring of pinned buffers to the device
+(see fastload_pipeline); the formats are in fastload_formats: safetensors files, torch.save zip
+files (.pt/.pth/.ckpt/.bin, any pickled object torch.load can load), and model directories of
+such shards (the result is one dict of every shard's tensors). Whatever the fast path cannot do
+(a non-CUDA device, a pickle whose storages it cannot map, a legacy or foreign-endian file)
+goes through plain torch.load (safetensors: safetensors.torch.load_file) with the reason
+logged, so the result is always what the plain loader gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from ramstage.fastload_formats import (
+    Plan,
+    Unmappable,
+    is_safetensors,
+    plan_safetensors,
+    plan_torch_zip,
+    shard_files,
+)
+from ramstage.fastload_pipeline import Ring
+
+log = logging.getLogger(__name__)
+
+# From the sweep in benchmarks/bench_gpu.py on one H100 (16 cores), see docs/gpu.md: 8 threads
+# and 256 MiB gave 21 GB/s for 4 GiB with the least spread; 12 threads and 512 MiB were 20% faster
+# but erratic with smaller rings, and hold twice the pinned memory.
+DEFAULT_THREADS = 8
+DEFAULT_RING_BYTES = 256 << 20
+MAX_THREADS = 64
+MIN_RING_BYTES = 16 << 10
+MAX_RING_BYTES = 8 << 30
+
+Device = Union[str, int, torch.device]
+
+
+class Loader:
+    """Keeps one ring (host buffers, threads, copy stream) between loads, until release().
+
+    pipeline_on_cpu=True runs the whole pipeline with the CPU as the target (plain host buffers,
+    no stream): what the tests use where there is no GPU. Without it, device="cpu" is left to
+    torch.load, which is already a single copy there.
+    """
+
+    def __init__(self, *, pipeline_on_cpu: bool = False) -> None:
+        self._pipeline_on_cpu = pipeline_on_cpu
+        self._ring: Ring | None = None
+        self._lock = threading.Lock()
+
+    def load(self, path: str | os.PathLike[str], device: Device, *,
+             threads: int | None = None, ring_bytes: int | None = None) -> Any:
+        path, device = Path(path), torch.device(device)
+        threads = _bounded("threads", threads, min(DEFAULT_THREADS, os.cpu_count() or 1),
+                           1, MAX_THREADS)
+        ring_bytes = _bounded("ring_bytes", ring_bytes, DEFAULT_RING_BYTES,
+                              MIN_RING_BYTES, MAX_RING_BYTES)
+        files = shard_files(path) if path.is_dir() else [path]
+        why_not = self._why_not_fast(device)
+        if why_not is not None:
+            return _merge(path, [_fallback(f, device, why_not) for f in files])
+        plans: list[Plan | None] = []
+        for file in files:
+            try:
+                plans.append(plan_safetensors(file, device) if is_safetensors(file)
+                             else plan_torch_zip(file, device))
+            except Unmappable as error:
+                plans.append(None)
+                log.warning("fastload: %s: %s", file, error)
+        with self._lock:
+            ring = self._ring_for(device, threads, ring_bytes)
+            ring.run([s for plan in plans if plan is not None for s in plan.segments])
+        return _merge(path, [_finish(f, plan, device) for f, plan in zip(files, plans)])
+
+    def release(self) -> None:
+        with self._lock:
+            if self._ring is not None:
+                self._ring.close()
+                self._ring = None
+
+    def _why_not_fast(self, device: torch.device) -> str | None:
+        if device.type == "cpu":
+            return None if self._pipeline_on_cpu else "device cpu: torch.load copies once there"
+        if device.type != "cuda":
+            return f"device {device}: the fast path targets CUDA devices"
+        if not torch.cuda.is_available():
+            return "torch reports no usable CUDA (not built with CUDA, or no GPU)"
+        return None
+
+    def _ring_for(self, device: torch.device, threads: int, ring_bytes: int) -> Ring:
+        if self._ring is not None and not self._ring.matches(device, threads, ring_bytes):
+            self._ring.close()
+            self._ring = None
+        if self._ring is None:
+            self._ring = Ring(device, threads=threads, ring_bytes=ring_bytes)
+        return self._ring
+
+
+def _bounded(name: str, value: int | None, default: int, low: int, high: int) -> int:
+    if value is None:
+        return default
+    if not low <= value <= high:
+        raise ValueError(f"fastload {name}={value}: must be between {low} and {high}")
+    return value
+
+
+def _finish(file: Path, plan: Plan | None, device: torch.device) -> Any:
+    if plan is None:
+        return _fallback(file, device, None)
+    try:
+        return plan.finish()
+    except Unmappable as error:
+        return _fallback(file, device, str(error))
+
+
+def _fallback(file: Path, device: torch.device, reason: str | None) -> Any:
+    """The plain loader for one file; reason None: already logged by the caller."""
+    if reason is not None:
+        log.warning("fastload: %s: %s; using the plain loader", file, reason)
+    if not is_safetensors(file):
+        return torch.load(file, map_location=device)
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise RuntimeError(f"cannot load {file} on {device} without the fast path: "
+                           "the safetensors package is not installed") from None
+    return load_file(file, device=str(device))
+
+
+def _merge(path: Path, results: list[Any]) -> Any:
+    """One file: its object. A directory: one dict of all shards' tensors (disjoint names)."""
+    if not path.is_dir():
+        return results[0]
+    merged: dict[str, Any] = {}
+    for result in results:
+        if not isinstance(result, dict):
+            raise TypeError(f"{path}: a shard holds a {type(result).__name__}, not a dict")
+        duplicates = merged.keys() & result.keys()
+        if duplicates:
+            raise ValueError(f"{path}: tensors in more than one shard: {sorted(duplicates)[:5]}")
+        merged.update(result)
+    return merged
+
+
+# The process-wide loader behind load()/release(): the ring is meant to outlive one load, and
+# apps call these as plain functions (ramstage.client does).
+_default: Loader | None = None
+_default_lock = threading.Lock()
+
+
+def _default_loader() -> Loader:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Loader()
+        return _default
+
+
+def load(path: str | os.PathLike[str], device: Device, *,
+         threads: int | None = None, ring_bytes: int | None = None) -> Any:
+    """What torch.load(path, map_location=device) returns, every tensor on device, fast."""
+    return _default_loader().load(path, device, threads=threads, ring_bytes=ring_bytes)
+
+
+def release() -> None:
+    """Frees the pinned ring and the reader threads; the next load allocates them again."""
+    if _default is not None:
+        _default.release()

@@ -1,0 +1,245 @@
+"""Where the tensor bytes of a checkpoint lie, and how to rebuild it once they are on the device.
+
+Each file becomes a Plan: the byte ranges to copy into freshly allocated device storages, and a
+function that builds the loaded object from those storages after the copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import sys
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, cast
+
+import torch
+from torch.types import Storage
+
+from ramstage.fastload_pipeline import Segment
+
+log = logging.getLogger("ramstage.fastload")
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    name: dtype
+    for name, dtype in {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+        "BF16": torch.bfloat16, "C64": torch.complex64,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U64": getattr(torch, "uint64", None), "U32": getattr(torch, "uint32", None),
+        "U16": getattr(torch, "uint16", None), "U8": torch.uint8, "BOOL": torch.bool,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    }.items()
+    if dtype is not None
+}
+# A header is a few MB even for large models; a huge length means a file that is not safetensors.
+MAX_HEADER_BYTES = 100 << 20
+
+
+class Unmappable(Exception):
+    """The fast path cannot load this file; the message is the reason logged for the fallback."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    segments: list[Segment]
+    finish: Callable[[], Any]
+
+
+def flat_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+def is_safetensors(path: Path) -> bool:
+    return path.suffix == ".safetensors"
+
+
+def plan_safetensors(path: Path, device: torch.device) -> Plan:
+    """Header: 8-byte little-endian length, then JSON {name: {dtype, shape, data_offsets}}."""
+    if sys.byteorder != "little":
+        raise Unmappable("safetensors data is little-endian and this machine is not")
+    file_bytes = path.stat().st_size
+    with open(path, "rb") as f:
+        (header_bytes,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+        if not 2 <= header_bytes <= min(MAX_HEADER_BYTES, file_bytes - 8):
+            raise Unmappable(f"not a safetensors file (header length {header_bytes})")
+        header = json.loads(f.read(header_bytes))
+    data_start = 8 + header_bytes
+    tensors: dict[str, torch.Tensor] = {}
+    segments: list[Segment] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise Unmappable(f"tensor {name!r} has dtype {entry['dtype']}, unknown here")
+        begin, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=dtype, device=device)
+        nbytes = tensor.numel() * tensor.element_size()
+        if end - begin != nbytes or data_start + end > file_bytes or begin < 0:
+            raise Unmappable(f"tensor {name!r}: data_offsets {begin}..{end} do not fit its shape")
+        if nbytes:
+            target = flat_bytes(tensor.untyped_storage())
+            segments.append(Segment(str(path), data_start + begin, nbytes, target, 0))
+        tensors[name] = tensor
+    return Plan(segments, lambda: tensors)
+
+
+def plan_torch_zip(path: Path, device: torch.device) -> Plan:
+    """Maps the storages of a torch.save zip file to their byte ranges in the file.
+
+    torch.load(mmap=True) runs torch's own unpickler and reports each storage, through
+    map_location, as a slice of a private mapping of the file; its file offset is read off
+    /proc/self/maps, and an empty device storage of its size is allocated. So every object in
+    the pickle (tied weights, views, nested dicts, optimizer state) is built by torch itself.
+
+    One pass suffices when the weights_only unpickler accepts the file and builds only plain
+    containers and dense tensors over those (still empty) device storages: nothing there read
+    tensor data while unpickling. Anything else (sparse tensors, which torch validates at load,
+    or objects only the full unpickler builds) is loaded again after the copy with torch.load's
+    own defaults, with the filled device storages handed in: whatever reads data reads it right.
+    """
+    _check_byteorder(path)
+    ranges: dict[int, tuple[int, torch.UntypedStorage]] = {}  # file offset -> (nbytes, storage)
+
+    def mapper(hand_out_device_storage: bool) -> Callable[[Storage, str], Storage]:
+        mappings = _FileMappings(path)
+
+        def restore(storage: Storage, location: str) -> Storage:
+            nbytes = storage.nbytes()
+            if not nbytes:
+                return cast(Storage, torch.UntypedStorage(0, device=device))
+            offset = mappings.offset(storage)
+            known = ranges.setdefault(offset, (nbytes, _device_storage(nbytes, device)))
+            if known[0] != nbytes:
+                raise Unmappable(f"two storages of different sizes at file offset {offset}")
+            return cast(Storage, known[1]) if hand_out_device_storage else storage
+        return restore
+
+    def segments() -> list[Segment]:
+        return [Segment(str(path), offset, nbytes, flat_bytes(storage), 0)
+                for offset, (nbytes, storage) in ranges.items()]
+
+    # Any failure means: leave it to plain torch.load, which gives the authoritative result or error.
+    try:
+        result = torch.load(path, mmap=True, map_location=mapper(True), weights_only=True)
+        if _plain(result):
+            return Plan(segments(), lambda: result)
+    except Exception as error:  # noqa: BLE001
+        log.debug("fastload: %s: one weights_only pass is not enough: %s", path, error)
+    try:
+        torch.load(path, mmap=True, map_location=mapper(False))
+    except Exception as error:  # noqa: BLE001
+        raise Unmappable(f"torch.load(mmap=True) failed: {type(error).__name__}: {error}") from None
+    known_offsets = set(ranges)
+
+    def finish() -> Any:
+        try:
+            result = torch.load(path, mmap=True, map_location=mapper(True))
+        except Exception as error:  # noqa: BLE001
+            raise Unmappable(f"second torch.load(mmap=True) failed: {error}") from None
+        if set(ranges) != known_offsets:
+            raise Unmappable("the second load met storages the first did not")
+        return result
+
+    return Plan(segments(), finish)
+
+
+PLAIN_TYPES = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device,
+               torch.Size)
+
+
+def _plain(obj: Any) -> bool:
+    """Only builtin containers, scalars and dense tensors: nothing that read tensor data."""
+    stack, seen = [obj], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, PLAIN_TYPES):
+            continue
+        seen.add(id(item))
+        if type(item) in (dict, OrderedDict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif type(item) in (list, tuple, set):
+            stack.extend(item)
+        elif type(item) in (torch.Tensor, torch.nn.Parameter):
+            if item.layout != torch.strided or item.is_quantized or item.is_nested:
+                return False
+        else:
+            return False
+    return True
+
+
+def _check_byteorder(path: Path) -> None:
+    """torch byteswaps storages of a foreign byte order in memory: file bytes would be wrong."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/byteorder")]
+            order = archive.read(names[0]).decode() if names else sys.byteorder
+    except (zipfile.BadZipFile, OSError) as error:
+        raise Unmappable(f"not a torch zip checkpoint: {error}") from None
+    if order != sys.byteorder:
+        raise Unmappable(f"saved as {order}-endian, this machine is {sys.byteorder}-endian")
+
+
+def _device_storage(nbytes: int, device: torch.device) -> torch.UntypedStorage:
+    return torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
+
+
+class _FileMappings:
+    """File offsets of storages that are slices of a mapping of `path` (torch's mmap=True load).
+
+    /proc/self/maps is read once per load (and again only for an address it did not cover):
+    torch maps the whole file once, before the first storage is restored.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._ranges: list[tuple[int, int, int]] = []  # (start, end, file offset of start)
+
+    def offset(self, storage: Storage) -> int:
+        if storage.device.type != "cpu":
+            raise Unmappable(f"a storage arrived on {storage.device}, not as a slice of the file")
+        address = storage.data_ptr()
+        for attempt in range(2):
+            for start, end, file_offset in self._ranges:
+                if start <= address and address + storage.nbytes() <= end:
+                    return address - start + file_offset
+            if attempt == 0:
+                self._ranges = self._read_maps()
+        raise Unmappable("a storage is not a slice of the mapped file (not a plain tensor storage?)")
+
+    def _read_maps(self) -> list[tuple[int, int, int]]:
+        stat = self._path.stat()
+        ranges = []
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) < 6 or int(fields[4]) != stat.st_ino:
+                    continue
+                major, minor = (int(x, 16) for x in fields[3].split(":"))
+                if os.makedev(major, minor) == stat.st_dev:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end, int(fields[2], 16)))
+        return ranges
+
+
+def shard_files(directory: Path) -> list[Path]:
+    """The weight files of a model directory: safetensors shards if any, else torch shards."""
+    for index_name, suffixes in (
+        ("model.safetensors.index.json", (".safetensors",)),
+        ("pytorch_model.bin.index.json", (".bin", ".pt", ".pth", ".ckpt")),
+    ):
+        files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in suffixes)
+        index = directory / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return sorted({directory / shard for shard in weight_map.values()})
+        if files:
+            return files
+    raise FileNotFoundError(f"no .safetensors, .bin, .pt, .pth or .ckpt files in {directory}")

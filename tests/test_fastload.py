@@ -1,0 +1,288 @@
+"""fastload gives what the plain loaders give, bit for bit, through its threaded ring pipeline.
+
+Without a GPU the pipeline runs with the CPU as its target (plain host slots, no stream); with
+one, every test runs on CUDA too. A tiny ring (48 KiB: six 8 KiB slots for three threads) makes
+every checkpoint here span many chunks, split tensors across slots and wrap the ring many times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import struct
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ramstage import fastload
+from ramstage.fastload_pipeline import Segment, plan_chunks
+
+pytestmark = pytest.mark.torch
+
+THREADS, RING_BYTES = 3, 48 << 10
+TARGETS = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16,
+          torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64]
+ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+            torch.float64: "F64", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+            torch.int64: "I64", torch.uint8: "U8", torch.bool: "BOOL", torch.complex64: "C64"}
+
+
+@pytest.fixture(params=TARGETS)
+def target(request: pytest.FixtureRequest) -> Iterator[tuple[fastload.Loader, Any]]:
+    loader = fastload.Loader(pipeline_on_cpu=True)
+    yield loader, torch.device(request.param)
+    loader.release()
+
+
+def load(target: tuple[fastload.Loader, Any], path: Path) -> Any:
+    loader, device = target
+    return loader.load(path, device, threads=THREADS, ring_bytes=RING_BYTES)
+
+
+def sample(dtype: Any, shape: tuple[int, ...], seed: int = 0) -> Any:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape, generator=g, dtype=dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(info.min, info.max, shape, generator=g, dtype=dtype)
+
+
+def bits(tensor: Any) -> Any:
+    return tensor.detach().cpu().reshape(-1).view(torch.uint8)
+
+
+def assert_same(got: Any, want: Any, where: str = "") -> None:
+    """Same structure; tensors bit-identical with the same type, dtype, device and layout."""
+    assert type(got) is type(want), where
+    if isinstance(want, torch.Tensor):
+        assert (got.dtype, got.shape, got.device) == (want.dtype, want.shape, want.device), where
+        if want.is_sparse:
+            assert torch.equal(got.to_dense(), want.to_dense()), where
+            return
+        assert (got.stride(), got.storage_offset()) == (want.stride(), want.storage_offset()), where
+        assert torch.equal(bits(got), bits(want)), where
+        assert got.requires_grad == want.requires_grad, where
+    elif isinstance(want, dict):
+        assert list(got) == list(want), where
+        for key in want:
+            assert_same(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, where
+
+
+def storage_groups(state: dict[str, Any]) -> list[set[str]]:
+    """Which names share one storage, as a comparable list of sets."""
+    groups: dict[int, set[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault(tensor.untyped_storage().data_ptr(), set()).add(name)
+    return sorted(groups.values(), key=sorted)
+
+
+def write_safetensors(path: Path, tensors: dict[str, Any]) -> Path:
+    """The safetensors layout written by hand: u64 LE header length, JSON header, raw data."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    blobs, offset = [], 0
+    for name, tensor in tensors.items():
+        blob = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {"dtype": ST_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    return path
+
+
+def test_every_dtype_round_trips_from_a_torch_checkpoint(target: Any, tmp_path: Path) -> None:
+    state = {str(dtype): sample(dtype, (37, 129), seed=i) for i, dtype in enumerate(DTYPES)}
+    state["scalar"] = torch.tensor(3.5)
+    state["empty"] = torch.empty(0, 4)
+    torch.save(state, tmp_path / "all.pth")
+    assert_same(load(target, tmp_path / "all.pth"),
+                torch.load(tmp_path / "all.pth", map_location=target[1]))
+
+
+def test_every_dtype_round_trips_from_safetensors(target: Any, tmp_path: Path) -> None:
+    state = {str(dtype): sample(dtype, (41, 97), seed=i) for i, dtype in enumerate(DTYPES)}
+    state["empty"] = torch.empty(0, dtype=torch.int32)
+    got = load(target, write_safetensors(tmp_path / "all.safetensors", state))
+    assert_same(got, {name: t.to(target[1]) for name, t in state.items()})
+
+
+def test_safetensors_written_by_the_library_match_its_loader(target: Any, tmp_path: Path) -> None:
+    st = pytest.importorskip("safetensors.torch")
+    state = {f"w{i}": sample(dtype, (64, 33 + i), seed=i) for i, dtype in enumerate(DTYPES)}
+    st.save_file(state, tmp_path / "lib.safetensors")
+    want = st.load_file(tmp_path / "lib.safetensors", device=str(target[1]))
+    got = load(target, tmp_path / "lib.safetensors")
+    assert_same(dict(sorted(got.items())), dict(sorted(want.items())))
+
+
+def test_tied_weights_views_and_strides_keep_their_storage_layout(target: Any,
+                                                                  tmp_path: Path) -> None:
+    weight = torch.randn(300, 200)
+    ints = torch.arange(50_000, dtype=torch.int64)
+    state = OrderedDict(
+        weight=weight, tied=weight, transposed=weight.t(), rows=weight[10:20],
+        strided=weight[5:250:7, 3::11], ints=ints[1000:], ints_2d=ints[7:7 + 600].view(20, 30),
+        bias=torch.randn(200),
+    )
+    torch.save(state, tmp_path / "tied.pt")
+    got = load(target, tmp_path / "tied.pt")
+    want = torch.load(tmp_path / "tied.pt", map_location=target[1])
+    assert_same(got, want)
+    assert storage_groups(got) == storage_groups(want)
+    assert {"weight", "tied", "transposed", "rows", "strided"} in storage_groups(got)
+
+
+def test_lightning_style_checkpoint_round_trips_with_every_tensor_on_the_device(
+        target: Any, tmp_path: Path) -> None:
+    params = OrderedDict((f"layer{i}.weight", torch.randn(64, 48)) for i in range(4))
+    params["head.weight"] = params["layer0.weight"]
+    checkpoint = {
+        "epoch": 7, "global_step": 1234, "pytorch-lightning_version": "2.6.6",
+        "state_dict": params,
+        "optimizer_states": [{
+            "state": {i: {"step": torch.tensor(12.0), "exp_avg": torch.randn(64, 48),
+                          "exp_avg_sq": torch.rand(64, 48)} for i in range(4)},
+            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1, 2, 3]}],
+        }],
+        "lr_schedulers": [{"last_epoch": 7, "_last_lr": [1e-3]}],
+        "hyper_parameters": {"hidden": 48, "name": "demo", "dropout": None},
+        "callbacks": {"ModelCheckpoint": {"best_model_score": torch.tensor(0.25)}},
+        "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 8}}}},
+        "sparse": torch.randn(20, 30).relu().to_sparse(),
+        "parameter": torch.nn.Parameter(torch.randn(5)),
+    }
+    torch.save(checkpoint, tmp_path / "lightning.ckpt")
+    got = load(target, tmp_path / "lightning.ckpt")
+    assert_same(got, torch.load(tmp_path / "lightning.ckpt", map_location=target[1]))
+    assert storage_groups(got["state_dict"])[0] == {"layer0.weight", "head.weight"}
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "safetensors-index", "bin-index", "pt"])
+def test_sharded_directory_loads_as_one_dict(target: Any, tmp_path: Path, kind: str) -> None:
+    shards = [{f"block{s}.{i}": sample(DTYPES[(s + i) % len(DTYPES)], (30, 17 + i), seed=s * 9 + i)
+               for i in range(5)} for s in range(3)]
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_text("{}")
+    names = []
+    for s, shard in enumerate(shards):
+        if kind.startswith("safetensors"):
+            names.append(write_safetensors(directory / f"model-{s}.safetensors", shard).name)
+        else:
+            suffix = ".bin" if kind == "bin-index" else ".pt"
+            torch.save(shard, directory / f"pytorch_model-{s}{suffix}")
+            names.append(f"pytorch_model-{s}{suffix}")
+    if kind.endswith("index"):
+        index = "model.safetensors.index.json" if kind.startswith("safe") else \
+            "pytorch_model.bin.index.json"
+        weight_map = {name: names[s] for s, shard in enumerate(shards) for name in shard}
+        (directory / index).write_text(json.dumps({"weight_map": weight_map}))
+    got = load(target, directory)
+    want = {name: t.to(target[1]) for shard in shards for name, t in shard.items()}
+    assert_same(dict(sorted(got.items())), dict(sorted(want.items())))
+
+
+def test_the_ring_is_reused_across_loads_and_released(tmp_path: Path) -> None:
+    loader = fastload.Loader(pipeline_on_cpu=True)
+    torch.save({"a": torch.randn(100, 100)}, tmp_path / "a.pt")
+    first = loader.load(tmp_path / "a.pt", "cpu", threads=2, ring_bytes=RING_BYTES)
+    ring = loader._ring
+    second = loader.load(tmp_path / "a.pt", "cpu", threads=2, ring_bytes=RING_BYTES)
+    assert loader._ring is ring and ring is not None
+    assert_same(first, second)
+    loader.release()
+    assert loader._ring is None
+    assert_same(loader.load(tmp_path / "a.pt", "cpu", threads=2, ring_bytes=RING_BYTES), first)
+    loader.release()
+
+
+@pytest.mark.parametrize("option", [{"threads": 0}, {"threads": 65}, {"ring_bytes": 1024}])
+def test_thread_count_and_ring_size_are_bounded(tmp_path: Path, option: dict[str, int]) -> None:
+    torch.save({"a": torch.ones(3)}, tmp_path / "a.pt")
+    with pytest.raises(ValueError, match="must be between"):
+        fastload.load(tmp_path / "a.pt", "cpu", **option)
+
+
+def test_cpu_device_without_the_flag_falls_back_and_says_so(tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    torch.save({"a": torch.randn(10)}, tmp_path / "a.pt")
+    with caplog.at_level(logging.INFO, logger="ramstage.fastload"):
+        got = fastload.load(tmp_path / "a.pt", "cpu")
+    assert_same(got, torch.load(tmp_path / "a.pt"))
+    assert "device cpu" in caplog.text and "plain loader" in caplog.text
+
+
+def test_meta_device_falls_back_to_torch_load(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    torch.save({"a": torch.randn(10, 3)}, tmp_path / "a.pt")
+    with caplog.at_level(logging.INFO, logger="ramstage.fastload"):
+        got = fastload.load(tmp_path / "a.pt", "meta")
+    assert got["a"].device.type == "meta" and got["a"].shape == (10, 3)
+    assert "device meta" in caplog.text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable GPU")
+def test_cuda_without_a_gpu_falls_back_and_gives_torch_loads_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    torch.save({"a": torch.randn(10)}, tmp_path / "a.pt")
+    with caplog.at_level(logging.INFO, logger="ramstage.fastload"), \
+            pytest.raises(RuntimeError, match="CUDA"):
+        fastload.load(tmp_path / "a.pt", "cuda")
+    assert "no usable CUDA" in caplog.text
+
+
+def test_legacy_format_falls_back_with_the_right_result(target: Any, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    state = {"a": torch.randn(70, 70), "b": torch.arange(9)}
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with caplog.at_level(logging.INFO, logger="ramstage.fastload"):
+        got = load(target, tmp_path / "legacy.pt")
+    assert_same(got, torch.load(tmp_path / "legacy.pt", map_location=target[1]))
+    assert "legacy.pt" in caplog.text and "not a torch zip checkpoint" in caplog.text
+
+
+class Opaque:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_a_pickle_weights_only_refuses_gives_torch_loads_error(
+        target: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    torch.save({"a": torch.randn(4), "obj": Opaque(3)}, tmp_path / "opaque.pt")
+    with caplog.at_level(logging.INFO, logger="ramstage.fastload"), \
+            pytest.raises(pickle.UnpicklingError):
+        load(target, tmp_path / "opaque.pt")
+    assert "opaque.pt" in caplog.text and "failed" in caplog.text
+
+
+def test_chunks_pack_neighbours_split_large_segments_and_skip_large_gaps() -> None:
+    out = torch.empty(0, dtype=torch.uint8)
+    chunks = plan_chunks([
+        Segment("f", 0, 100, out, 0),
+        Segment("f", 164, 250, out, 0),           # 64-byte gap: read along, same chunk
+        Segment("f", 5 << 20, 10, out, 0),        # beyond the gap limit: a new read
+        Segment("g", 0, 10, out, 0),              # another file: a new read
+    ], chunk_bytes=256)
+    assert [(c.source, c.file_offset, c.nbytes) for c in chunks] == [
+        ("f", 0, 256), ("f", 256, 158), ("f", 5 << 20, 10), ("g", 0, 10)]
+    assert [(p.chunk_offset, p.target_offset, p.nbytes) for p in chunks[0].pieces] == [
+        (0, 0, 100), (164, 0, 92)]
+    assert [(p.chunk_offset, p.target_offset, p.nbytes) for p in chunks[1].pieces] == [
+        (0, 92, 158)]
