@@ -136,7 +136,7 @@ def test_readers_never_see_a_missing_or_partial_file_across_50_swaps(tmp_path, m
     daemon.wait_state("m", "staged")
     link = daemon.links / "m"
     # A reader holding an mmap of the first generation across every swap.
-    mapped_file = open(link, "rb")
+    mapped_file = open(link, "rb")  # noqa: SIM115 - held open across the swaps on purpose
     mapped = mmap.mmap(mapped_file.fileno(), 0, prot=mmap.PROT_READ)
     readers = _run_readers(link, 12.0, tmp_path)
     for version in versions[1:]:
@@ -290,8 +290,8 @@ def test_an_inotify_queue_overflow_still_converges(tmp_path, make_daemon):
             (source_dir / f"noise-{n}").write_bytes(b"x")
         for source in sources:
             replace(source, os.urandom(64 << 10))
-        for i, source in enumerate(sources):
-            wait_for(lambda: daemon.model(f"m{i}")["digest"] == f"sha256:{sha256(source)}", timeout=30)
+        expected = {f"m{i}": f"sha256:{sha256(source)}" for i, source in enumerate(sources)}
+        wait_for(lambda: {m["name"]: m["digest"] for m in daemon.status()["models"]} == expected, timeout=30)
     finally:
         limit.write_text(original)
     assert "rescanning every source (inotify queue overflow)" in daemon.log()
