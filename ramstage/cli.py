@@ -152,7 +152,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         # After a crash links still point into the store; the next start adopts it.
         print(f"store {store.path}: left mounted, it holds generations (not stopped cleanly)")
     else:
-        store.close()
+        store.unmount()
         print(f"store {store.path}: unmounted")
     return 0
 

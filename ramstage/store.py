@@ -145,11 +145,14 @@ class Store:
     def close(self) -> None:
         """Unmounts the tmpfs we mounted, or one we may unmount ourselves (we run in PID 1's
         mount namespace). A sandboxed daemon that adopted the tmpfs leaves it to the unit's
-        `ramstage unmount`. A lazy unmount lets a reader that still holds a file finish; its
-        pages are freed when it lets go."""
-        if not (self.config.mount and self.mounted):
-            return
+        `ramstage unmount`."""
         if self.mounted_here or self.system.in_init_mount_namespace():
+            self.unmount()
+
+    def unmount(self) -> None:
+        """Unmounts the tmpfs in PID 1's namespace. A lazy unmount lets a reader that still
+        holds a file finish; its pages are freed when it lets go."""
+        if self.config.mount and self.mounted:
             self.system.run_in_init_namespace(["umount", "--lazy", str(self.path)])
 
     def holds_generations(self) -> bool:
