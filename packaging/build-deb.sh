@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-dist}")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$out" "$work/ramstage"
-git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$work/ramstage"
+mkdir -p "$out"
+bash packaging/copy-source.sh "$work/ramstage"
 cp -r packaging/debian "$work/ramstage/debian"
 # Debian's own python3 builds the package, whatever python3 comes first in PATH.
 (cd "$work/ramstage" && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b >"$work/build.log" 2>&1) || {

@@ -140,7 +140,7 @@ def loop_devices_below(root: Path) -> list[str]:
     return [line for line in listing.splitlines() if str(root) in line]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("deb")
     subprocess.run(["bash", str(REPO / "packaging" / "build-deb.sh"), str(out)],

@@ -94,6 +94,17 @@ def test_apt_installs_enables_and_starts_the_service(machine: Machine) -> None:
     assert store_mount(machine) == "ramstage tmpfs"
 
 
+def test_the_installed_unit_verifies_and_is_hardened(machine: Machine) -> None:
+    unit = "/lib/systemd/system/ramstage.service"
+    verify = machine.run("systemd-analyze", "verify", unit, check=False)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    security = machine.run("systemd-analyze", "security", "--offline=true", "--threshold=30",
+                           "--no-pager", unit, check=False)  # fmt: skip
+    assert security.returncode == 0, security.stdout
+    exposure = float(security.stdout.split("Overall exposure level for ramstage.service: ")[1][:3])
+    assert exposure <= 3.0
+
+
 def test_a_configured_model_is_staged(machine: Machine, digests: dict[str, str]) -> None:
     configure(machine, ["lama"])
     # ready: staged, so the restart returns once the model is in RAM.
