@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Machine
+
+from .conftest import Machine
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e]
 

@@ -6,7 +6,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+
+from .conftest import REPO
 
 pytestmark = pytest.mark.e2e
 
