@@ -14,6 +14,8 @@ from ramstage import __version__
 from ramstage.config import Config, config_path, load_config
 from ramstage.errors import ConfigError, NotFound, RamstageError, UsageError
 from ramstage.protocol import request
+from ramstage.store import Store
+from ramstage.system import System
 
 STAGE_TIMEOUT_SECONDS = 3700.0
 
@@ -129,6 +131,32 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace) -> Store:
+    return Store(_config(args)[1].store, System())
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    store = _store(args)
+    store.open()
+    size, used = store.usage()
+    kind = "tmpfs" if store.mounted else "plain directory"
+    print(f"store {store.path}: {kind}, {_human(used)} used of {_human(size)}")
+    return 0
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if not (store.config.mount and store.mounted):
+        print(f"store {store.path}: not mounted")
+    elif store.holds_generations():
+        # After a crash links still point into the store; the next start adopts it.
+        print(f"store {store.path}: left mounted, it holds generations (not stopped cleanly)")
+    else:
+        store.unmount()
+        print(f"store {store.path}: unmounted")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = config_path(args.path or args.config)
     config = load_config(path, check_sources=True)
@@ -168,6 +196,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("verify", cmd_verify, "re-hash generations in RAM against their digests")
     sub.add_argument("names", nargs="*", metavar="NAME")
     command("reload", cmd_reload, "re-read the config (as SIGHUP)")
+    command(
+        "mount",
+        cmd_mount,
+        "mount or adopt the store's tmpfs where every service sees it (the unit's ExecStartPre)",
+    )
+    command(
+        "unmount",
+        cmd_unmount,
+        "unmount the store unless it holds generations (the unit's ExecStopPost)",
+    )
     sub = command("check-config", cmd_check_config, "validate a config file and list its problems")
     sub.add_argument("path", nargs="?", metavar="PATH")
     return parser

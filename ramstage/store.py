@@ -80,6 +80,7 @@ class Store:
         self.config, self.system = config, system
         self.path = config.path
         self.swappable: bool | None = None  # None: unknown (a plain directory)
+        self.mounted_here = False  # mounted by this process rather than adopted
 
     def _mount_entry(self):  # type: ignore[no-untyped-def]
         return next((m for m in reversed(self.system.mounts()) if m.mountpoint == self.path), None)
@@ -133,6 +134,7 @@ class Store:
                 ["mount", "-t", "tmpfs", "-o", base, FS_NAME, str(self.path)]
             )
             self.swappable = True
+        self.mounted_here = True
         if not self.mounted:
             raise RamstageError(
                 f"the tmpfs at {self.path} was mounted in PID 1's mount namespace but cannot be "
@@ -141,10 +143,21 @@ class Store:
         log.info("mounted a %d-byte tmpfs at %s", self.config.size_bytes, self.path)
 
     def close(self) -> None:
-        """Unmounts the tmpfs we mounted. A lazy unmount lets a reader that still holds a file
-        finish; its pages are freed when it lets go."""
+        """Unmounts the tmpfs we mounted, or one we may unmount ourselves (we run in PID 1's
+        mount namespace). A sandboxed daemon that adopted the tmpfs leaves it to the unit's
+        `ramstage unmount`."""
+        if self.mounted_here or self.system.in_init_mount_namespace():
+            self.unmount()
+
+    def unmount(self) -> None:
+        """Unmounts the tmpfs in PID 1's namespace. A lazy unmount lets a reader that still
+        holds a file finish; its pages are freed when it lets go."""
         if self.config.mount and self.mounted:
             self.system.run_in_init_namespace(["umount", "--lazy", str(self.path)])
+
+    def holds_generations(self) -> bool:
+        """Whether some published generation is left, which a link may still point at."""
+        return any(self.path.glob("*/*.json"))
 
     def usage(self) -> tuple[int, int]:
         """(size_bytes, used_bytes) as statfs(2) reports them: df's view of a tmpfs."""

@@ -1,0 +1,40 @@
+"""The packages build with the distribution tools and pass their checkers."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def test_lintian_finds_no_errors_in_the_deb(deb: Path) -> None:
+    result = subprocess.run(["lintian", "--no-tag-display-limit", str(deb)],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    errors = [line for line in result.stdout.splitlines() if line.startswith("E:")]
+    assert not errors, result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rpmbuild_builds_the_rpm_with_the_unit_and_its_scriptlets(tmp_path: Path) -> None:
+    subprocess.run(["bash", str(REPO / "packaging" / "build-rpm.sh"), str(tmp_path)],
+                   check=True, capture_output=True)  # fmt: skip
+    (rpm,) = tmp_path.glob("ramstage-0.1.0-*.noarch.rpm")
+
+    def query(*options: str) -> str:
+        return subprocess.run(["rpm", "-qp", *options, str(rpm)],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+    files = query("-l").split()
+    for path in ("/usr/bin/ramstage", "/usr/lib/systemd/system/ramstage.service",
+                 "/usr/lib/sysusers.d/ramstage.conf", "/usr/lib/tmpfiles.d/ramstage.conf"):  # fmt: skip
+        assert path in files
+    assert query("-c").split() == ["/etc/ramstage/ramstage.yaml"]
+    scripts = query("--scripts")
+    assert "preset ramstage.service" in scripts
+    assert "ramstage.service" in scripts.split("preuninstall scriptlet")[1]
+    assert "systemd-sysusers" in scripts and "g ramstage" in scripts
