@@ -49,6 +49,7 @@ SWAP_GRACE_SECONDS = 10.0
 class Job:
     partial: Path
     cancel: threading.Event = field(default_factory=threading.Event)
+    identities: tuple[tuple[str, Identity], ...] = ()  # the source version being copied
     progress: float = 0.0
     future: Future[Generation] | None = None
 
@@ -319,7 +320,7 @@ class Daemon:
         except (OSError, RamstageError) as error:
             self._fall_back(model, f"error: {error}")
             return
-        need, model.seen = listing.size_bytes, listing.identities()
+        need = listing.size_bytes
         refusal = policy.admit(
             need,
             self.store.free_bytes(),
@@ -338,7 +339,7 @@ class Daemon:
             )
             self._fall_back(model, refusal)
             return
-        job = Job(self.store.new_partial(model.config.name))
+        job = Job(self.store.new_partial(model.config.name), identities=listing.identities())
         job.future = self.copier.submit(self._copy, model.config, job)
         job.future.add_done_callback(lambda _: self.events.put(JobDone(model.config.name, job)))
         model.job, model.state = job, "staging"
@@ -391,6 +392,7 @@ class Daemon:
         else:
             log.error("%s: staging failed", name, exc_info=error)
         reason = "too_large" if isinstance(error, NoSpace) else f"error: {error}"
+        model.seen = job.identities  # not tried again until this version changes
         if model.generation:
             # A new version that cannot be staged never replaces the verified previous one.
             model.state, model.reason = "staged", reason
@@ -475,7 +477,12 @@ class Daemon:
                 model.changed_at = now
                 continue
             model.changed_at = None
-            if listing.identities() == model.seen or model.held:
+            current = listing.identities()
+            if (
+                current == model.seen
+                or model.held
+                or (model.job and current == model.job.identities)
+            ):
                 continue
             log.info("%s: source changed; staging the new version", model.config.name)
             if model.state == "missing":

@@ -59,13 +59,21 @@ class Loader:
         self._ring: Ring | None = None
         self._lock = threading.Lock()
 
-    def load(self, path: str | os.PathLike[str], device: Device, *,
-             threads: int | None = None, ring_bytes: int | None = None) -> Any:
+    def load(
+        self,
+        path: str | os.PathLike[str],
+        device: Device,
+        *,
+        threads: int | None = None,
+        ring_bytes: int | None = None,
+    ) -> Any:
         path, device = Path(path), torch.device(device)
-        threads = _bounded("threads", threads, min(DEFAULT_THREADS, os.cpu_count() or 1),
-                           1, MAX_THREADS)
-        ring_bytes = _bounded("ring_bytes", ring_bytes, DEFAULT_RING_BYTES,
-                              MIN_RING_BYTES, MAX_RING_BYTES)
+        threads = _bounded(
+            "threads", threads, min(DEFAULT_THREADS, os.cpu_count() or 1), 1, MAX_THREADS
+        )
+        ring_bytes = _bounded(
+            "ring_bytes", ring_bytes, DEFAULT_RING_BYTES, MIN_RING_BYTES, MAX_RING_BYTES
+        )
         files = shard_files(path) if path.is_dir() else [path]
         why_not = self._why_not_fast(device)
         if why_not is not None:
@@ -73,8 +81,11 @@ class Loader:
         plans: list[Plan | None] = []
         for file in files:
             try:
-                plans.append(plan_safetensors(file, device) if is_safetensors(file)
-                             else plan_torch_zip(file, device))
+                plans.append(
+                    plan_safetensors(file, device)
+                    if is_safetensors(file)
+                    else plan_torch_zip(file, device)
+                )
             except Unmappable as error:
                 plans.append(None)
                 log.warning("fastload: %s: %s", file, error)
@@ -133,8 +144,10 @@ def _fallback(file: Path, device: torch.device, reason: str | None) -> Any:
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise RuntimeError(f"cannot load {file} on {device} without the fast path: "
-                           "the safetensors package is not installed") from None
+        raise RuntimeError(
+            f"cannot load {file} on {device} without the fast path: "
+            "the safetensors package is not installed"
+        ) from None
     return load_file(file, device=str(device))
 
 
@@ -167,8 +180,13 @@ def _default_loader() -> Loader:
         return _default
 
 
-def load(path: str | os.PathLike[str], device: Device, *,
-         threads: int | None = None, ring_bytes: int | None = None) -> Any:
+def load(
+    path: str | os.PathLike[str],
+    device: Device,
+    *,
+    threads: int | None = None,
+    ring_bytes: int | None = None,
+) -> Any:
     """What torch.load(path, map_location=device) returns, every tensor on device, fast."""
     return _default_loader().load(path, device, threads=threads, ring_bytes=ring_bytes)
 

@@ -27,11 +27,20 @@ log = logging.getLogger("ramstage.fastload")
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     name: dtype
     for name, dtype in {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-        "BF16": torch.bfloat16, "C64": torch.complex64,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-        "U64": getattr(torch, "uint64", None), "U32": getattr(torch, "uint32", None),
-        "U16": getattr(torch, "uint16", None), "U8": torch.uint8, "BOOL": torch.bool,
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "C64": torch.complex64,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U64": getattr(torch, "uint64", None),
+        "U32": getattr(torch, "uint32", None),
+        "U16": getattr(torch, "uint16", None),
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
         "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
         "F8_E5M2": getattr(torch, "float8_e5m2", None),
     }.items()
@@ -119,11 +128,14 @@ def plan_torch_zip(path: Path, device: torch.device) -> Plan:
             if known[0] != nbytes:
                 raise Unmappable(f"two storages of different sizes at file offset {offset}")
             return cast(Storage, known[1]) if hand_out_device_storage else storage
+
         return restore
 
     def segments() -> list[Segment]:
-        return [Segment(str(path), offset, nbytes, flat_bytes(storage), 0)
-                for offset, (nbytes, storage) in ranges.items()]
+        return [
+            Segment(str(path), offset, nbytes, flat_bytes(storage), 0)
+            for offset, (nbytes, storage) in ranges.items()
+        ]
 
     # Any failure means: leave it to plain torch.load, which gives the authoritative result or error.
     try:
@@ -150,8 +162,18 @@ def plan_torch_zip(path: Path, device: torch.device) -> Plan:
     return Plan(segments(), finish)
 
 
-PLAIN_TYPES = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device,
-               torch.Size)
+PLAIN_TYPES = (
+    int,
+    float,
+    complex,
+    bool,
+    str,
+    bytes,
+    type(None),
+    torch.dtype,
+    torch.device,
+    torch.Size,
+)
 
 
 def _plain(obj: Any) -> bool:
@@ -212,7 +234,9 @@ class _FileMappings:
                     return address - start + file_offset
             if attempt == 0:
                 self._ranges = self._read_maps()
-        raise Unmappable("a storage is not a slice of the mapped file (not a plain tensor storage?)")
+        raise Unmappable(
+            "a storage is not a slice of the mapped file (not a plain tensor storage?)"
+        )
 
     def _read_maps(self) -> list[tuple[int, int, int]]:
         stat = self._path.stat()

@@ -27,15 +27,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs torch (pip install torch==2.13.0)"))
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
-    """Polls until predicate() is truthy and returns it; fails the test on timeout."""
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    context: Callable[[], str] = str,
+) -> Any:
+    """Polls until predicate() is truthy and returns it; fails the test on timeout, saying
+    context() (a daemon's log, say)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}\n{context()}")
         time.sleep(interval)
 
 
@@ -46,7 +52,9 @@ def write_random(path: Path, size: int, seed: int = 0) -> Path:
     with open(path, "wb") as f:
         written = 0
         while written < size:
-            chunk = (seed.to_bytes(4, "little") + written.to_bytes(8, "little") + block)[: min(1 << 20, size - written)]
+            chunk = (seed.to_bytes(4, "little") + written.to_bytes(8, "little") + block)[
+                : min(1 << 20, size - written)
+            ]
             f.write(chunk)
             written += len(chunk)
     return path
@@ -55,7 +63,9 @@ def write_random(path: Path, size: int, seed: int = 0) -> Path:
 class Daemon:
     """A ramstage daemon subprocess with its own config, store, links and socket under tmp."""
 
-    def __init__(self, root: Path, mount: bool, models: list[dict[str, Any]], **overrides: Any) -> None:
+    def __init__(
+        self, root: Path, mount: bool, models: list[dict[str, Any]], **overrides: Any
+    ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.store = root / "store"
@@ -98,7 +108,15 @@ class Daemon:
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [sys.executable, "-m", "ramstage", *args[:1], "--config", str(self.config_path), *args[1:]],
+            [
+                sys.executable,
+                "-m",
+                "ramstage",
+                *args[:1],
+                "--config",
+                str(self.config_path),
+                *args[1:],
+            ],
             capture_output=True,
             text=True,
             timeout=600,
@@ -131,7 +149,9 @@ class Daemon:
             return self.process.wait()
 
     def cleanup(self) -> None:
-        self.stop(signal.SIGKILL if self.process and self.process.poll() is None else signal.SIGTERM)
+        self.stop(
+            signal.SIGKILL if self.process and self.process.poll() is None else signal.SIGTERM
+        )
         if self.mount:
             subprocess.run(["umount", "--lazy", str(self.store)], capture_output=True, check=False)
 

@@ -37,7 +37,11 @@ def test_in_place_writer_is_staged_once_after_close_and_settle(tmp_path, make_da
     daemon = make_daemon([{"name": "m", "source": str(source)}], watch={"settle": "500ms"}).start()
     first = daemon.wait_state("m", "staged")
     # torch.save-style writer: opens the final path and writes 256 MiB over about 3 s.
-    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import os, time
         block = os.urandom(1 << 20)
         with open({str(source)!r}, "wb") as f:
@@ -46,7 +50,9 @@ def test_in_place_writer_is_staged_once_after_close_and_settle(tmp_path, make_da
                 f.flush()
                 if i % 16 == 15:
                     time.sleep(0.18)
-    """)])
+    """),
+        ]
+    )
     targets = set()
     while writer.poll() is None:
         targets.add(os.readlink(daemon.links / "m"))
@@ -55,7 +61,9 @@ def test_in_place_writer_is_staged_once_after_close_and_settle(tmp_path, make_da
     assert writer.returncode == 0
     assert targets == {first["target"]}, "the link moved while the source was being written"
     final = sha256(source)
-    model = wait_for(lambda: (m := daemon.model("m"))["digest"] == f"sha256:{final}" and m, timeout=30)
+    model = wait_for(
+        lambda: (m := daemon.model("m"))["digest"] == f"sha256:{final}" and m, timeout=30
+    )
     assert model["state"] == "staged" and model["reason"] is None
     assert sha256(daemon.links / "m") == final
     assert len(staged_generations(daemon)) == 2, daemon.log()
@@ -71,7 +79,10 @@ def test_rename_into_place_makes_exactly_one_new_generation(tmp_path, make_daemo
     assert len(staged_generations(daemon)) == 2, daemon.log()
     # The old generation is deleted once its grace period for late readers has passed.
     current = daemon.model("m")["generation"]
-    wait_for(lambda: [p.name for p in (daemon.store / "m").iterdir() if p.is_dir()] == [current], timeout=20)
+    wait_for(
+        lambda: [p.name for p in (daemon.store / "m").iterdir() if p.is_dir()] == [current],
+        timeout=20,
+    )
 
 
 def test_a_burst_of_100_modifications_makes_one_generation(tmp_path, make_daemon):
@@ -109,9 +120,13 @@ READER = textwrap.dedent("""
 """)
 
 
-def _run_readers(link: Path, seconds: float, out_dir: Path, count: int = 4) -> list[subprocess.Popen[bytes]]:
+def _run_readers(
+    link: Path, seconds: float, out_dir: Path, count: int = 4
+) -> list[subprocess.Popen[bytes]]:
     return [
-        subprocess.Popen([sys.executable, "-c", READER, str(link), str(seconds), str(out_dir / f"r{i}")])
+        subprocess.Popen(
+            [sys.executable, "-c", READER, str(link), str(seconds), str(out_dir / f"r{i}")]
+        )
         for i in range(count)
     ]
 
@@ -142,7 +157,9 @@ def test_readers_never_see_a_missing_or_partial_file_across_50_swaps(tmp_path, m
     for version in versions[1:]:
         replace(source, version)
         time.sleep(0.2)
-    wait_for(lambda: daemon.model("m")["digest"] == "sha256:" + hashlib.sha256(versions[-1]).hexdigest())
+    wait_for(
+        lambda: daemon.model("m")["digest"] == "sha256:" + hashlib.sha256(versions[-1]).hexdigest()
+    )
     for reader in readers:
         assert reader.wait(60) == 0, "a reader died (SIGBUS?)"
     errors, seen = _reader_results(tmp_path)
@@ -162,7 +179,9 @@ def test_a_directory_source_flips_as_a_whole(tmp_path, make_daemon):
         staging = tmp_path / "src" / f".next-{n}"
         staging.mkdir()
         for shard in range(3):
-            (staging / f"shard-{shard}.bin").write_bytes(n.to_bytes(8, "little") + os.urandom(64 << 10))
+            (staging / f"shard-{shard}.bin").write_bytes(
+                n.to_bytes(8, "little") + os.urandom(64 << 10)
+            )
         # Replace the whole directory: move the old one away, the new one in.
         old = tmp_path / "src" / f".old-{n}"
         source.rename(old)
@@ -170,7 +189,9 @@ def test_a_directory_source_flips_as_a_whole(tmp_path, make_daemon):
         subprocess.run(["rm", "-rf", str(old)], check=True)
 
     for shard in range(3):
-        (source / f"shard-{shard}.bin").write_bytes((0).to_bytes(8, "little") + os.urandom(64 << 10))
+        (source / f"shard-{shard}.bin").write_bytes(
+            (0).to_bytes(8, "little") + os.urandom(64 << 10)
+        )
     daemon = make_daemon([{"name": "m", "source": str(source)}], watch={"settle": "100ms"}).start()
     daemon.wait_state("m", "staged")
     readers = _run_readers(daemon.links / "m", 8.0, tmp_path)
@@ -195,7 +216,9 @@ def test_directory_source_files_added_removed_and_renamed(tmp_path, make_daemon)
     link = daemon.links / "m"
 
     def files() -> list[str]:
-        return sorted(str(p.relative_to(link.resolve())) for p in link.resolve().rglob("*") if p.is_file())
+        return sorted(
+            str(p.relative_to(link.resolve())) for p in link.resolve().rglob("*") if p.is_file()
+        )
 
     write_random(source / "sub" / "c.bin", 1 << 20, seed=3)
     wait_for(lambda: files() == ["a.bin", "sub/b.bin", "sub/c.bin"])
@@ -254,8 +277,12 @@ def test_an_old_generation_held_by_a_reader_is_pinned_until_it_exits(tmp_path, m
     daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
     daemon.wait_state("m", "staged")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; f = open(sys.argv[1], 'rb'); print('open', flush=True); time.sleep(600)",
-         str(daemon.links / "m")],
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; f = open(sys.argv[1], 'rb'); print('open', flush=True); time.sleep(600)",
+            str(daemon.links / "m"),
+        ],
         stdout=subprocess.PIPE,
     )
     try:
@@ -291,7 +318,11 @@ def test_an_inotify_queue_overflow_still_converges(tmp_path, make_daemon):
         for source in sources:
             replace(source, os.urandom(64 << 10))
         expected = {f"m{i}": f"sha256:{sha256(source)}" for i, source in enumerate(sources)}
-        wait_for(lambda: {m["name"]: m["digest"] for m in daemon.status()["models"]} == expected, timeout=30)
+        wait_for(
+            lambda: {m["name"]: m["digest"] for m in daemon.status()["models"]} == expected,
+            timeout=30,
+            context=daemon.log,
+        )
     finally:
         limit.write_text(original)
     assert "rescanning every source (inotify queue overflow)" in daemon.log()
