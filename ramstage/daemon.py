@@ -8,6 +8,7 @@ publishes after every event, so it never waits for the loop.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import signal
@@ -18,10 +19,11 @@ from pathlib import Path
 from typing import Any, Union
 
 from ramstage import __version__, links, policy
-from ramstage.config import Config, ModelConfig, load_config, source_problems
+from ramstage.config import Config, MemoryConfig, ModelConfig, load_config, source_problems
 from ramstage.control import ControlServer
 from ramstage.digest import new_hasher
 from ramstage.errors import ConfigError, NotFound, RamstageError
+from ramstage.pressure import Pressure, PressureWatcher, psi_avg10
 from ramstage.service import Notifier
 from ramstage.stager import (
     CHUNK_BYTES,
@@ -98,7 +100,7 @@ class VerifyFailed:
     generation_id: str
 
 
-Event = Union[Stop, Reload, Request, JobDone, VerifyFailed]
+Event = Union[Stop, Reload, Request, JobDone, VerifyFailed, Pressure]
 
 
 class Daemon:
@@ -117,6 +119,10 @@ class Daemon:
         self.stopping = False
         self._last_extend = 0.0
         self._last_prune = 0.0
+        self.memory_watcher: PressureWatcher | None = None
+        self.last_pressure_at: float | None = None  # monotonic; None: no pressure seen yet
+        self.backoffs: dict[str, policy.Backoff] = {}
+        self._nothing_to_evict = False  # said once per episode, not at every reading
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -131,6 +137,7 @@ class Daemon:
         self._adopt_or_fall_back()
         self.control = ControlServer(self.config.socket, self._answer)
         self.control.start()
+        self._watch_memory(self.config.memory)
         self._publish_snapshot()
         log.info(
             "ready: %d models, every link in place under %s",
@@ -138,6 +145,7 @@ class Daemon:
             self.config.links_dir,
         )
         while not self.stopping:
+            self._maybe_resume()
             self._schedule()
             self._maybe_ready()
             self._publish_snapshot()
@@ -172,6 +180,8 @@ class Daemon:
         self.notifier.send("STOPPING=1")
         if self.control:
             self.control.close()
+        if self.memory_watcher:
+            self.memory_watcher.stop()
         for model in self.models.values():
             if model.job:
                 model.job.cancel.set()
@@ -208,6 +218,8 @@ class Daemon:
                 )
                 self._fall_back(model, "error: verify failed, staging again")
                 model.state = "pending"
+        elif isinstance(event, Pressure):
+            self._relieve(event)
 
     def _request(self, cmd: str, args: dict[str, Any]) -> Any:
         names = args.get("names") or []
@@ -254,6 +266,10 @@ class Daemon:
             for m in self.models.values()
             if m.state == "pending" and not m.held
         ]
+        if self._staging_paused():
+            # Under pressure only an operator's explicit `stage` goes ahead (admit still checks
+            # the floor); everything else waits for _maybe_resume.
+            waiting = [c for c in waiting if self.models[c.name].waiters]
         name = policy.next_to_stage(waiting)
         if name is not None:
             self._start(self.models[name])
@@ -284,6 +300,8 @@ class Daemon:
                 self.config.memory.min_available_bytes,
             )
             self._fall_back(model, refusal)
+            if refusal == "pressure":
+                self._back_off(model)
             return
         job = Job(self.store.new_partial(model.config.name))
         job.future = self.copier.submit(self._copy, model.config, job)
@@ -494,11 +512,207 @@ class Daemon:
                 log.info("%s: source changed to %s; staging again", name, config.source)
             else:
                 self.models[name].config = config
+        if new.memory != self.config.memory:
+            self._watch_memory(new.memory)
         self.config = new
         log.info("reloaded %s: %d models", self.config_path, len(self.models))
         self.notifier.send("READY=1")
         if future:
             future.set_result({"models": len(self.models)})
+
+    # ---- memory pressure --------------------------------------------------------------
+
+    def _watch_memory(self, memory: MemoryConfig) -> None:
+        if self.memory_watcher:
+            self.memory_watcher.stop()
+        self.memory_watcher = PressureWatcher(memory, self.system, self.events.put, os.environ)
+        self.memory_watcher.start()
+
+    def _since_pressure(self, last_pressure_at: float | None) -> float | None:
+        return None if last_pressure_at is None else self.system.monotonic() - last_pressure_at
+
+    def _staging_paused(self) -> bool:
+        memory = self.config.memory
+        return policy.under_pressure(
+            self.system.available_bytes(),
+            memory.min_available_bytes,
+            self._since_pressure(self.last_pressure_at),
+            memory.effective_cooldown_seconds,
+        )
+
+    def _relieve(self, event: Pressure) -> None:
+        """Gives RAM back in policy order, looking at MemAvailable again after every eviction
+        (earlyoom's rule: re-read before anything destructive), until it is above the floor."""
+        self.last_pressure_at = self.system.monotonic()
+        floor = self.config.memory.min_available_bytes
+        available = self.system.available_bytes()  # the event's reading may be stale already
+        evicted = 0
+        copying = next((m for m in self.models.values() if m.job), None)
+        if copying and policy.keep_evicting(available, floor, event.kind, evicted):
+            # A copy in progress goes first: RAM that no reader uses yet.
+            log.warning(
+                "%s: copy cancelled for memory pressure (%s): MemAvailable %d, floor %d",
+                copying.config.name,
+                event.kind,
+                available,
+                floor,
+            )
+            self._fall_back(copying, "pressure")
+            self._back_off(copying)
+            evicted += 1
+            available = self.system.available_bytes()
+        for name in self._eviction_order():
+            if not policy.keep_evicting(available, floor, event.kind, evicted):
+                break
+            available = self._evict(self.models[name], event.kind, available)
+            evicted += 1
+        if evicted:
+            self._nothing_to_evict = False
+        elif policy.keep_evicting(available, floor, event.kind, evicted):
+            if not self._nothing_to_evict:
+                log.warning(
+                    "memory pressure (%s): MemAvailable %d, floor %d, nothing left to evict"
+                    " (%d bytes pinned by readers)",
+                    event.kind,
+                    available,
+                    floor,
+                    sum(sum(m.retired.values()) for m in self.models.values()),
+                )
+            self._nothing_to_evict = True
+
+    def _eviction_order(self) -> list[str]:
+        """Last use, as far as it can be told cheaply: the newest of when the generation was
+        published, its files' atime (tmpfs mounts relatime: the first read after staging, then
+        at most daily), and now if some process holds it open or mapped at this moment. A
+        reader that opened, read and closed in between is seen only through atime."""
+        staged = [m for m in self.models.values() if m.generation and m.state == "staged"]
+        if not staged:
+            return []
+        held = holders(
+            self.system.proc, {k for m in staged if m.generation for k in m.generation.file_keys}
+        )
+        residents = []
+        for model in staged:
+            generation = model.generation
+            assert generation is not None
+            if any(key in held for key in generation.file_keys):
+                last_used = math.inf
+            else:
+                try:
+                    manifest = generation.path.parent / f"{generation.id}.json"
+                    last_used = max(
+                        os.stat(p).st_atime for p in [manifest, *generation.file_paths()]
+                    )
+                except OSError:
+                    last_used = 0.0
+            residents.append(
+                policy.Resident(
+                    model.config.name,
+                    model.config.priority,
+                    last_used,
+                    generation.manifest.size_bytes,
+                )
+            )
+        return policy.eviction_order(residents)
+
+    def _evict(self, model: Model, trigger: str, available_before: int) -> int:
+        """Link to the source, then the generation deleted (_fall_back); returns MemAvailable
+        read again afterwards. Only bytes no reader holds count as freed."""
+        generation = model.generation
+        assert generation is not None
+        self._fall_back(model, "pressure")
+        pinned = sum(size for key, size in model.retired.items() if key in generation.file_keys)
+        backoff = self._back_off(model)
+        available = self.system.available_bytes()
+        log.warning(
+            "%s: evicted for memory pressure (%s): MemAvailable %d -> %d, floor %d; freed %d"
+            " bytes, %d pinned by readers; staged again no sooner than %.1fs from now"
+            " (eviction %d in a row)",
+            model.config.name,
+            trigger,
+            available_before,
+            available,
+            self.config.memory.min_available_bytes,
+            generation.manifest.size_bytes - pinned,
+            pinned,
+            backoff.delay_seconds,
+            backoff.count,
+        )
+        return available
+
+    def _back_off(self, model: Model) -> policy.Backoff:
+        name = model.config.name
+        backoff = policy.next_backoff(
+            self.backoffs.get(name),
+            self.system.monotonic(),
+            self.config.memory.effective_cooldown_seconds,
+        )
+        self.backoffs[name] = backoff
+        return backoff
+
+    def _maybe_resume(self) -> None:
+        """When memory is calm again, one model evicted (or refused) for pressure goes back to
+        pending, the highest priority first; _start checks its budget again."""
+        waiting = [
+            m
+            for m in self.models.values()
+            if m.state == "fallback" and m.reason == "pressure" and not m.held
+        ]
+        busy = any(m.job or m.state == "pending" for m in self.models.values())
+        if not waiting or busy or self.stopping:
+            return
+        memory = self.config.memory
+        available, since = (
+            self.system.available_bytes(),
+            self._since_pressure(self.last_pressure_at),
+        )
+        if not policy.may_resume(
+            available, memory.resume_available_bytes, since, memory.effective_cooldown_seconds
+        ):
+            return
+        now = self.system.monotonic()
+        name = policy.next_to_stage(
+            policy.Candidate(m.config.name, m.config.priority)
+            for m in waiting
+            if m.config.name not in self.backoffs or self.backoffs[m.config.name].not_before <= now
+        )
+        if name is None:
+            return
+        model = self.models[name]
+        model.state, model.reason = "pending", None
+        log.info(
+            "%s: staging again: MemAvailable %d >= resume %d, no pressure for %s",
+            name,
+            available,
+            memory.resume_available_bytes,
+            "ever" if since is None else f"{since:.1f}s",
+        )
+
+    def _pressure_fields(self, model: Model) -> dict[str, Any]:
+        backoff = self.backoffs.get(model.config.name)
+        return {
+            "pressure_evictions": backoff.count if backoff else 0,
+            "backoff_seconds": backoff.delay_seconds if backoff else None,
+        }
+
+    def _memory_status(self, pinned_bytes: int) -> dict[str, Any]:
+        """Runs in the control thread, like status()."""
+        memory = self.config.memory
+        available = self.system.available_bytes()
+        since = self._since_pressure(self.snapshot.get("last_pressure_at"))
+        return {
+            "available_bytes": available,
+            "min_available_bytes": memory.min_available_bytes,
+            "resume_available_bytes": memory.resume_available_bytes,
+            "pressure": policy.under_pressure(
+                available, memory.min_available_bytes, since, memory.effective_cooldown_seconds
+            ),
+            "psi_avg10": psi_avg10(self.system),
+            "psi_trigger": memory.psi.trigger_line(),
+            "cooldown_seconds": memory.effective_cooldown_seconds,
+            "seconds_since_pressure": since,
+            "pinned_bytes": pinned_bytes,
+        }
 
     # ---- what others see --------------------------------------------------------------
 
@@ -531,11 +745,12 @@ class Daemon:
                     if model.state == "staged"
                     else (model.job.progress if model.job else 0.0),
                     "priority": model.config.priority,
+                    **self._pressure_fields(model),
                     "_current": generation.file_keys if generation else {},
                     "_retired": dict(model.retired),
                 }
             )
-        self.snapshot = {"models": models}
+        self.snapshot = {"models": models, "last_pressure_at": self.last_pressure_at}
         staged = sum(m.state == "staged" for m in self.models.values())
         self.notifier.status(f"{staged}/{len(self.models)} models staged")
 
@@ -567,12 +782,7 @@ class Daemon:
                 "used_bytes": used,
                 "swappable": self.store.swappable,
             },
-            "memory": {
-                "available_bytes": self.system.available_bytes(),
-                "min_available_bytes": self.config.memory.min_available_bytes,
-                "resume_available_bytes": self.config.memory.resume_available_bytes,
-                "pressure": False,
-            },
+            "memory": self._memory_status(sum(m["pinned_bytes"] for m in result)),
             "models": result,
         }
 
