@@ -266,10 +266,6 @@ class Daemon:
             for m in self.models.values()
             if m.state == "pending" and not m.held
         ]
-        if self._staging_paused():
-            # Under pressure only an operator's explicit `stage` goes ahead (admit still checks
-            # the floor); everything else waits for _maybe_resume.
-            waiting = [c for c in waiting if self.models[c.name].waiters]
         name = policy.next_to_stage(waiting)
         if name is not None:
             self._start(self.models[name])
@@ -288,7 +284,7 @@ class Daemon:
             self.store.free_bytes(),
             self.system.available_bytes(),
             self.config.memory.min_available_bytes,
-        )
+        ) or self._pressure_refusal(model)
         if refusal:
             log.warning(
                 "%s: not staged (%s): needs %d bytes, store has %d free, MemAvailable %d, floor %d",
@@ -531,14 +527,17 @@ class Daemon:
     def _since_pressure(self, last_pressure_at: float | None) -> float | None:
         return None if last_pressure_at is None else self.system.monotonic() - last_pressure_at
 
-    def _staging_paused(self) -> bool:
+    def _pressure_refusal(self, model: Model) -> str | None:
+        """Within the cooldown of a pressure event nothing is staged on its own; an operator's
+        explicit `stage` (a waiter) still is, as far as admit's floor allows."""
         memory = self.config.memory
-        return policy.under_pressure(
+        paused = policy.under_pressure(
             self.system.available_bytes(),
             memory.min_available_bytes,
             self._since_pressure(self.last_pressure_at),
             memory.effective_cooldown_seconds,
         )
+        return "pressure" if paused and not model.waiters else None
 
     def _relieve(self, event: Pressure) -> None:
         """Gives RAM back in policy order, looking at MemAvailable again after every eviction

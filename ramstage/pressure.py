@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 import os
 import select
 import socket
@@ -26,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ramstage.config import MemoryConfig
+from ramstage.config import MemoryConfig, PsiTrigger
 from ramstage.system import System
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,14 @@ def psi_avg10(system: System) -> float | None:
         if kind == "some":
             return float(dict(f.split("=") for f in fields.split())["avg10"])
     return None
+
+
+def unprivileged_trigger_line(psi: PsiTrigger) -> str:
+    """The trigger with its window rounded up to a multiple of 2 s and its stall scaled alike:
+    without CAP_SYS_RESOURCE the kernel (6.5+) accepts only such windows (psi.rst)."""
+    window = max(2, math.ceil(psi.window_seconds / 2) * 2)
+    stall = psi.stall_seconds * window / psi.window_seconds
+    return PsiTrigger(psi.kind, stall, window).trigger_line()
 
 
 def open_psi_trigger(path: Path, trigger_line: str) -> _Channel:
@@ -141,15 +150,23 @@ class PressureWatcher:
         os.close(self._wake_write)
 
     def _open_sources(self) -> None:
-        trigger = self.memory.psi.trigger_line()
         psi_path = self.system.proc / "pressure/memory"
-        try:
-            self._add(open_psi_trigger(psi_path, trigger))
-        except OSError as error:
+        lines = [self.memory.psi.trigger_line(), unprivileged_trigger_line(self.memory.psi)]
+        for number, line in enumerate(dict.fromkeys(lines)):
+            try:
+                self._add(open_psi_trigger(psi_path, line))
+                if number:
+                    log.warning(
+                        "PSI trigger %r refused (no CAP_SYS_RESOURCE?); using %r", lines[0], line
+                    )
+                break
+            except OSError as error:
+                failure = error
+        else:
             log.warning(
                 "no PSI trigger on %s (%s); watching MemAvailable every %.2fs only",
                 psi_path,
-                error,
+                failure,
                 CHECK_INTERVAL_SECONDS,
             )
         watch = self.environ.get("MEMORY_PRESSURE_WATCH")
@@ -202,6 +219,7 @@ class PressureWatcher:
         if ended or flags & _FAILED:
             # PSI: the trigger's source is gone (psi.rst); a socket: the peer hung up.
             log.warning("lost the %s pressure source %s", channel.kind, channel.path)
+            self._last_reopen = self.system.monotonic()
             self._drop(channel)
             self._lost.append(channel)
 
