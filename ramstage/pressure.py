@@ -198,7 +198,7 @@ class PressureWatcher:
         os.close(channel.fd)
 
     def _run(self) -> None:
-        log.debug("memory watcher running as thread %d", threading.get_native_id())
+        log.info("memory watcher running as thread %d", threading.get_native_id())
         while not self._stopping.is_set():
             for fd, flags in self._poller.poll(CHECK_INTERVAL_SECONDS * 1000):
                 channel = self.channels.get(fd)
