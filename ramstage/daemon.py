@@ -8,7 +8,6 @@ publishes after every event, so it never waits for the loop.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import signal
@@ -23,7 +22,7 @@ from ramstage.config import Config, MemoryConfig, ModelConfig, load_config, sour
 from ramstage.control import ControlServer
 from ramstage.digest import new_hasher
 from ramstage.errors import ConfigError, NotFound, RamstageError
-from ramstage.pressure import Pressure, PressureWatcher, psi_avg10
+from ramstage.pressure import Pressure, PressureWatcher, last_used, memory_status
 from ramstage.service import Notifier
 from ramstage.stager import (
     CHUNK_BYTES,
@@ -580,39 +579,16 @@ class Daemon:
             self._nothing_to_evict = True
 
     def _eviction_order(self) -> list[str]:
-        """Last use, as far as it can be told cheaply: the newest of when the generation was
-        published, its files' atime (tmpfs mounts relatime: the first read after staging, then
-        at most daily), and now if some process holds it open or mapped at this moment. A
-        reader that opened, read and closed in between is seen only through atime."""
-        staged = [m for m in self.models.values() if m.generation and m.state == "staged"]
-        if not staged:
-            return []
-        held = holders(
-            self.system.proc, {k for m in staged if m.generation for k in m.generation.file_keys}
+        staged = [
+            (m.config, g)
+            for m in self.models.values()
+            if m.state == "staged" and (g := m.generation)
+        ]
+        held = holders(self.system.proc, {key for _, g in staged for key in g.file_keys})
+        return policy.eviction_order(
+            policy.Resident(c.name, c.priority, last_used(g, held), g.manifest.size_bytes)
+            for c, g in staged
         )
-        residents = []
-        for model in staged:
-            generation = model.generation
-            assert generation is not None
-            if any(key in held for key in generation.file_keys):
-                last_used = math.inf
-            else:
-                try:
-                    manifest = generation.path.parent / f"{generation.id}.json"
-                    last_used = max(
-                        os.stat(p).st_atime for p in [manifest, *generation.file_paths()]
-                    )
-                except OSError:
-                    last_used = 0.0
-            residents.append(
-                policy.Resident(
-                    model.config.name,
-                    model.config.priority,
-                    last_used,
-                    generation.manifest.size_bytes,
-                )
-            )
-        return policy.eviction_order(residents)
 
     def _evict(self, model: Model, trigger: str, available_before: int) -> int:
         """Link to the source, then the generation deleted (_fall_back); returns MemAvailable
@@ -696,22 +672,8 @@ class Daemon:
 
     def _memory_status(self, pinned_bytes: int) -> dict[str, Any]:
         """Runs in the control thread, like status()."""
-        memory = self.config.memory
-        available = self.system.available_bytes()
         since = self._since_pressure(self.snapshot.get("last_pressure_at"))
-        return {
-            "available_bytes": available,
-            "min_available_bytes": memory.min_available_bytes,
-            "resume_available_bytes": memory.resume_available_bytes,
-            "pressure": policy.under_pressure(
-                available, memory.min_available_bytes, since, memory.effective_cooldown_seconds
-            ),
-            "psi_avg10": psi_avg10(self.system),
-            "psi_trigger": memory.psi.trigger_line(),
-            "cooldown_seconds": memory.effective_cooldown_seconds,
-            "seconds_since_pressure": since,
-            "pinned_bytes": pinned_bytes,
-        }
+        return memory_status(self.config.memory, self.system, since, pinned_bytes)
 
     # ---- what others see --------------------------------------------------------------
 

@@ -23,12 +23,16 @@ import select
 import socket
 import stat
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ramstage import policy
 from ramstage.config import MemoryConfig, PsiTrigger
+from ramstage.store import Generation
 from ramstage.system import System
+from ramstage.users import FileKey
 
 log = logging.getLogger(__name__)
 CHECK_INTERVAL_SECONDS = 0.25
@@ -115,6 +119,44 @@ def open_systemd_watch(path: Path, data: bytes) -> _Channel:
         os.close(fd)
         raise
     return _Channel("systemd", path, fd, select.POLLPRI, reopen)
+
+
+def last_used(generation: Generation, held: Collection[FileKey]) -> float:
+    """Last use, as far as it can be told cheaply: the newest of when the generation was
+    published (its manifest's atime), its files' atime (tmpfs mounts relatime: the first read
+    after staging, then at most daily), and now (math.inf) if some process holds it open or
+    mapped at this moment. A reader that opened, read and closed in between is seen only
+    through atime."""
+    if any(key in held for key in generation.file_keys):
+        return math.inf
+    manifest = generation.path.parent / f"{generation.id}.json"
+    try:
+        return max(os.stat(path).st_atime for path in [manifest, *generation.file_paths()])
+    except OSError:
+        return 0.0
+
+
+def memory_status(
+    memory: MemoryConfig, system: System, since_pressure: float | None, pinned_bytes: int
+) -> dict[str, Any]:
+    """The `memory` object of `status --json`."""
+    available = system.available_bytes()
+    return {
+        "available_bytes": available,
+        "min_available_bytes": memory.min_available_bytes,
+        "resume_available_bytes": memory.resume_available_bytes,
+        "pressure": policy.under_pressure(
+            available,
+            memory.min_available_bytes,
+            since_pressure,
+            memory.effective_cooldown_seconds,
+        ),
+        "psi_avg10": psi_avg10(system),
+        "psi_trigger": memory.psi.trigger_line(),
+        "cooldown_seconds": memory.effective_cooldown_seconds,
+        "seconds_since_pressure": since_pressure,
+        "pinned_bytes": pinned_bytes,
+    }
 
 
 class PressureWatcher:
