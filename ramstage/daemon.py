@@ -559,7 +559,13 @@ class Daemon:
             self._back_off(copying)
             evicted += 1
             available = self.system.available_bytes()
-        for name in self._eviction_order():
+        # The order costs a walk over /proc (who holds what): only when something must go.
+        order = (
+            self._eviction_order()
+            if policy.keep_evicting(available, floor, event.kind, evicted)
+            else []
+        )
+        for name in order:
             if not policy.keep_evicting(available, floor, event.kind, evicted):
                 break
             available = self._evict(self.models[name], event.kind, available)
@@ -633,7 +639,7 @@ class Daemon:
             for m in self.models.values()
             if m.state == "fallback" and m.reason == "pressure" and not m.held
         ]
-        busy = any(m.job or m.state == "pending" for m in self.models.values())
+        busy = any(m.job or (m.state == "pending" and not m.held) for m in self.models.values())
         if not waiting or busy or self.stopping:
             return
         memory = self.config.memory

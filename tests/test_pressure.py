@@ -130,6 +130,7 @@ def test_a_copy_that_would_cross_the_floor_is_refused_for_pressure(tmp_path, mak
     assert memory["min_available_bytes"] == floor
     assert memory["available_bytes"] < floor
     assert "not staged (pressure)" in daemon.log()
+    assert "UNDER PRESSURE" in daemon.cli("status", check=True).stdout
     result = daemon.cli("stage", "m")
     assert result.returncode == 1
     assert "pressure" in result.stderr
@@ -146,7 +147,10 @@ def test_a_copy_larger_than_the_store_is_refused_as_too_large(tmp_path, make_dae
     status = daemon.status()
     assert status["store"]["mounted"] is True
     assert status["store"]["swappable"] in (False, True)
-    assert "psi_avg10" in status["memory"]
+    assert isinstance(status["memory"]["psi_avg10"], float)
+    table = daemon.cli("status", check=True).stdout
+    assert "PSI some avg10" in table
+    assert ("can swap" if status["store"]["swappable"] else "never swapped") in table
 
 
 def test_systemd_socket_channel_gets_the_write_data_and_its_messages_are_events(tmp_path):
@@ -239,20 +243,20 @@ def _drain(events: queue.SimpleQueue[Pressure]) -> list[Pressure]:
     return drained
 
 
-# Allocates (and touches) a fixed amount, saying when MemAvailable first reads under the
-# floor. A fixed amount, not "until under the floor": what an eviction frees would otherwise
-# only feed the hog more.
+# Allocates (and touches) at least `total`, saying when MemAvailable first reads under the
+# floor; past `total` only until then (others on the machine may have freed memory meanwhile),
+# up to `limit`. Not simply "until under the floor": what an eviction frees would feed it.
 HOG = textwrap.dedent(
     """
     import sys
-    floor, total = int(sys.argv[1]), int(sys.argv[2])
+    floor, total, limit = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     chunk = 32 << 20
     def available():
         for line in open("/proc/meminfo"):
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     held, crossed = [], False
-    while len(held) * chunk < total:
+    while len(held) * chunk < (limit if not crossed else total):
         block = bytearray(chunk)
         block[::4096] = b"\\1" * (chunk // 4096)  # touch every page, or nothing is allocated
         held.append(block)
@@ -301,7 +305,7 @@ def test_a_memory_hog_crossing_the_floor_gets_the_lowest_priority_copy_back_then
     oom_kills = _oom_kills()
 
     hog = subprocess.Popen(
-        [sys.executable, "-c", HOG, str(floor), str(1792 * M)],
+        [sys.executable, "-c", HOG, str(floor), str(1792 * M), str(3 << 30)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
