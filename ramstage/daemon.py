@@ -570,9 +570,9 @@ class Daemon:
                 break
             available = self._evict(self.models[name], event.kind, available)
             evicted += 1
-        if evicted:
-            self._nothing_to_evict = False
-        elif policy.keep_evicting(available, floor, event.kind, evicted):
+        if evicted or not policy.keep_evicting(available, floor, event.kind, evicted):
+            self._nothing_to_evict = False  # the episode is over, or something could be done
+        else:
             if not self._nothing_to_evict:
                 log.warning(
                     "memory pressure (%s): MemAvailable %d, floor %d, nothing left to evict"
