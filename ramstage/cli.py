@@ -53,6 +53,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def _status_table(status: dict[str, Any]) -> str:
     store, memory = status["store"], status["memory"]
     swap = {True: ", can swap", False: ", never swapped", None: ""}[store.get("swappable")]
+    avg10 = memory.get("psi_avg10")
+    psi = "" if avg10 is None else f", PSI some avg10 {avg10:.2f}%"
     lines = [
         f"ramstage {status['version']} (pid {status['pid']})",
         (
@@ -63,6 +65,7 @@ def _status_table(status: dict[str, Any]) -> str:
             f"memory  {_human(memory['available_bytes'])} available, evicting below"
             f" {_human(memory['min_available_bytes'])}, staging again above"
             f" {_human(memory.get('resume_available_bytes'))}"
+            f"{psi}"
             f"{', UNDER PRESSURE' if memory['pressure'] else ''}"
         ),
         "",

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, Union
 
 from ramstage import __version__, links, policy
-from ramstage.config import Config, ModelConfig, load_config, source_problems
+from ramstage.config import Config, MemoryConfig, ModelConfig, load_config, source_problems
 from ramstage.control import ControlServer
 from ramstage.digest import new_hasher
 from ramstage.errors import ConfigError, NotFound, RamstageError
 from ramstage.manifest import Identity
+from ramstage.pressure import Pressure, PressureWatcher, last_used, memory_status
 from ramstage.service import Notifier
 from ramstage.stager import (
     CHUNK_BYTES,
@@ -115,7 +116,7 @@ class Rescan:
     reason: str
 
 
-Event = Union[Stop, Reload, Request, JobDone, VerifyFailed, SourceEvent, Rescan]
+Event = Union[Stop, Reload, Request, JobDone, VerifyFailed, SourceEvent, Rescan, Pressure]
 
 
 class Daemon:
@@ -139,6 +140,10 @@ class Daemon:
         self._last_extend = 0.0
         self._last_prune = 0.0
         self._last_rescan = 0.0
+        self.memory_watcher: PressureWatcher | None = None
+        self.last_pressure_at: float | None = None  # monotonic; None: no pressure seen yet
+        self.backoffs: dict[str, policy.Backoff] = {}
+        self._nothing_to_evict = False  # said once per episode, not at every reading
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -156,6 +161,7 @@ class Daemon:
         self._last_rescan = self.system.monotonic()
         self.control = ControlServer(self.config.socket, self._answer)
         self.control.start()
+        self._watch_memory(self.config.memory)
         self._publish_snapshot()
         log.info(
             "ready: %d models, every link in place under %s",
@@ -164,6 +170,7 @@ class Daemon:
         )
         while not self.stopping:
             self._settle()
+            self._maybe_resume()
             self._schedule()
             self._maybe_ready()
             self._publish_snapshot()
@@ -208,6 +215,8 @@ class Daemon:
         if self.control:
             self.control.close()
         self.watcher.stop()
+        if self.memory_watcher:
+            self.memory_watcher.stop()
         for model in self.models.values():
             if model.job:
                 model.job.cancel.set()
@@ -261,6 +270,8 @@ class Daemon:
                 )
                 self._fall_back(model, "error: verify failed, staging again")
                 model.state = "pending"
+        elif isinstance(event, Pressure):
+            self._relieve(event)
 
     def _request(self, cmd: str, args: dict[str, Any]) -> Any:
         names = args.get("names") or []
@@ -326,7 +337,7 @@ class Daemon:
             self.store.free_bytes(),
             self.system.available_bytes(),
             self.config.memory.min_available_bytes,
-        )
+        ) or self._pressure_refusal(model)
         if refusal:
             log.warning(
                 "%s: not staged (%s): needs %d bytes, store has %d free, MemAvailable %d, floor %d",
@@ -338,6 +349,8 @@ class Daemon:
                 self.config.memory.min_available_bytes,
             )
             self._fall_back(model, refusal)
+            if refusal == "pressure":
+                self._back_off(model)
             return
         job = Job(self.store.new_partial(model.config.name), identities=listing.identities())
         job.future = self.copier.submit(self._copy, model.config, job)
@@ -653,12 +666,180 @@ class Daemon:
                 log.info("%s: source changed to %s; staging again", name, config.source)
             else:
                 self.models[name].config = config
+        if new.memory != self.config.memory:
+            self._watch_memory(new.memory)
         self.config = new
         self.watcher.watch(self._sources())
         log.info("reloaded %s: %d models", self.config_path, len(self.models))
         self.notifier.send("READY=1")
         if future:
             future.set_result({"models": len(self.models)})
+
+    # ---- memory pressure --------------------------------------------------------------
+
+    def _watch_memory(self, memory: MemoryConfig) -> None:
+        if self.memory_watcher:
+            self.memory_watcher.stop()
+        self.memory_watcher = PressureWatcher(memory, self.system, self.events.put, os.environ)
+        self.memory_watcher.start()
+
+    def _since_pressure(self, last_pressure_at: float | None) -> float | None:
+        return None if last_pressure_at is None else self.system.monotonic() - last_pressure_at
+
+    def _pressure_refusal(self, model: Model) -> str | None:
+        """Within the cooldown of a pressure event nothing is staged on its own; an operator's
+        explicit `stage` (a waiter) still is, as far as admit's floor allows."""
+        memory = self.config.memory
+        paused = policy.under_pressure(
+            self.system.available_bytes(),
+            memory.min_available_bytes,
+            self._since_pressure(self.last_pressure_at),
+            memory.effective_cooldown_seconds,
+        )
+        return "pressure" if paused and not model.waiters else None
+
+    def _relieve(self, event: Pressure) -> None:
+        """Gives RAM back in policy order, looking at MemAvailable again after every eviction
+        (earlyoom's rule: re-read before anything destructive), until it is above the floor."""
+        self.last_pressure_at = self.system.monotonic()
+        floor = self.config.memory.min_available_bytes
+        available = self.system.available_bytes()  # the event's reading may be stale already
+        evicted = 0
+        copying = next((m for m in self.models.values() if m.job), None)
+        if copying and policy.keep_evicting(available, floor, event.kind, evicted):
+            # A copy in progress goes first: RAM that no reader uses yet.
+            log.warning(
+                "%s: copy cancelled for memory pressure (%s): MemAvailable %d, floor %d",
+                copying.config.name,
+                event.kind,
+                available,
+                floor,
+            )
+            self._fall_back(copying, "pressure")
+            self._back_off(copying)
+            evicted += 1
+            available = self.system.available_bytes()
+        # The order costs a walk over /proc (who holds what): only when something must go.
+        order = (
+            self._eviction_order()
+            if policy.keep_evicting(available, floor, event.kind, evicted)
+            else []
+        )
+        for name in order:
+            if not policy.keep_evicting(available, floor, event.kind, evicted):
+                break
+            available = self._evict(self.models[name], event.kind, available)
+            evicted += 1
+        if evicted or not policy.keep_evicting(available, floor, event.kind, evicted):
+            self._nothing_to_evict = False  # the episode is over, or something could be done
+        else:
+            if not self._nothing_to_evict:
+                log.warning(
+                    "memory pressure (%s): MemAvailable %d, floor %d, nothing left to evict"
+                    " (%d bytes pinned by readers)",
+                    event.kind,
+                    available,
+                    floor,
+                    sum(sum(m.retired.values()) for m in self.models.values()),
+                )
+            self._nothing_to_evict = True
+
+    def _eviction_order(self) -> list[str]:
+        staged = [
+            (m.config, g)
+            for m in self.models.values()
+            if m.state == "staged" and (g := m.generation)
+        ]
+        held = holders(self.system.proc, {key for _, g in staged for key in g.file_keys})
+        return policy.eviction_order(
+            policy.Resident(c.name, c.priority, last_used(g, held), g.manifest.size_bytes)
+            for c, g in staged
+        )
+
+    def _evict(self, model: Model, trigger: str, available_before: int) -> int:
+        """Link to the source, then the generation deleted (_fall_back); returns MemAvailable
+        read again afterwards. Only bytes no reader holds count as freed."""
+        generation = model.generation
+        assert generation is not None
+        self._fall_back(model, "pressure")
+        pinned = sum(size for key, size in model.retired.items() if key in generation.file_keys)
+        backoff = self._back_off(model)
+        available = self.system.available_bytes()
+        log.warning(
+            "%s: evicted for memory pressure (%s): MemAvailable %d -> %d, floor %d; freed %d"
+            " bytes, %d pinned by readers; staged again no sooner than %.1fs from now"
+            " (eviction %d in a row)",
+            model.config.name,
+            trigger,
+            available_before,
+            available,
+            self.config.memory.min_available_bytes,
+            generation.manifest.size_bytes - pinned,
+            pinned,
+            backoff.delay_seconds,
+            backoff.count,
+        )
+        return available
+
+    def _back_off(self, model: Model) -> policy.Backoff:
+        name = model.config.name
+        backoff = policy.next_backoff(
+            self.backoffs.get(name),
+            self.system.monotonic(),
+            self.config.memory.effective_cooldown_seconds,
+        )
+        self.backoffs[name] = backoff
+        return backoff
+
+    def _maybe_resume(self) -> None:
+        """When memory is calm again, one model evicted (or refused) for pressure goes back to
+        pending, the highest priority first; _start checks its budget again."""
+        waiting = [
+            m
+            for m in self.models.values()
+            if m.state == "fallback" and m.reason == "pressure" and not m.held
+        ]
+        busy = any(m.job or (m.state == "pending" and not m.held) for m in self.models.values())
+        if not waiting or busy or self.stopping:
+            return
+        memory = self.config.memory
+        available, since = (
+            self.system.available_bytes(),
+            self._since_pressure(self.last_pressure_at),
+        )
+        if not policy.may_resume(
+            available, memory.resume_available_bytes, since, memory.effective_cooldown_seconds
+        ):
+            return
+        now = self.system.monotonic()
+        name = policy.next_to_stage(
+            policy.Candidate(m.config.name, m.config.priority)
+            for m in waiting
+            if m.config.name not in self.backoffs or self.backoffs[m.config.name].not_before <= now
+        )
+        if name is None:
+            return
+        model = self.models[name]
+        model.state, model.reason = "pending", None
+        log.info(
+            "%s: staging again: MemAvailable %d >= resume %d, no pressure for %s",
+            name,
+            available,
+            memory.resume_available_bytes,
+            "ever" if since is None else f"{since:.1f}s",
+        )
+
+    def _pressure_fields(self, model: Model) -> dict[str, Any]:
+        backoff = self.backoffs.get(model.config.name)
+        return {
+            "pressure_evictions": backoff.count if backoff else 0,
+            "backoff_seconds": backoff.delay_seconds if backoff else None,
+        }
+
+    def _memory_status(self, pinned_bytes: int) -> dict[str, Any]:
+        """Runs in the control thread, like status()."""
+        since = self._since_pressure(self.snapshot.get("last_pressure_at"))
+        return memory_status(self.config.memory, self.system, since, pinned_bytes)
 
     # ---- what others see --------------------------------------------------------------
 
@@ -691,6 +872,7 @@ class Daemon:
                     if model.state == "staged"
                     else (model.job.progress if model.job else 0.0),
                     "priority": model.config.priority,
+                    **self._pressure_fields(model),
                     "_current": generation.file_keys if generation else {},
                     # Swapped-out generations still in their grace period count like unlinked ones:
                     # the link no longer points at them, so whoever holds them pins their bytes.
@@ -700,7 +882,7 @@ class Daemon:
                     },
                 }
             )
-        self.snapshot = {"models": models}
+        self.snapshot = {"models": models, "last_pressure_at": self.last_pressure_at}
         staged = sum(m.state == "staged" for m in self.models.values())
         self.notifier.status(f"{staged}/{len(self.models)} models staged")
 
@@ -732,12 +914,7 @@ class Daemon:
                 "used_bytes": used,
                 "swappable": self.store.swappable,
             },
-            "memory": {
-                "available_bytes": self.system.available_bytes(),
-                "min_available_bytes": self.config.memory.min_available_bytes,
-                "resume_available_bytes": self.config.memory.resume_available_bytes,
-                "pressure": False,
-            },
+            "memory": self._memory_status(sum(m["pinned_bytes"] for m in result)),
             "models": result,
         }
 

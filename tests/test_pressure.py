@@ -1,0 +1,336 @@
+"""Memory pressure, for real: systemd's pressure channel (FIFO and socket), a PSI trigger, and a
+memory hog pushing MemAvailable under the floor of a daemon with a real tmpfs."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import mmap
+import os
+import queue
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import wait_for, write_random
+
+from ramstage.config import MemoryConfig, PsiTrigger
+from ramstage.pressure import Pressure, PressureWatcher, psi_avg10, unprivileged_trigger_line
+from ramstage.system import System
+
+M = 1 << 20
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def target(daemon, name: str) -> str:
+    return os.readlink(daemon.links / name)
+
+
+def inject(fifo: Path) -> None:
+    # The daemon holds the FIFO open, so opening it to write does not block.
+    with open(fifo, "wb") as f:
+        f.write(b"pressure\n")
+
+
+def test_fifo_event_evicts_the_lowest_priority_and_its_reader_keeps_correct_bytes(
+    tmp_path, make_daemon
+):
+    low = write_random(tmp_path / "src" / "low.ckpt", 8 * M, seed=1)
+    high = write_random(tmp_path / "src" / "high.ckpt", 4 * M, seed=2)
+    fifo = tmp_path / "pressure.fifo"
+    os.mkfifo(fifo)
+    daemon = make_daemon(
+        [
+            {"name": "low", "source": str(low), "priority": 0},
+            {"name": "high", "source": str(high), "priority": 10},
+        ],
+        # Only the FIFO should speak here: a system-wide trigger only full stalls could fire,
+        # so the eviction counts below are not disturbed by other load on a shared machine.
+        memory={"cooldown": "1s", "psi": "full 1900ms 2s"},
+    ).start(env={"MEMORY_PRESSURE_WATCH": str(fifo)})
+    daemon.wait_state("low", "staged")
+    daemon.wait_state("high", "staged")
+    expected = sha256(low.read_bytes())
+
+    with open(daemon.links / "low", "rb") as reader:
+        mapped = mmap.mmap(reader.fileno(), 0, prot=mmap.PROT_READ)
+        inject(fifo)
+        evicted = daemon.wait_state("low", "fallback", timeout=10)
+        assert evicted["reason"] == "pressure"
+        assert target(daemon, "low") == str(low)
+        # MemAvailable is far above the floor: one event costs one model, not all.
+        assert daemon.model("high")["state"] == "staged"
+        status = daemon.status()
+        low_status = next(m for m in status["models"] if m["name"] == "low")
+        assert low_status["pinned_bytes"] == 8 * M
+        assert os.getpid() in low_status["users"]
+        assert status["memory"]["pinned_bytes"] >= 8 * M
+        assert status["memory"]["pressure"] in (True, False)  # cooldown may already be over
+        assert sha256(mapped[:]) == expected
+        reader.seek(0)
+        assert sha256(reader.read()) == expected
+        mapped.close()
+
+    assert "evicted for memory pressure (systemd)" in daemon.log()
+    assert "8388608 pinned by readers" in daemon.log()
+    # Calm again (no event for the cooldown, MemAvailable above resume): staged again.
+    staged = daemon.wait_state("low", "staged", timeout=30)
+    assert staged["pressure_evictions"] == 1
+    assert staged["backoff_seconds"] == 1.0
+    assert staged["target"].startswith(str(daemon.store))
+    wait_for(lambda: daemon.model("low")["pinned_bytes"] == 0, timeout=30)
+
+    # Evicted again soon after: the wait before it comes back doubles.
+    inject(fifo)
+    again = daemon.wait_state("low", "fallback", timeout=10)
+    assert again["pressure_evictions"] == 2
+    assert again["backoff_seconds"] == 2.0
+    daemon.wait_state("low", "staged", timeout=30)
+    assert daemon.model("high")["state"] == "staged"
+
+
+def test_operator_evict_wins_over_coming_back(tmp_path, make_daemon):
+    low = write_random(tmp_path / "src" / "low.ckpt", 2 * M, seed=3)
+    fifo = tmp_path / "pressure.fifo"
+    os.mkfifo(fifo)
+    daemon = make_daemon([{"name": "low", "source": str(low)}], memory={"cooldown": "500ms"}).start(
+        env={"MEMORY_PRESSURE_WATCH": str(fifo)}
+    )
+    daemon.wait_state("low", "staged")
+    inject(fifo)
+    daemon.wait_state("low", "fallback", timeout=10)
+    daemon.cli("evict", "low", check=True)
+    assert daemon.model("low")["reason"] == "evicted"
+    # Long past the cooldown and its backoff, it stays where the operator put it.
+    time.sleep(3)
+    model = daemon.model("low")
+    assert (model["state"], model["reason"]) == ("fallback", "evicted")
+    daemon.cli("stage", "low", check=True)
+    assert daemon.model("low")["state"] == "staged"
+
+
+def test_a_copy_that_would_cross_the_floor_is_refused_for_pressure(tmp_path, make_daemon):
+    source = write_random(tmp_path / "src" / "m.ckpt", 1 * M)
+    available = System().available_bytes()
+    floor = available + (64 << 30)  # far above what this machine has
+    daemon = make_daemon(
+        [{"name": "m", "source": str(source)}],
+        memory={"min_available": str(floor), "resume_available": str(floor)},
+    ).start()
+    model = daemon.wait_state("m", "fallback")
+    assert model["reason"] == "pressure"
+    assert target(daemon, "m") == str(source)
+    memory = daemon.status()["memory"]
+    assert memory["pressure"] is True
+    assert memory["min_available_bytes"] == floor
+    assert memory["available_bytes"] < floor
+    assert "not staged (pressure)" in daemon.log()
+    assert "UNDER PRESSURE" in daemon.cli("status", check=True).stdout
+    result = daemon.cli("stage", "m")
+    assert result.returncode == 1
+    assert "pressure" in result.stderr
+
+
+@pytest.mark.root
+def test_a_copy_larger_than_the_store_is_refused_as_too_large(tmp_path, make_daemon):
+    source = write_random(tmp_path / "src" / "big.ckpt", 32 * M)
+    daemon = make_daemon(
+        [{"name": "big", "source": str(source)}], mount=True, store={"size": "16M"}
+    ).start()
+    model = daemon.wait_state("big", "fallback")
+    assert model["reason"] == "too_large"
+    status = daemon.status()
+    assert status["store"]["mounted"] is True
+    assert status["store"]["swappable"] in (False, True)
+    assert isinstance(status["memory"]["psi_avg10"], float)
+    table = daemon.cli("status", check=True).stdout
+    assert "PSI some avg10" in table
+    assert ("can swap" if status["store"]["swappable"] else "never swapped") in table
+
+
+def test_systemd_socket_channel_gets_the_write_data_and_its_messages_are_events(tmp_path):
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = tmp_path / "pressure.sock"
+    server.bind(str(path))
+    server.listen(1)
+    events: queue.SimpleQueue[Pressure] = queue.SimpleQueue()
+    line = b"some 200000 2000000\0"
+    watcher = PressureWatcher(
+        MemoryConfig(min_available_bytes=0, resume_available_bytes=0),
+        System(),
+        events.put,
+        {
+            "MEMORY_PRESSURE_WATCH": str(path),
+            "MEMORY_PRESSURE_WRITE": base64.b64encode(line).decode(),
+        },
+    )
+    watcher.start()
+    try:
+        connection, _ = server.accept()
+        assert connection.recv(100) == line
+        assert "systemd" in {c.kind for c in watcher.channels.values()}
+        connection.sendall(b"x")
+        event = events.get(timeout=5)
+        assert event.kind == "systemd"
+        assert event.available_bytes > 0
+        connection.close()  # the peer hanging up is a lost source, not an endless event
+        wait_for(lambda: "systemd" not in {c.kind for c in watcher.channels.values()}, 5)
+        assert all(e.kind != "systemd" for e in _drain(events))
+        server.settimeout(30)
+        again, _ = server.accept()  # tried again a few seconds later, and written to again
+        assert again.recv(100) == line
+        again.close()
+    finally:
+        watcher.stop()
+        server.close()
+
+
+def test_dev_null_turns_the_systemd_channel_off():
+    watcher = PressureWatcher(
+        MemoryConfig(min_available_bytes=0, resume_available_bytes=0),
+        System(),
+        lambda event: None,
+        {"MEMORY_PRESSURE_WATCH": "/dev/null"},
+    )
+    watcher.start()
+    try:
+        assert "systemd" not in {c.kind for c in watcher.channels.values()}
+    finally:
+        watcher.stop()
+
+
+@pytest.mark.root
+def test_the_system_wide_psi_trigger_is_armed_and_avg10_read():
+    watcher = PressureWatcher(
+        MemoryConfig(min_available_bytes=0, resume_available_bytes=0),
+        System(),
+        lambda event: None,
+        {},
+    )
+    watcher.start()
+    try:
+        assert [c.path for c in watcher.channels.values() if c.kind == "psi"] == [
+            Path("/proc/pressure/memory")
+        ]
+    finally:
+        watcher.stop()
+    assert psi_avg10(System()) is not None
+    assert psi_avg10(System(proc=Path("/nonexistent"))) is None
+
+
+@pytest.mark.parametrize(
+    ("trigger", "expected"),
+    [
+        (PsiTrigger("some", 0.15, 1.0), "some 300000 2000000"),
+        (PsiTrigger("full", 0.1, 2.0), "full 100000 2000000"),
+        (PsiTrigger("some", 0.5, 3.0), "some 666667 4000000"),
+        (PsiTrigger("some", 1.0, 10.0), "some 1000000 10000000"),
+    ],
+)
+def test_unprivileged_trigger_keeps_the_stall_share_on_a_2s_multiple_window(trigger, expected):
+    assert unprivileged_trigger_line(trigger) == expected
+
+
+def _drain(events: queue.SimpleQueue[Pressure]) -> list[Pressure]:
+    drained = []
+    while not events.empty():
+        drained.append(events.get())
+    return drained
+
+
+# Allocates (and touches) at least `total`, saying when MemAvailable first reads under the
+# floor; past `total` only until then (others on the machine may have freed memory meanwhile),
+# up to `limit`. Not simply "until under the floor": what an eviction frees would feed it.
+HOG = textwrap.dedent(
+    """
+    import sys
+    floor, total, limit = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    chunk = 32 << 20
+    def available():
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    held, crossed = [], False
+    while len(held) * chunk < (limit if not crossed else total):
+        block = bytearray(chunk)
+        block[::4096] = b"\\1" * (chunk // 4096)  # touch every page, or nothing is allocated
+        held.append(block)
+        if not crossed and available() < floor:
+            crossed = True
+            print("crossed", flush=True)
+    print("holding" if crossed else "never crossed", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def _oom_kills() -> int:
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return 0
+
+
+@pytest.mark.root
+def test_a_memory_hog_crossing_the_floor_gets_the_lowest_priority_copy_back_then_it_returns(
+    tmp_path, make_daemon
+):
+    low = write_random(tmp_path / "src" / "low.ckpt", 1024 * M, seed=4)
+    high = write_random(tmp_path / "src" / "high.ckpt", 128 * M, seed=5)
+    daemon = make_daemon(
+        [
+            {"name": "low", "source": str(low), "priority": 0},
+            {"name": "high", "source": str(high), "priority": 10},
+        ],
+        mount=True,
+        memory={"cooldown": "1s"},
+    ).start()
+    daemon.wait_state("low", "staged", timeout=60)
+    daemon.wait_state("high", "staged", timeout=60)
+    # The machine is shared (other tests churn hundreds of MiB of tmpfs): the floor is set
+    # from the reading now, with margins wider than that noise.
+    available = System().available_bytes()
+    floor = available - 1536 * M
+    resume = available - 256 * M  # above floor + the copy: hysteresis, or it would flap
+    daemon.config["memory"].update(min_available=str(floor), resume_available=str(resume))
+    daemon.write_config()
+    daemon.cli("reload", check=True)
+    used_before = daemon.status()["store"]["used_bytes"]
+    oom_kills = _oom_kills()
+
+    hog = subprocess.Popen(
+        [sys.executable, "-c", HOG, str(floor), str(1792 * M), str(3 << 30)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert hog.stdout is not None and hog.stdout.readline() == "crossed\n"
+        # The issue's bar: within 2 s the link is on the source and the store has shrunk.
+        wait_for(lambda: target(daemon, "low") == str(low), timeout=2.0, interval=0.02)
+        wait_for(
+            lambda: daemon.status()["store"]["used_bytes"] <= used_before - 1000 * M,
+            timeout=2.0,
+            interval=0.02,
+        )
+        model = daemon.model("low")
+        assert (model["state"], model["reason"]) == ("fallback", "pressure")
+        evictions = [line for line in daemon.log().splitlines() if "evicted for memory" in line]
+        assert "low: evicted for memory pressure (floor)" in evictions[0]
+        assert hog.stdout.readline() == "holding\n"
+    finally:
+        assert hog.stdin is not None
+        hog.stdin.close()
+        hog.wait(30)
+    assert hog.returncode == 0  # exited on its own, not killed
+    daemon.wait_state("low", "staged", timeout=60)
+    assert daemon.process is not None and daemon.process.poll() is None
+    assert _oom_kills() == oom_kills
