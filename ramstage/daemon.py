@@ -35,6 +35,7 @@ from ramstage.stager import (
 from ramstage.store import Generation, Store, remove_tree
 from ramstage.system import System
 from ramstage.users import FileKey, holders
+from ramstage.validate import check_generation
 
 log = logging.getLogger("ramstage")
 REQUEST_TIMEOUT_SECONDS = 3600.0
@@ -308,6 +309,8 @@ class Daemon:
                 cancel=job.cancel,
                 expected_digest=config.digest,
             )
+            # A torn or truncated checkpoint hashes fine; it must not become the staged version.
+            check_generation(job.partial, [f.relpath for f in manifest.files], config.validate)
             return self.store.publish(job.partial, manifest)
         finally:
             remove_tree(job.partial)
