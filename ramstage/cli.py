@@ -10,8 +10,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from ramstage import __version__
-from ramstage.config import Config, config_path, load_config
+from ramstage import __version__, bench
+from ramstage.config import Config, config_path, load_config, parse_size
 from ramstage.errors import ConfigError, NotFound, RamstageError, UsageError
 from ramstage.protocol import request
 from ramstage.store import Store
@@ -167,6 +167,44 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_table(result: bench.BenchResult) -> str:
+    lines = [
+        (
+            f"torch.load of {result.title} ({_human(result.size_bytes)}),"
+            f" median of {len(result.cases[0].seconds)} runs"
+        ),
+        f"  source:   {result.source}",
+        f"  RAM copy: {result.ram_copy}",
+        "",
+        f"{'':<28}  {'median':>9}  {'vs RAM copy':>11}",
+    ]
+    for case in result.cases:
+        lines.append(
+            f"{case.label:<28}  {case.median_seconds:>7.3f} s  {result.ratio(case):>10.2f}x"
+        )
+    return "\n".join(lines + [""] + [f"note: {note}" for note in result.notes])
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if (args.name is None) == (args.size is None):
+        raise UsageError("name a configured model, or give --size for a generated one")
+    if args.runs < 1:
+        raise UsageError("--runs must be at least 1")
+    if args.name is not None:
+        result = bench.bench_model(config_path(args.config), args.name, args.runs, args.file)
+    else:
+        result = bench.bench_generated(args.size, Path(args.dir), args.runs)
+    print(_bench_table(result))
+    return 0
+
+
+def _size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except Exception as error:  # noqa: BLE001 - parse_size's error class is private to config
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ramstage", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ramstage {__version__}")
@@ -211,6 +249,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = command("check-config", cmd_check_config, "validate a config file and list its problems")
     sub.add_argument("path", nargs="?", metavar="PATH")
+    sub = command("bench", cmd_bench, "time torch.load from a model's source and from RAM")
+    sub.add_argument("name", nargs="?", metavar="NAME", help="a configured model")
+    sub.add_argument("--size", type=_size_argument, help="generate a state_dict of SIZE (512M)")
+    sub.add_argument("--dir", default="/var/tmp", help="where to write it (default /var/tmp)")
+    sub.add_argument("--file", metavar="RELPATH", help="the file to load in a directory model")
+    sub.add_argument("--runs", type=int, default=5, help="runs per case (default 5)")
     return parser
 
 

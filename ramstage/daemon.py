@@ -35,6 +35,7 @@ from ramstage.stager import (
 from ramstage.store import Generation, Store, remove_tree
 from ramstage.system import System
 from ramstage.users import FileKey, holders, writers
+from ramstage.validate import check_generation
 from ramstage.watcher import SourceWatcher
 
 log = logging.getLogger("ramstage")
@@ -376,6 +377,8 @@ class Daemon:
                 cancel=job.cancel,
                 expected_digest=config.digest,
             )
+            # A torn or truncated checkpoint hashes fine; it must not become the staged version.
+            check_generation(job.partial, [f.relpath for f in manifest.files], config.validate)
             return self.store.publish(job.partial, manifest)
         finally:
             remove_tree(job.partial)
