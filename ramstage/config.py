@@ -181,7 +181,7 @@ def _integer(value: Any) -> int:
 
 
 def _name(value: Any) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", ".."):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
         raise _Invalid(
             "a name is 1 to 64 of A-Z a-z 0-9 . _ - starting with a letter or digit, not . or .."
         )
