@@ -531,6 +531,7 @@ class Daemon:
                     if model.state == "staged"
                     else (model.job.progress if model.job else 0.0),
                     "priority": model.config.priority,
+                    "skipped": list(generation.manifest.skipped) if generation else [],
                     "_current": generation.file_keys if generation else {},
                     "_retired": dict(model.retired),
                 }

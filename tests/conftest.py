@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import yaml
+
+from ramstage.protocol import request
 
 IS_ROOT = os.geteuid() == 0
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -52,6 +58,14 @@ def write_random(path: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
+def sha256_file(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
 class Daemon:
     """A ramstage daemon subprocess with its own config, store, links and socket under tmp."""
 
@@ -84,13 +98,13 @@ class Daemon:
         self.config_path.write_text(yaml.safe_dump(self.config))
 
     def start(self, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ramstage", "daemon", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ramstage", "daemon", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
         if wait:
             wait_for(lambda: self.socket.exists() or self.process.poll() is not None)  # type: ignore[union-attr]
             assert self.process.poll() is None, self.log()
@@ -102,6 +116,7 @@ class Daemon:
             capture_output=True,
             text=True,
             timeout=600,
+            check=False,
         )
         if check:
             assert result.returncode == 0, result.stderr
@@ -111,8 +126,12 @@ class Daemon:
         result = self.cli("status", "--json", check=True)
         return json.loads(result.stdout)  # type: ignore[no-any-return]
 
+    def request(self, cmd: str, **args: Any) -> Any:
+        """Asks the daemon over its socket from this process: fast enough to poll a copy."""
+        return request(self.socket, cmd, **args)
+
     def model(self, name: str) -> dict[str, Any]:
-        return next(m for m in self.status()["models"] if m["name"] == name)
+        return next(m for m in self.request("status")["models"] if m["name"] == name)
 
     def wait_state(self, name: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
         return wait_for(lambda: (m := self.model(name))["state"] == state and m, timeout)  # type: ignore[no-any-return]
@@ -138,14 +157,30 @@ class Daemon:
 
 @pytest.fixture
 def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """make_daemon(models=[...], mount=False, **config overrides) -> Daemon (not started)."""
+    """make_daemon(models=[...], mount=False, root=None, **config overrides) -> Daemon (not
+    started), under tmp_path or under root."""
     made: list[Daemon] = []
 
-    def make(models: list[dict[str, Any]], mount: bool = False, **overrides: Any) -> Daemon:
-        daemon = Daemon(tmp_path / f"d{len(made)}", mount, models, **overrides)
+    def make(
+        models: list[dict[str, Any]],
+        mount: bool = False,
+        root: Path | None = None,
+        **overrides: Any,
+    ) -> Daemon:
+        daemon = Daemon((root or tmp_path) / f"d{len(made)}", mount, models, **overrides)
         made.append(daemon)
         return daemon
 
     yield make
     for daemon in made:
         daemon.cleanup()
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user can reach (tmp_path's parents are 0700), for tests that run
+    commands as an unprivileged user. Request it before make_daemon, so it goes last."""
+    path = Path(tempfile.mkdtemp(prefix="ramstage-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
