@@ -19,6 +19,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+from ramstage.errors import NotRunning
 from ramstage.protocol import request
 
 IS_ROOT = os.geteuid() == 0
@@ -106,9 +107,17 @@ class Daemon:
                 env={**os.environ, **(env or {})},
             )
         if wait:
-            wait_for(lambda: self.socket.exists() or self.process.poll() is not None)  # type: ignore[union-attr]
+            # A socket file can be left by a killed daemon: wait for one that answers.
+            wait_for(lambda: self.answers() or self.process.poll() is not None)  # type: ignore[union-attr]
             assert self.process.poll() is None, self.log()
         return self
+
+    def answers(self) -> bool:
+        try:
+            self.request("status")
+        except NotRunning:
+            return False
+        return True
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
