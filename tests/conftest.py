@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+from ramstage import links
 from ramstage.errors import NotRunning
 from ramstage.protocol import request
 
@@ -193,3 +195,53 @@ def public_dir() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+class LinkWatcher(threading.Thread):
+    """Reads a link as fast as it can and records anything an application must never see: no
+    link at all, or a target that is neither the source nor a complete, published generation."""
+
+    def __init__(self, link: Path, source: Path, store: Path) -> None:
+        super().__init__(daemon=True)
+        self.link, self.source, self.store = link, source, store
+        self.size = source.stat().st_size
+        self.violations: list[str] = []
+        self.targets: set[str] = set()
+        self.reads = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.reads += 1
+            try:
+                target = os.readlink(self.link)
+            except OSError as error:
+                self.violations.append(f"readlink: {error}")
+                continue
+            self.targets.add(target)
+            if target == str(self.source):
+                continue
+            problem = self._problem(Path(target))
+            # The link may have moved on while we looked (and the old generation been freed, as
+            # it may be then): only a problem seen while the link still points there counts.
+            if problem and links.read(self.link) == target:
+                self.violations.append(problem)
+
+    def _problem(self, target: Path) -> str | None:
+        generation = target.parent
+        manifest = generation.parent / f"{generation.name}.json"
+        if generation.parent.parent != self.store or generation.name.startswith("."):
+            return f"not a generation in the store: {target}"
+        try:
+            if json.loads(manifest.read_text())["files"][0]["size_bytes"] != self.size:
+                return f"manifest of another size for {target}"
+            st = os.stat(target)
+        except (OSError, ValueError) as error:
+            return f"{target}: {error}"
+        if st.st_size != self.size or st.st_mode & 0o222:
+            return f"incomplete or writable: {target}"
+        return None
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()

@@ -2,56 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import sha256_file, wait_for, write_random
-
-
-class LinkWatcher(threading.Thread):
-    """Reads a link as fast as it can and records anything an application must never see: no
-    link at all, or a target that is neither the source nor a complete, published generation."""
-
-    def __init__(self, link: Path, source: Path, store: Path) -> None:
-        super().__init__(daemon=True)
-        self.link, self.source, self.store = link, source, store
-        self.size = source.stat().st_size
-        self.violations: list[str] = []
-        self.targets: set[str] = set()
-        self.reads = 0
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.is_set():
-            self.reads += 1
-            try:
-                target = os.readlink(self.link)
-            except OSError as error:
-                self.violations.append(f"readlink: {error}")
-                continue
-            self.targets.add(target)
-            if target != str(self.source):
-                self._check_generation(Path(target))
-
-    def _check_generation(self, target: Path) -> None:
-        generation = target.parent
-        manifest = generation.parent / f"{generation.name}.json"
-        if generation.parent.parent != self.store or generation.name.startswith("."):
-            self.violations.append(f"not a generation in the store: {target}")
-        elif not manifest.exists():
-            self.violations.append(f"no manifest for {target}")
-        elif json.loads(manifest.read_text())["files"][0]["size_bytes"] != self.size:
-            self.violations.append(f"manifest of another size for {target}")
-        elif os.stat(target).st_size != self.size or os.stat(target).st_mode & 0o222:
-            self.violations.append(f"incomplete or writable: {target}")
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
+from conftest import LinkWatcher, sha256_file, wait_for, write_random
 
 
 def partials(store: Path) -> list[Path]:
