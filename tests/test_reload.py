@@ -109,18 +109,23 @@ def test_a_reload_cannot_move_the_store_links_or_socket(tmp_path, make_daemon):
 
 
 def test_reload_while_a_removed_model_is_being_copied(tmp_path, make_daemon):
-    big = write_random(tmp_path / "big.ckpt", 256 << 20)
+    """The copy thread keeps creating files under the store while the model is removed: the
+    daemon must neither race it nor stop."""
+    shards = tmp_path / "shards"
+    for index in range(300):
+        write_random(shards / f"d{index % 7}" / f"{index}.bin", 256 << 10, seed=index)
     small = write_random(tmp_path / "small.ckpt", 1 << 20)
     daemon = make_daemon(
         [
-            {"name": "big", "source": str(big), "priority": 9},
+            {"name": "big", "source": str(shards), "priority": 9},
             {"name": "small", "source": str(small)},
         ]
     ).start()
-    wait_for(lambda: daemon.model("big")["state"] == "staging", interval=0.005)
+    wait_for(lambda: daemon.model("big")["progress"] > 0.2, interval=0.002)
     daemon.config["models"] = [{"name": "small", "source": str(small)}]
     daemon.write_config()
-    daemon.cli("reload", check=True)
+    result = daemon.cli("reload")
+    assert result.returncode == 0, result.stderr + daemon.log()
     daemon.wait_state("small", "staged")
     wait_for(lambda: not (daemon.store / "big").exists())
     assert not os.path.lexists(daemon.links / "big")
