@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,25 @@ def test_strangers_may_read_status_but_not_change_anything(public_dir, tmp_path,
         assert f"{args[0]} needs root or membership of the group ramstage" in result.stderr
     assert daemon.model("m")["state"] == "staged"
     assert os.path.realpath(daemon.links / "m").startswith(str(daemon.store))
+
+
+def test_a_daemon_that_dies_mid_request_is_reported_as_a_failure(tmp_path, make_daemon):
+    """A listener that hangs up without answering (a daemon dying mid-request): exit 1 and a
+    pointer to the log, not a usage error."""
+    daemon = make_daemon([])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(daemon.socket))
+        listener.listen(1)
+
+        def hang_up() -> None:
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.close()
+
+        thread = threading.Thread(target=hang_up, daemon=True)
+        thread.start()
+        result = daemon.cli("status")
+        thread.join()
+    assert result.returncode == 1
+    assert f"no valid answer from ramstage at {daemon.socket}" in result.stderr
+    assert "journalctl -u ramstage" in result.stderr
