@@ -17,7 +17,7 @@ from pathlib import Path
 from threading import Event
 from typing import Callable
 
-from ramstage.digest import Hasher, combine, new_hasher
+from ramstage.digest import combine, new_hasher
 from ramstage.errors import RamstageError
 from ramstage.manifest import Manifest, StagedFile
 from ramstage.store import remove_tree
@@ -129,59 +129,44 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 
 class _Copier:
-    """Copies one file: the main thread reads and writes, as cp does, while one worker thread
-    hashes each chunk's bytes and then reads the chunk back from the store and compares it with
-    them. So the RAM copy is checked against exactly the bytes that made the digest, and on two
-    cores the checking overlaps the copying instead of adding to it."""
+    """Copies one file: the main thread reads and writes, one thread hashes the bytes read, and
+    every chunk written is read back from the store and compared with them. So the RAM copy is
+    checked against exactly the bytes that made the digest, at little more than the cost of cp."""
 
     def __init__(self, algorithm: str, on_bytes: Callable[[int], None], cancel: Event) -> None:
         self.algorithm, self.on_bytes, self.cancel = algorithm, on_bytes, cancel
         self.buffers = [bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)]
-        self.check = bytearray(CHUNK_BYTES)  # used by the worker thread only
+        self.check = bytearray(CHUNK_BYTES)
 
     def copy(self, source: SourceFile, dst_fd: int, src_fd: int) -> str:
         hasher = new_hasher(self.algorithm)
-        pending: list[Future[None]] = []
+        hashing: list[Future[None]] = []
         offset = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramstage-hash") as pool:
-            try:
-                for index in itertools.count():
-                    if self.cancel.is_set():
-                        raise Cancelled(f"{source.path}: staging cancelled")
-                    if len(pending) == 2:
-                        pending.pop(0).result()  # the buffer about to be refilled is done with
-                    buffer = self.buffers[index % 2]
-                    count = os.readv(src_fd, [buffer])
-                    if count == 0:
-                        break
-                    _write_all(dst_fd, memoryview(buffer)[:count])
-                    pending.append(
-                        pool.submit(
-                            self._hash_and_check, hasher, source, dst_fd, offset, buffer, count
-                        )
-                    )
-                    offset += count
-                    self.on_bytes(count)
-                for future in pending:
-                    future.result()
-            finally:
-                for future in pending:
-                    future.cancel()
+            for index in itertools.count():
+                if self.cancel.is_set():
+                    raise Cancelled(f"{source.path}: staging cancelled")
+                if len(hashing) == 2:
+                    hashing.pop(0).result()  # the buffer about to be refilled has been hashed
+                buffer = self.buffers[index % 2]
+                count = os.readv(src_fd, [buffer])
+                if count == 0:
+                    break
+                data = memoryview(buffer)[:count]
+                hashing.append(pool.submit(hasher.update, data))
+                _write_all(dst_fd, data)
+                self._check(source, dst_fd, offset, buffer, count)
+                offset += count
+                self.on_bytes(count)
+            for future in hashing:
+                future.result()
         if offset != source.size_bytes:
             raise SourceChanged(f"{source.path}: size changed while reading")
         return f"{self.algorithm}:{hasher.hexdigest()}"
 
-    def _hash_and_check(
-        self,
-        hasher: Hasher,
-        source: SourceFile,
-        dst_fd: int,
-        offset: int,
-        buffer: bytearray,
-        count: int,
+    def _check(
+        self, source: SourceFile, dst_fd: int, offset: int, buffer: bytearray, count: int
     ) -> None:
-        data = memoryview(buffer)[:count]
-        hasher.update(data)
         # Comparing whole bytearrays is a memcmp; slicing copies, so only the last chunk does.
         read_back = os.preadv(dst_fd, [memoryview(self.check)[:count]], offset)
         same = (
