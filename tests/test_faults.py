@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import sha256_file, wait_for, write_random
 
+from ramstage.protocol import read_message
+
 
 def test_a_digest_that_does_not_match_keeps_the_model_on_its_source(tmp_path, make_daemon):
     source = write_random(tmp_path / "m.ckpt", 2 << 20)
@@ -119,13 +121,7 @@ def raw_request(path: Path, payload: bytes) -> dict:
             sock.sendall(payload)
         except (BrokenPipeError, ConnectionResetError):
             pass  # it stopped reading after the limit; its answer is waiting
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
+        return read_message(sock)
 
 
 @pytest.mark.parametrize(

@@ -34,13 +34,18 @@ def kernel_has_noswap() -> bool:
     return (major, minor) >= (6, 4)
 
 
-@pytest.mark.root
-def test_the_store_is_a_bounded_tmpfs_in_the_host_mount_namespace(tmp_path, make_daemon):
+def start_with_a_64m_tmpfs(tmp_path, make_daemon):
     source = write_random(tmp_path / "m.ckpt", 1 << 20)
     daemon = make_daemon(
         [{"name": "m", "source": str(source)}], mount=True, store={"size": "64M"}
     ).start()
     daemon.wait_state("m", "staged")
+    return daemon
+
+
+@pytest.mark.root
+def test_the_store_is_a_bounded_tmpfs_in_the_host_mount_namespace(tmp_path, make_daemon):
+    daemon = start_with_a_64m_tmpfs(tmp_path, make_daemon)
     mount = findmnt(daemon.store)
     assert mount is not None
     assert mount["fstype"] == "tmpfs"
@@ -58,11 +63,7 @@ def test_the_store_is_a_bounded_tmpfs_in_the_host_mount_namespace(tmp_path, make
 
 @pytest.mark.root
 def test_a_running_ramstage_tmpfs_is_adopted_not_remounted(tmp_path, make_daemon):
-    source = write_random(tmp_path / "m.ckpt", 1 << 20)
-    daemon = make_daemon(
-        [{"name": "m", "source": str(source)}], mount=True, store={"size": "64M"}
-    ).start()
-    daemon.wait_state("m", "staged")
+    daemon = start_with_a_64m_tmpfs(tmp_path, make_daemon)
     first = findmnt(daemon.store)
     assert first is not None
     daemon.stop(signal.SIGKILL)
