@@ -109,8 +109,10 @@ def test_a_copy_that_would_take_memavailable_under_the_floor_is_not_made(tmp_pat
         memory={"min_available": "100%", "resume_available": "100%"},
     ).start()
     model = daemon.wait_state("m", "fallback")
-    assert model["reason"] == "too_large"
+    # Below the floor already: "pressure" where a pressure watcher runs, else "too_large".
+    assert model["reason"] in ("too_large", "pressure")
     assert os.readlink(daemon.links / "m") == str(source)
+    assert not list(daemon.store.glob("m/*"))
 
 
 def raw_request(path: Path, payload: bytes) -> dict:
