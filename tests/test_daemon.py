@@ -205,3 +205,19 @@ def test_verify_rehashes_the_copies_in_ram(tmp_path, make_daemon):
         and sha256_file(daemon.links / "m") == sha256_file(source)
     )
     assert daemon.cli("verify", check=True).stdout.strip() == "verified: m"
+
+
+def test_blake3_when_configured(tmp_path, make_daemon):
+    blake3 = pytest.importorskip("blake3")
+    source = write_random(tmp_path / "m.ckpt", 5 << 20)
+    shards = write_random(tmp_path / "shards" / "a.bin", 3 << 20).parent
+    daemon = make_daemon(
+        [{"name": "m", "source": str(source)}, {"name": "s", "source": str(shards)}],
+        checksum="blake3",
+    ).start()
+    model = daemon.wait_state("m", "staged")
+    assert model["digest"] == "blake3:" + blake3.blake3(source.read_bytes()).hexdigest()
+    daemon.wait_state("s", "staged")
+    assert sha256_file(daemon.links / "m") == sha256_file(source)
+    assert sha256_file(daemon.links / "s" / "a.bin") == sha256_file(shards / "a.bin")
+    assert daemon.cli("verify", check=True).stdout.strip() == "verified: m, s"
