@@ -10,6 +10,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from ramstage import __version__, bench
 from ramstage.config import Config, config_path, load_config, parse_size
 from ramstage.errors import ConfigError, NotFound, RamstageError, UsageError
@@ -37,9 +39,23 @@ def _config(args: argparse.Namespace) -> tuple[Path, Config]:
 
 
 def _socket(args: argparse.Namespace) -> Path:
-    """The socket from the config; with no config file, the default, so `status` still works."""
+    """The socket from the config; with no config file, the default, so `status` still works.
+    A file being edited may be invalid while the daemon runs on the last good one: then only
+    its `socket:` key is read, so `status` still answers and `reload` reports the problems."""
     path = config_path(args.config)
-    return load_config(path).socket if path.exists() else Config().socket
+    if not path.exists():
+        return Config().socket
+    try:
+        return load_config(path).socket
+    except ConfigError:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            data = None
+        socket = data.get("socket") if isinstance(data, dict) else None
+        return (
+            Path(socket) if isinstance(socket, str) and socket.startswith("/") else Config().socket
+        )
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

@@ -181,7 +181,7 @@ def _integer(value: Any) -> int:
 
 
 def _name(value: Any) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", ".."):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
         raise _Invalid(
             "a name is 1 to 64 of A-Z a-z 0-9 . _ - starting with a letter or digit, not . or .."
         )
@@ -251,22 +251,19 @@ def _parse_models(data: Any, problems: _Problems, check_sources: bool) -> tuple[
         )
         name = section.require("name", _name)
         source = section.require("source", _absolute_path)
+        # Every key is converted even when name or source is bad, so all problems show at once.
+        priority = section.get("priority", _integer, 0)
+        digest = section.get("digest", _digest, None)
+        validate = section.get("validate", _choice(VALIDATE_MODES), "format")
         problem = _source_problem(source) if check_sources and source is not None else None
         if problem:
             problems.add(f"{key}.source", problem, str(source))
         if name is not None and name in seen:
             problems.add(f"{key}.name", "duplicate name", name)
-        elif name is not None and source is not None:
+        elif name is not None:
             seen.add(name)
-            models.append(
-                ModelConfig(
-                    name=name,
-                    source=source,
-                    priority=section.get("priority", _integer, 0),
-                    digest=section.get("digest", _digest, None),
-                    validate=section.get("validate", _choice(VALIDATE_MODES), "format"),
-                )
-            )
+            if source is not None:
+                models.append(ModelConfig(name, source, priority, digest, validate))
     return tuple(models)
 
 

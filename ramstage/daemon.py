@@ -393,6 +393,8 @@ class Daemon:
                 generation = job.future.result()
                 if not (model and model.generation and model.generation.path == generation.path):
                     self.store.remove(generation)
+            if model is None:
+                self.store.remove_model(name)  # removed from the config while it was copied
             return
         model.job = None
         if error is None:
@@ -642,10 +644,16 @@ class Daemon:
         new_models = {m.name: m for m in new.models}
         for name in old_models.keys() - new_models.keys():
             model = self.models.pop(name)
-            if model.job:
-                model.job.cancel.set()
             links.remove(model.link)
-            self.store.remove_model(name)
+            if model.job:
+                # The copy thread is still writing under STORE/NAME: deleting that tree now
+                # races it (and an error there ends the loop). The copy removes its own partial
+                # and _job_done the rest.
+                model.job.cancel.set()
+                if model.generation:
+                    self.store.remove(model.generation)
+            else:
+                self.store.remove_model(name)
             model.settle("removed from the config")
             log.info("%s: removed from the config; link and RAM copy gone", name)
         for name, config in new_models.items():
@@ -876,6 +884,7 @@ class Daemon:
                     else (model.job.progress if model.job else 0.0),
                     "priority": model.config.priority,
                     **self._pressure_fields(model),
+                    "skipped": list(generation.manifest.skipped) if generation else [],
                     "_current": generation.file_keys if generation else {},
                     # Swapped-out generations still in their grace period count like unlinked ones:
                     # the link no longer points at them, so whoever holds them pins their bytes.

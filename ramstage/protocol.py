@@ -58,6 +58,12 @@ def request(path: Path, cmd: str, *, timeout: float = 10.0, **args: Any) -> Any:
             reply = read_message(sock)
         except socket.timeout:
             raise RamstageError(f"no answer from ramstage within {timeout:g}s") from None
+        except UsageError as bad:
+            # The daemon's own mistake (or its death mid-request), not the user's: exit 1.
+            raise RamstageError(
+                f"no valid answer from ramstage at {path} ({bad.message}); "
+                "see its log (journalctl -u ramstage)"
+            ) from None
     finally:
         sock.close()
     if reply.get("ok"):

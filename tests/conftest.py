@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import yaml
+
+from ramstage import links
+from ramstage.errors import NotRunning
+from ramstage.protocol import request
 
 IS_ROOT = os.geteuid() == 0
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -60,6 +69,14 @@ def write_random(path: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
+def sha256_file(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
 class Daemon:
     """A ramstage daemon subprocess with its own config, store, links and socket under tmp."""
 
@@ -94,17 +111,25 @@ class Daemon:
         self.config_path.write_text(yaml.safe_dump(self.config))
 
     def start(self, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ramstage", "daemon", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ramstage", "daemon", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
         if wait:
-            wait_for(lambda: self.socket.exists() or self.process.poll() is not None)  # type: ignore[union-attr]
+            # A socket file can be left by a killed daemon: wait for one that answers.
+            wait_for(lambda: self.answers() or self.process.poll() is not None)  # type: ignore[union-attr]
             assert self.process.poll() is None, self.log()
         return self
+
+    def answers(self) -> bool:
+        try:
+            self.request("status")
+        except NotRunning:
+            return False
+        return True
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -120,6 +145,7 @@ class Daemon:
             capture_output=True,
             text=True,
             timeout=600,
+            check=False,
         )
         if check:
             assert result.returncode == 0, result.stderr
@@ -129,8 +155,12 @@ class Daemon:
         result = self.cli("status", "--json", check=True)
         return json.loads(result.stdout)  # type: ignore[no-any-return]
 
+    def request(self, cmd: str, **args: Any) -> Any:
+        """Asks the daemon over its socket from this process: fast enough to poll a copy."""
+        return request(self.socket, cmd, **args)
+
     def model(self, name: str) -> dict[str, Any]:
-        return next(m for m in self.status()["models"] if m["name"] == name)
+        return next(m for m in self.request("status")["models"] if m["name"] == name)
 
     def wait_state(self, name: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
         return wait_for(lambda: (m := self.model(name))["state"] == state and m, timeout)  # type: ignore[no-any-return]
@@ -158,14 +188,80 @@ class Daemon:
 
 @pytest.fixture
 def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """make_daemon(models=[...], mount=False, **config overrides) -> Daemon (not started)."""
+    """make_daemon(models=[...], mount=False, root=None, **config overrides) -> Daemon (not
+    started), under tmp_path or under root."""
     made: list[Daemon] = []
 
-    def make(models: list[dict[str, Any]], mount: bool = False, **overrides: Any) -> Daemon:
-        daemon = Daemon(tmp_path / f"d{len(made)}", mount, models, **overrides)
+    def make(
+        models: list[dict[str, Any]],
+        mount: bool = False,
+        root: Path | None = None,
+        **overrides: Any,
+    ) -> Daemon:
+        daemon = Daemon((root or tmp_path) / f"d{len(made)}", mount, models, **overrides)
         made.append(daemon)
         return daemon
 
     yield make
     for daemon in made:
         daemon.cleanup()
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user can reach (tmp_path's parents are 0700), for tests that run
+    commands as an unprivileged user. Request it before make_daemon, so it goes last."""
+    path = Path(tempfile.mkdtemp(prefix="ramstage-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class LinkWatcher(threading.Thread):
+    """Reads a link as fast as it can and records anything an application must never see: no
+    link at all, or a target that is neither the source nor a complete, published generation."""
+
+    def __init__(self, link: Path, source: Path, store: Path) -> None:
+        super().__init__(daemon=True)
+        self.link, self.source, self.store = link, source, store
+        self.size = source.stat().st_size
+        self.violations: list[str] = []
+        self.targets: set[str] = set()
+        self.reads = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.reads += 1
+            try:
+                target = os.readlink(self.link)
+            except OSError as error:
+                self.violations.append(f"readlink: {error}")
+                continue
+            self.targets.add(target)
+            if target == str(self.source):
+                continue
+            problem = self._problem(Path(target))
+            # The link may have moved on while we looked (and the old generation been freed, as
+            # it may be then): only a problem seen while the link still points there counts.
+            if problem and links.read(self.link) == target:
+                self.violations.append(problem)
+
+    def _problem(self, target: Path) -> str | None:
+        generation = target.parent
+        manifest = generation.parent / f"{generation.name}.json"
+        if generation.parent.parent != self.store or generation.name.startswith("."):
+            return f"not a generation in the store: {target}"
+        try:
+            if json.loads(manifest.read_text())["files"][0]["size_bytes"] != self.size:
+                return f"manifest of another size for {target}"
+            st = os.stat(target)
+        except (OSError, ValueError) as error:
+            return f"{target}: {error}"
+        if st.st_size != self.size or st.st_mode & 0o222:
+            return f"incomplete or writable: {target}"
+        return None
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
