@@ -8,33 +8,38 @@ publishes after every event, so it never waits for the loop.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import signal
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-from ramstage import __version__, links, policy
-from ramstage.config import Config, MemoryConfig, ModelConfig, load_config, source_problems
+from ramstage import links, policy
+from ramstage.catalog import Catalog
+from ramstage.config import Config, ModelConfig, load_config, source_problems
 from ramstage.control import ControlServer
-from ramstage.digest import new_hasher
+from ramstage.digest import hash_file
 from ramstage.errors import ConfigError, NotFound, RamstageError
-from ramstage.manifest import Identity
-from ramstage.pressure import Pressure, PressureWatcher, last_used, memory_status
+from ramstage.pressure import Pressure
+from ramstage.relief import MemoryGuard
 from ramstage.service import Notifier
-from ramstage.stager import (
-    CHUNK_BYTES,
-    Cancelled,
-    NoSpace,
-    list_source,
-    stage_source,
+from ramstage.stager import Cancelled, NoSpace, list_source, stage_source
+from ramstage.state import (
+    Event,
+    Job,
+    JobDone,
+    Model,
+    Reload,
+    Request,
+    Rescan,
+    SourceEvent,
+    Stop,
+    VerifyFailed,
 )
+from ramstage.status import model_entry, render
 from ramstage.store import Generation, Store, remove_tree
 from ramstage.system import System
-from ramstage.users import FileKey, holders, writers
+from ramstage.users import writers
 from ramstage.validate import check_generation
 from ramstage.watcher import SourceWatcher
 
@@ -42,82 +47,6 @@ log = logging.getLogger("ramstage")
 REQUEST_TIMEOUT_SECONDS = 3600.0
 EXTEND_TIMEOUT_USEC = 30_000_000
 PRUNE_INTERVAL_SECONDS = 5.0
-# A generation swapped out for a newer one stays this long, so that a reader that resolved the
-# link just before the swap (a sharded loader opening shard after shard) can still open it.
-SWAP_GRACE_SECONDS = 10.0
-
-
-@dataclass
-class Job:
-    partial: Path
-    cancel: threading.Event = field(default_factory=threading.Event)
-    identities: tuple[tuple[str, Identity], ...] = ()  # the source version being copied
-    progress: float = 0.0
-    future: Future[Generation] | None = None
-
-
-@dataclass
-class Model:
-    config: ModelConfig
-    link: Path
-    state: str = "pending"
-    reason: str | None = None
-    generation: Generation | None = None
-    job: Job | None = None
-    held: bool = False  # evicted by the operator: stays on its source until `stage`
-    changed_at: float | None = None  # last source event not yet looked at
-    seen: tuple[tuple[str, Identity], ...] | None = None  # the source version last taken up
-    waiters: list[Future[str | None]] = field(default_factory=list)
-    retired: dict[FileKey, int] = field(default_factory=dict)  # unlinked files, by size
-    outgoing: list[tuple[float, Generation]] = field(default_factory=list)  # (delete at, gen)
-
-    def settle(self, outcome: str | None) -> None:
-        """Answers everyone waiting for this model to be staged: None, or why it is not."""
-        for waiter in self.waiters:
-            waiter.set_result(outcome)
-        self.waiters.clear()
-
-
-@dataclass(frozen=True)
-class Stop:
-    signum: int
-
-
-@dataclass(frozen=True)
-class Reload:
-    future: Future[Any] | None = None
-
-
-@dataclass(frozen=True)
-class Request:
-    cmd: str
-    args: dict[str, Any]
-    future: Future[Any]
-
-
-@dataclass(frozen=True)
-class JobDone:
-    name: str
-    job: Job
-
-
-@dataclass(frozen=True)
-class VerifyFailed:
-    name: str
-    generation_id: str
-
-
-@dataclass(frozen=True)
-class SourceEvent:
-    name: str
-
-
-@dataclass(frozen=True)
-class Rescan:
-    reason: str
-
-
-Event = Union[Stop, Reload, Request, JobDone, VerifyFailed, SourceEvent, Rescan, Pressure]
 
 
 class Daemon:
@@ -128,7 +57,9 @@ class Daemon:
         self.system, self.notifier = system, notifier
         self.store = Store(config.store, system)
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self.models: dict[str, Model] = {}
+        self.catalog = Catalog(self.store, config.links_dir, system)
+        self.models = self.catalog.models  # the one table of models, shared, never replaced
+        self.guard = MemoryGuard(config.memory, system, self.events.put, self.catalog.fall_back)
         self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramstage-copy")
         self.control: ControlServer | None = None
         self.watcher = SourceWatcher(
@@ -141,10 +72,6 @@ class Daemon:
         self._last_extend = 0.0
         self._last_prune = 0.0
         self._last_rescan = 0.0
-        self.memory_watcher: PressureWatcher | None = None
-        self.last_pressure_at: float | None = None  # monotonic; None: no pressure seen yet
-        self.backoffs: dict[str, policy.Backoff] = {}
-        self._nothing_to_evict = False  # said once per episode, not at every reading
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -156,14 +83,14 @@ class Daemon:
             log.warning("%s", problem)
         self.store.open()
         links.prepare(self.config.links_dir)
-        self._adopt_or_fall_back()
+        self.catalog.adopt(self.config.models)
         self.watcher.watch(self._sources())
         self.watcher.start()
         self._last_rescan = self.system.monotonic()
+        self.guard.watch(self.config.memory)
+        self._publish_snapshot()  # before the socket opens: no status without the models
         self.control = ControlServer(self.config.socket, self._answer)
         self.control.start()
-        self._watch_memory(self.config.memory)
-        self._publish_snapshot()
         log.info(
             "ready: %d models, every link in place under %s",
             len(self.models),
@@ -171,7 +98,7 @@ class Daemon:
         )
         while not self.stopping:
             self._settle()
-            self._maybe_resume()
+            self.guard.resume(self.models)
             self._schedule()
             self._maybe_ready()
             self._publish_snapshot()
@@ -201,12 +128,10 @@ class Daemon:
             # Long copies hold back READY=1 (ready: staged); ask systemd for more time.
             self._last_extend = now
             self.notifier.send(f"EXTEND_TIMEOUT_USEC={EXTEND_TIMEOUT_USEC}")
-        for model in self.models.values():
-            while model.outgoing and model.outgoing[0][0] <= now:
-                self._retire(model, model.outgoing.pop(0)[1])
+        self.catalog.expire_outgoing(now)
         if now - self._last_prune > PRUNE_INTERVAL_SECONDS:
             self._last_prune = now
-            self._prune_retired()
+            self.catalog.prune_retired()
         if now - self._last_rescan > self.config.watch.rescan_seconds:
             self._rescan("periodic rescan")
 
@@ -216,18 +141,12 @@ class Daemon:
         if self.control:
             self.control.close()
         self.watcher.stop()
-        if self.memory_watcher:
-            self.memory_watcher.stop()
+        self.guard.stop()
         for model in self.models.values():
             if model.job:
                 model.job.cancel.set()
         self.copier.shutdown(wait=True)
-        for model in self.models.values():
-            self._point_at_source(model)
-            for generation in [*(g for _, g in model.outgoing), model.generation]:
-                if generation:
-                    self.store.remove(generation)
-            model.settle("ramstage is stopping")
+        self.catalog.release_all()
         self.store.close()
         self._refuse_late_events()
 
@@ -269,10 +188,10 @@ class Daemon:
                     event.name,
                     event.generation_id,
                 )
-                self._fall_back(model, "error: verify failed, staging again")
+                self.catalog.fall_back(model, "error: verify failed, staging again")
                 model.state = "pending"
         elif isinstance(event, Pressure):
-            self._relieve(event)
+            self.guard.relieve(event, self.models)
 
     def _request(self, cmd: str, args: dict[str, Any]) -> Any:
         names = args.get("names") or []
@@ -288,7 +207,7 @@ class Daemon:
         if cmd == "evict":
             for name in names:
                 model = self.models[name]
-                self._fall_back(model, "evicted")
+                self.catalog.fall_back(model, "evicted")
                 model.held = True
                 log.info("%s: evicted on request", name)
             return None
@@ -327,10 +246,10 @@ class Daemon:
         try:
             listing = list_source(model.config.source)
         except FileNotFoundError:
-            self._set_missing(model)
+            self.catalog.set_missing(model)
             return
         except (OSError, RamstageError) as error:
-            self._fall_back(model, f"error: {error}")
+            self.catalog.fall_back(model, f"error: {error}")
             return
         need = listing.size_bytes
         refusal = policy.admit(
@@ -338,7 +257,7 @@ class Daemon:
             self.store.free_bytes(),
             self.system.available_bytes(),
             self.config.memory.min_available_bytes,
-        ) or self._pressure_refusal(model)
+        ) or self.guard.refusal(model)
         if refusal:
             log.warning(
                 "%s: not staged (%s): needs %d bytes, store has %d free, MemAvailable %d, floor %d",
@@ -349,9 +268,9 @@ class Daemon:
                 self.system.available_bytes(),
                 self.config.memory.min_available_bytes,
             )
-            self._fall_back(model, refusal)
+            self.catalog.fall_back(model, refusal)
             if refusal == "pressure":
-                self._back_off(model)
+                self.guard.back_off(model)
             return
         job = Job(self.store.new_partial(model.config.name), identities=listing.identities())
         job.future = self.copier.submit(self._copy, model.config, job)
@@ -398,12 +317,12 @@ class Daemon:
             return
         model.job = None
         if error is None:
-            self._publish(model, job.future.result())
+            self.catalog.publish(model, job.future.result())
             return
         if isinstance(error, Cancelled):
             return
         if isinstance(error, FileNotFoundError):
-            self._set_missing(model)
+            self.catalog.set_missing(model)
             return
         if isinstance(error, (RamstageError, OSError)):
             log.error("%s: staging failed: %s", name, error)
@@ -416,25 +335,7 @@ class Daemon:
             model.state, model.reason = "staged", reason
             model.settle(None)
         else:
-            self._fall_back(model, reason)
-
-    def _publish(self, model: Model, generation: Generation) -> None:
-        links.point(model.link, generation.target)
-        old, model.generation = model.generation, generation
-        model.seen = generation.manifest.identities()
-        model.state, model.reason = "staged", None
-        if old and old.path != generation.path:
-            model.outgoing.append((self.system.monotonic() + SWAP_GRACE_SECONDS, old))
-        log.info(
-            "%s: staged generation %s (%d bytes, %s)",
-            model.config.name,
-            generation.id,
-            generation.manifest.size_bytes,
-            generation.manifest.digest,
-        )
-        for skipped in generation.manifest.skipped:
-            log.warning("%s: skipped %s", model.config.name, skipped)
-        model.settle(None)
+            self.catalog.fall_back(model, reason)
 
     # ---- watching sources -------------------------------------------------------------
 
@@ -483,7 +384,7 @@ class Daemon:
                 listing = list_source(model.config.source)
             except FileNotFoundError:
                 model.changed_at = None
-                self._set_missing(model)
+                self.catalog.set_missing(model)
                 continue
             except (OSError, RamstageError) as error:
                 model.changed_at = None
@@ -504,114 +405,8 @@ class Daemon:
                 continue
             log.info("%s: source changed; staging the new version", model.config.name)
             if model.state == "missing":
-                self._point_at_source(model)
+                self.catalog.point_at_source(model)
             model.state = "pending"
-
-    # ---- links and generations --------------------------------------------------------
-
-    def _point_at_source(self, model: Model) -> None:
-        if model.config.source.exists():
-            links.point(model.link, model.config.source)
-        else:
-            links.remove(model.link)
-
-    def _fall_back(self, model: Model, reason: str) -> None:
-        """The link goes back to the source first; only then is the RAM copy deleted."""
-        if model.job:
-            model.job.cancel.set()
-            model.job = None
-        self._point_at_source(model)
-        outgoing = [g for _, g in model.outgoing]
-        if model.generation:
-            outgoing.append(model.generation)
-        model.generation, model.outgoing = None, []
-        for generation in outgoing:
-            self._retire(model, generation)
-        model.state, model.reason = "fallback", reason
-        if not model.config.source.exists():
-            model.state = "missing"
-        model.settle(reason)
-
-    def _set_missing(self, model: Model) -> None:
-        """A deleted source keeps being served from its verified copy; with no copy, the model
-        has no link at all (a link to nothing would only move the error into the app)."""
-        if model.reason != "source_missing":
-            log.warning(
-                "%s: source %s is missing; %s",
-                model.config.name,
-                model.config.source,
-                "serving the verified copy in RAM"
-                if model.generation
-                else "no link until it is back",
-            )
-        if model.job:
-            model.job.cancel.set()
-            model.job = None
-        model.seen = None
-        model.reason = "source_missing"
-        if model.generation:
-            model.state = "staged"
-            model.settle(None)
-        else:
-            links.remove(model.link)
-            model.state = "missing"
-            model.settle(model.reason)
-
-    def _retire(self, model: Model, generation: Generation) -> None:
-        """Deletes a generation no link points at; readers that still hold its files keep
-        them, and their bytes are reported as pinned until they let go (invariant 3)."""
-        if model.generation and model.generation.path == generation.path:
-            return  # the same content was staged again and is linked once more
-        model.retired.update(generation.file_keys)
-        self.store.remove(generation)
-        self._prune_retired()
-
-    def _prune_retired(self) -> None:
-        retired = {key for m in self.models.values() for key in m.retired}
-        if not retired:
-            return
-        held = holders(self.system.proc, retired)
-        for model in self.models.values():
-            model.retired = {k: v for k, v in model.retired.items() if k in held}
-
-    def _adopt_or_fall_back(self) -> None:
-        """At start: every link in place at once, on an adoptable generation or the source."""
-        found = self.store.scan({m.name for m in self.config.models})
-        for config in self.config.models:
-            model = Model(config, self.config.links_dir / config.name)
-            self.models[config.name] = model
-            adopted = self._adoptable(config, found.get(config.name, []))
-            for generation in found.get(config.name, []):
-                if generation is not adopted:
-                    self.store.remove(generation)
-            if adopted:
-                links.point(model.link, adopted.target)
-                model.generation, model.state = adopted, "staged"
-                model.seen = adopted.manifest.identities()
-                log.info("%s: adopted generation %s without copying", config.name, adopted.id)
-            elif config.source.exists():
-                self._point_at_source(model)
-            else:
-                self._set_missing(model)
-
-    def _adoptable(self, config: ModelConfig, generations: list[Generation]) -> Generation | None:
-        for generation in generations:
-            manifest = generation.manifest
-            if manifest.source != str(config.source) or (
-                config.digest and manifest.digest != config.digest
-            ):
-                continue
-            try:
-                same_source = list_source(config.source).identities() == manifest.identities()
-                complete = all(
-                    os.stat(generation.path / f.relpath).st_size == f.size_bytes
-                    for f in manifest.files
-                )
-            except (OSError, RamstageError):
-                continue
-            if same_source and complete:
-                return generation
-        return None
 
     # ---- reload -----------------------------------------------------------------------
 
@@ -643,27 +438,15 @@ class Daemon:
         old_models = {m.name: m for m in self.config.models}
         new_models = {m.name: m for m in new.models}
         for name in old_models.keys() - new_models.keys():
-            model = self.models.pop(name)
-            links.remove(model.link)
-            if model.job:
-                # The copy thread is still writing under STORE/NAME: deleting that tree now
-                # races it (and an error there ends the loop). The copy removes its own partial
-                # and _job_done the rest.
-                model.job.cancel.set()
-                if model.generation:
-                    self.store.remove(model.generation)
-            else:
-                self.store.remove_model(name)
-            model.settle("removed from the config")
+            self.catalog.remove(name).settle("removed from the config")
             log.info("%s: removed from the config; link and RAM copy gone", name)
         for name, config in new_models.items():
             previous = old_models.get(name)
             if previous is None:
-                model = Model(config, self.config.links_dir / name)
-                self.models[name] = model
-                self._point_at_source(model)
+                model = self.catalog.add(config)
+                self.catalog.point_at_source(model)
                 if not config.source.exists():
-                    self._set_missing(model)
+                    self.catalog.set_missing(model)
                 log.info("%s: added", name)
             elif (previous.source, previous.digest, previous.validate) != (
                 config.source,
@@ -672,185 +455,19 @@ class Daemon:
             ):
                 model = self.models[name]
                 model.config = config
-                self._fall_back(model, "source_changed")
+                self.catalog.fall_back(model, "source_changed")
                 model.state = "pending" if config.source.exists() else "missing"
                 log.info("%s: source changed to %s; staging again", name, config.source)
             else:
                 self.models[name].config = config
         if new.memory != self.config.memory:
-            self._watch_memory(new.memory)
+            self.guard.watch(new.memory)
         self.config = new
         self.watcher.watch(self._sources())
         log.info("reloaded %s: %d models", self.config_path, len(self.models))
         self.notifier.send("READY=1")
         if future:
             future.set_result({"models": len(self.models)})
-
-    # ---- memory pressure --------------------------------------------------------------
-
-    def _watch_memory(self, memory: MemoryConfig) -> None:
-        if self.memory_watcher:
-            self.memory_watcher.stop()
-        self.memory_watcher = PressureWatcher(memory, self.system, self.events.put, os.environ)
-        self.memory_watcher.start()
-
-    def _since_pressure(self, last_pressure_at: float | None) -> float | None:
-        return None if last_pressure_at is None else self.system.monotonic() - last_pressure_at
-
-    def _pressure_refusal(self, model: Model) -> str | None:
-        """Within the cooldown of a pressure event nothing is staged on its own; an operator's
-        explicit `stage` (a waiter) still is, as far as admit's floor allows."""
-        memory = self.config.memory
-        paused = policy.under_pressure(
-            self.system.available_bytes(),
-            memory.min_available_bytes,
-            self._since_pressure(self.last_pressure_at),
-            memory.effective_cooldown_seconds,
-        )
-        return "pressure" if paused and not model.waiters else None
-
-    def _relieve(self, event: Pressure) -> None:
-        """Gives RAM back in policy order, looking at MemAvailable again after every eviction
-        (earlyoom's rule: re-read before anything destructive), until it is above the floor."""
-        self.last_pressure_at = self.system.monotonic()
-        floor = self.config.memory.min_available_bytes
-        available = self.system.available_bytes()  # the event's reading may be stale already
-        evicted = 0
-        copying = next((m for m in self.models.values() if m.job), None)
-        if copying and policy.keep_evicting(available, floor, event.kind, evicted):
-            # A copy in progress goes first: RAM that no reader uses yet.
-            log.warning(
-                "%s: copy cancelled for memory pressure (%s): MemAvailable %d, floor %d",
-                copying.config.name,
-                event.kind,
-                available,
-                floor,
-            )
-            self._fall_back(copying, "pressure")
-            self._back_off(copying)
-            evicted += 1
-            available = self.system.available_bytes()
-        # The order costs a walk over /proc (who holds what): only when something must go.
-        order = (
-            self._eviction_order()
-            if policy.keep_evicting(available, floor, event.kind, evicted)
-            else []
-        )
-        for name in order:
-            if not policy.keep_evicting(available, floor, event.kind, evicted):
-                break
-            available = self._evict(self.models[name], event.kind, available)
-            evicted += 1
-        if evicted or not policy.keep_evicting(available, floor, event.kind, evicted):
-            self._nothing_to_evict = False  # the episode is over, or something could be done
-        else:
-            if not self._nothing_to_evict:
-                log.warning(
-                    "memory pressure (%s): MemAvailable %d, floor %d, nothing left to evict"
-                    " (%d bytes pinned by readers)",
-                    event.kind,
-                    available,
-                    floor,
-                    sum(sum(m.retired.values()) for m in self.models.values()),
-                )
-            self._nothing_to_evict = True
-
-    def _eviction_order(self) -> list[str]:
-        staged = [
-            (m.config, g)
-            for m in self.models.values()
-            if m.state == "staged" and (g := m.generation)
-        ]
-        held = holders(self.system.proc, {key for _, g in staged for key in g.file_keys})
-        return policy.eviction_order(
-            policy.Resident(c.name, c.priority, last_used(g, held), g.manifest.size_bytes)
-            for c, g in staged
-        )
-
-    def _evict(self, model: Model, trigger: str, available_before: int) -> int:
-        """Link to the source, then the generation deleted (_fall_back); returns MemAvailable
-        read again afterwards. Only bytes no reader holds count as freed."""
-        generation = model.generation
-        assert generation is not None
-        self._fall_back(model, "pressure")
-        pinned = sum(size for key, size in model.retired.items() if key in generation.file_keys)
-        backoff = self._back_off(model)
-        available = self.system.available_bytes()
-        log.warning(
-            "%s: evicted for memory pressure (%s): MemAvailable %d -> %d, floor %d; freed %d"
-            " bytes, %d pinned by readers; staged again no sooner than %.1fs from now"
-            " (eviction %d in a row)",
-            model.config.name,
-            trigger,
-            available_before,
-            available,
-            self.config.memory.min_available_bytes,
-            generation.manifest.size_bytes - pinned,
-            pinned,
-            backoff.delay_seconds,
-            backoff.count,
-        )
-        return available
-
-    def _back_off(self, model: Model) -> policy.Backoff:
-        name = model.config.name
-        backoff = policy.next_backoff(
-            self.backoffs.get(name),
-            self.system.monotonic(),
-            self.config.memory.effective_cooldown_seconds,
-        )
-        self.backoffs[name] = backoff
-        return backoff
-
-    def _maybe_resume(self) -> None:
-        """When memory is calm again, one model evicted (or refused) for pressure goes back to
-        pending, the highest priority first; _start checks its budget again."""
-        waiting = [
-            m
-            for m in self.models.values()
-            if m.state == "fallback" and m.reason == "pressure" and not m.held
-        ]
-        busy = any(m.job or (m.state == "pending" and not m.held) for m in self.models.values())
-        if not waiting or busy or self.stopping:
-            return
-        memory = self.config.memory
-        available, since = (
-            self.system.available_bytes(),
-            self._since_pressure(self.last_pressure_at),
-        )
-        if not policy.may_resume(
-            available, memory.resume_available_bytes, since, memory.effective_cooldown_seconds
-        ):
-            return
-        now = self.system.monotonic()
-        name = policy.next_to_stage(
-            policy.Candidate(m.config.name, m.config.priority)
-            for m in waiting
-            if m.config.name not in self.backoffs or self.backoffs[m.config.name].not_before <= now
-        )
-        if name is None:
-            return
-        model = self.models[name]
-        model.state, model.reason = "pending", None
-        log.info(
-            "%s: staging again: MemAvailable %d >= resume %d, no pressure for %s",
-            name,
-            available,
-            memory.resume_available_bytes,
-            "ever" if since is None else f"{since:.1f}s",
-        )
-
-    def _pressure_fields(self, model: Model) -> dict[str, Any]:
-        backoff = self.backoffs.get(model.config.name)
-        return {
-            "pressure_evictions": backoff.count if backoff else 0,
-            "backoff_seconds": backoff.delay_seconds if backoff else None,
-        }
-
-    def _memory_status(self, pinned_bytes: int) -> dict[str, Any]:
-        """Runs in the control thread, like status()."""
-        since = self._since_pressure(self.snapshot.get("last_pressure_at"))
-        return memory_status(self.config.memory, self.system, since, pinned_bytes)
 
     # ---- what others see --------------------------------------------------------------
 
@@ -865,70 +482,24 @@ class Daemon:
         self.notifier.send("READY=1")
 
     def _publish_snapshot(self) -> None:
-        models = []
-        for model in self.models.values():
-            generation = model.generation
-            models.append(
-                {
-                    "name": model.config.name,
-                    "state": model.state,
-                    "link": str(model.link),
-                    "target": links.read(model.link),
-                    "source": str(model.config.source),
-                    "size_bytes": generation.manifest.size_bytes if generation else None,
-                    "digest": generation.manifest.digest if generation else None,
-                    "generation": generation.id if generation else None,
-                    "reason": model.reason,
-                    "progress": 1.0
-                    if model.state == "staged"
-                    else (model.job.progress if model.job else 0.0),
-                    "priority": model.config.priority,
-                    **self._pressure_fields(model),
-                    "skipped": list(generation.manifest.skipped) if generation else [],
-                    "_current": generation.file_keys if generation else {},
-                    # Swapped-out generations still in their grace period count like unlinked ones:
-                    # the link no longer points at them, so whoever holds them pins their bytes.
-                    "_retired": {
-                        **model.retired,
-                        **{k: v for _, g in model.outgoing for k, v in g.file_keys.items()},
-                    },
-                }
-            )
-        self.snapshot = {"models": models, "last_pressure_at": self.last_pressure_at}
+        self.snapshot = {
+            "models": [model_entry(model, self.guard) for model in self.models.values()],
+            "last_pressure_at": self.guard.last_pressure_at,
+        }
         staged = sum(m.state == "staged" for m in self.models.values())
         self.notifier.status(f"{staged}/{len(self.models)} models staged")
 
     def status(self, name: str | None = None) -> dict[str, Any]:
         """Runs in the control thread, from the latest snapshot plus fresh readings."""
-        models = self.snapshot.get("models", [])
-        if name is not None:
-            models = [m for m in models if m["name"] == name]
-            if not models:
-                raise NotFound(f"no model named {name} in {self.config_path}")
-        wanted = {k for m in models for k in [*m["_current"], *m["_retired"]]}
-        held = holders(self.system.proc, wanted)
-        size, used = self.store.usage()
-        result = []
-        for m in models:
-            public = {k: v for k, v in m.items() if not k.startswith("_")}
-            pinned = {k: v for k, v in m["_retired"].items() if k in held}
-            users = set().union(*(held[k] for k in [*m["_current"], *pinned] if k in held))
-            public["pinned_bytes"] = sum(pinned.values())
-            public["users"] = sorted(users)
-            result.append(public)
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "store": {
-                "path": str(self.store.path),
-                "mounted": self.store.mounted,
-                "size_bytes": size,
-                "used_bytes": used,
-                "swappable": self.store.swappable,
-            },
-            "memory": self._memory_status(sum(m["pinned_bytes"] for m in result)),
-            "models": result,
-        }
+        snapshot = self.snapshot
+        return render(
+            snapshot.get("models", []),
+            name,
+            store=self.store,
+            system=self.system,
+            memory=lambda pinned: self.guard.status(pinned, snapshot.get("last_pressure_at")),
+            config_path=self.config_path,
+        )
 
     # ---- control socket (runs in its threads) -----------------------------------------
 
@@ -962,7 +533,7 @@ class Daemon:
             manifest = generation.manifest
             for staged_file in manifest.files:
                 try:
-                    actual = _hash_file(generation.path / staged_file.relpath, manifest.algorithm)
+                    actual = hash_file(generation.path / staged_file.relpath, manifest.algorithm)
                 except FileNotFoundError:
                     continue  # replaced since: its successor was verified when it was made
                 if actual != staged_file.digest:
@@ -974,15 +545,6 @@ class Daemon:
                 f"digest mismatch in RAM: {', '.join(mismatched)}; falling back and staging again"
             )
         return {"verified": sorted(generations)}
-
-
-def _hash_file(path: Path, algorithm: str) -> str:
-    hasher = new_hasher(algorithm)
-    buffer = bytearray(CHUNK_BYTES)
-    with open(path, "rb", buffering=0) as f:
-        while count := f.readinto(buffer):
-            hasher.update(memoryview(buffer)[:count])
-    return f"{algorithm}:{hasher.hexdigest()}"
 
 
 def run_daemon(config_path: Path) -> int:

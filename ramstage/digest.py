@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any, Protocol, cast
 
 
@@ -33,4 +34,13 @@ def combine(algorithm: str, lines: list[str]) -> str:
     """The digest of a directory: the hash of its sorted "path size digest" lines."""
     hasher = new_hasher(algorithm)
     hasher.update("".join(line + "\n" for line in sorted(lines)).encode())
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def hash_file(path: str | os.PathLike[str], algorithm: str) -> str:
+    hasher = new_hasher(algorithm)
+    buffer = bytearray(8 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while count := f.readinto(buffer):
+            hasher.update(memoryview(buffer)[:count])
     return f"{algorithm}:{hasher.hexdigest()}"

@@ -70,7 +70,7 @@ def test_in_place_writer_is_staged_once_after_close_and_settle(tmp_path, make_da
 
 
 def test_rename_into_place_makes_exactly_one_new_generation(tmp_path, make_daemon):
-    source = write_random(tmp_path / "src" / "m.safetensors", 4 << 20, seed=2)
+    source = write_random(tmp_path / "src" / "m.bin", 4 << 20, seed=2)
     daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
     daemon.wait_state("m", "staged")
     replace(source, os.urandom(3 << 20))
