@@ -32,6 +32,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="512M,4G")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--huge", default="within_size", help="the store's store.huge setting")
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/ramstage-gpu-link"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     args = parser.parse_args()
@@ -45,7 +46,7 @@ def main() -> int:
     run = args.work / "run"
     config = args.work / "ramstage.yaml"
     config.write_text(yaml.safe_dump({
-        "store": {"path": str(run / "store"), "size": "12G", "mount": True},
+        "store": {"path": str(run / "store"), "size": "12G", "mount": True, "huge": args.huge},
         "links_dir": str(run / "models"),
         "socket": str(run / "control.sock"),
         "memory": {"min_available": "4G", "resume_available": "8G"},
@@ -85,8 +86,8 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['model']} | {r['client_median_s'] * 1e3:.1f} ms | {r['client_gb_per_s']:.1f} "
                      f"| {r['plain_median_s'] * 1e3:.1f} ms | {r['ratio']:.3f} | {r['identical']} |")
-    (args.out / "gpu-link.md").write_text("\n".join(lines) + "\n")
-    (args.out / "gpu-link.json").write_text(json.dumps(rows, indent=1))
+    (args.out / f"gpu-link-huge-{args.huge}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"gpu-link-huge-{args.huge}.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
     return 0 if all(r["identical"] for r in rows) else 1
 

@@ -21,6 +21,7 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _PSI_RE = re.compile(r"^(some|full)\s+(\S+)\s+(\S+)$")
 CHECKSUMS = ("sha256", "blake3")
+HUGE_MODES = ("within_size", "never", "always", "advise")  # tmpfs huge= (tmpfs.rst)
 READY_MODES = ("links", "staged")
 VALIDATE_MODES = ("format", "torch", "none")
 
@@ -30,6 +31,7 @@ class StoreConfig:
     path: Path = Path("/run/ramstage/store")
     size_bytes: int = 8 << 30
     mount: bool = True
+    huge: str = "within_size"
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,7 @@ def parse_config(data: Any, *, check_sources: bool = False) -> Config:
         problems,
         ("store", "links_dir", "socket", "checksum", "ready", "memory", "watch", "models"),
     )
-    store = _Section(top.data.get("store"), "store", problems, ("path", "size", "mount"))
+    store = _Section(top.data.get("store"), "store", problems, ("path", "size", "mount", "huge"))
     memory = _Section(
         top.data.get("memory"),
         "memory",
@@ -302,6 +304,7 @@ def parse_config(data: Any, *, check_sources: bool = False) -> Config:
             path=store.get("path", _absolute_path, defaults.store.path),
             size_bytes=store.get("size", parse_size, defaults.store.size_bytes),
             mount=store.get("mount", _boolean, defaults.store.mount),
+            huge=store.get("huge", _choice(HUGE_MODES), defaults.store.huge),
         ),
         links_dir=top.get("links_dir", _absolute_path, defaults.links_dir),
         socket=top.get("socket", _absolute_path, defaults.socket),

@@ -124,10 +124,11 @@ class Store:
         base = f"{size_option},mode=0755,nosuid,nodev,noexec"
         # Optional options, best first, each dropped where the kernel refuses it:
         # noswap (Linux 6.4+): a staged copy that is swapped out is slower than the SSD it
-        # mirrors; huge=within_size: the stager preallocates each file, so it gets 2 MiB pages,
-        # which made torch.load through the link 13% faster and mmap first touch 6x faster
-        # (docs/benchmarks.md).
-        for extras in (",huge=within_size,noswap", ",huge=within_size", ",noswap", ""):
+        # mirrors; huge= (store.huge, default within_size): the stager preallocates each file,
+        # so it gets 2 MiB pages, which made torch.load through the link 13% faster and mmap
+        # first touch 6x faster (docs/benchmarks.md).
+        huge = f",huge={self.config.huge}" if self.config.huge != "never" else ""
+        for extras in (huge + ",noswap", huge, ",noswap", ""):
             try:
                 self.system.run_in_init_namespace(
                     ["mount", "-t", "tmpfs", "-o", base + extras, FS_NAME, str(self.path)]
