@@ -81,8 +81,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device, reps: int,
-          before: Callable[[], None] | None = None) -> list[float]:
+def timed(
+    fn: Callable[[], Any], device: torch.device, reps: int, before: Callable[[], None] | None = None
+) -> list[float]:
     seconds = []
     for _ in range(reps):
         if before is not None:
@@ -103,14 +104,18 @@ def same(a: Any, b: Any) -> bool:
         return False
     for key in a:
         x, y = a[key], b[key]
-        if not (x.dtype == y.dtype and x.shape == y.shape and x.stride() == y.stride()
-                and x.storage_offset() == y.storage_offset() and x.device == y.device
-                and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))):
+        if not (
+            x.dtype == y.dtype
+            and x.shape == y.shape
+            and x.stride() == y.stride()
+            and x.storage_offset() == y.storage_offset()
+            and x.device == y.device
+            and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+        ):
             return False
     owners_a = {k: a[k].untyped_storage().data_ptr() for k in a}
     owners_b = {k: b[k].untyped_storage().data_ptr() for k in b}
-    return all((owners_a[j] == owners_a[k]) == (owners_b[j] == owners_b[k])
-               for j in a for k in a)
+    return all((owners_a[j] == owners_a[k]) == (owners_b[j] == owners_b[k]) for j in a for k in a)
 
 
 def drop_caches(enabled: bool) -> Callable[[], None]:
@@ -118,6 +123,7 @@ def drop_caches(enabled: bool) -> Callable[[], None]:
         os.sync()
         if enabled:
             Path("/proc/sys/vm/drop_caches").write_text("3")
+
     return drop
 
 
@@ -125,8 +131,18 @@ def mount_tmpfs(root: Path, huge: str, size_bytes: int, mount: bool) -> Path:
     target = root / f"tmpfs-huge-{huge}"
     target.mkdir(parents=True, exist_ok=True)
     if mount:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes},huge={huge}",
-                        "ramstage-bench", str(target)], check=True)
+        subprocess.run(
+            [
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                f"size={size_bytes},huge={huge}",
+                "ramstage-bench",
+                str(target),
+            ],
+            check=True,
+        )
     return target
 
 
@@ -151,8 +167,9 @@ def pinned_copy_seconds(nbytes: int, device: torch.device, reps: int) -> list[fl
     return timed(lambda: target.copy_(host, non_blocking=True), device, reps)
 
 
-def sweep(path: Path, device: torch.device, reps: int, threads: list[int],
-          rings: list[int]) -> list[dict[str, Any]]:
+def sweep(
+    path: Path, device: torch.device, reps: int, threads: list[int], rings: list[int]
+) -> list[dict[str, Any]]:
     results = []
     for n in threads:
         for ring in rings:
@@ -164,30 +181,60 @@ def sweep(path: Path, device: torch.device, reps: int, threads: list[int],
             first = timed(once, device, 1)[0]
             runs = timed(once, device, reps)
             loader.release()
-            results.append({"threads": n, "ring_bytes": ring, "median_s": statistics.median(runs),
-                            "first_call_s": first, "runs_s": runs})
-            print(f"sweep threads={n:2d} ring={ring // MiB:4d}MiB "
-                  f"median={results[-1]['median_s'] * 1e3:8.1f} ms first={first * 1e3:8.1f} ms",
-                  flush=True)
+            results.append(
+                {
+                    "threads": n,
+                    "ring_bytes": ring,
+                    "median_s": statistics.median(runs),
+                    "first_call_s": first,
+                    "runs_s": runs,
+                }
+            )
+            print(
+                f"sweep threads={n:2d} ring={ring // MiB:4d}MiB "
+                f"median={results[-1]['median_s'] * 1e3:8.1f} ms first={first * 1e3:8.1f} ms",
+                flush=True,
+            )
     return results
 
 
-def row(rows: list[dict[str, Any]], checkpoint: str, what: str, nbytes: int,
-        runs: list[float], **extra: Any) -> None:
+def row(
+    rows: list[dict[str, Any]],
+    checkpoint: str,
+    what: str,
+    nbytes: int,
+    runs: list[float],
+    **extra: Any,
+) -> None:
     median = statistics.median(runs)
-    rows.append({"checkpoint": checkpoint, "path": what, "bytes": nbytes, "median_s": median,
-                 "gb_per_s": nbytes / median / 1e9, "runs_s": runs, **extra})
-    print(f"{checkpoint:24s} {what:58s} {median * 1e3:9.1f} ms {nbytes / median / 1e9:6.2f} GB/s",
-          flush=True)
+    rows.append(
+        {
+            "checkpoint": checkpoint,
+            "path": what,
+            "bytes": nbytes,
+            "median_s": median,
+            "gb_per_s": nbytes / median / 1e9,
+            "runs_s": runs,
+            **extra,
+        }
+    )
+    print(
+        f"{checkpoint:24s} {what:58s} {median * 1e3:9.1f} ms {nbytes / median / 1e9:6.2f} GB/s",
+        flush=True,
+    )
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| checkpoint | path to the device | median ms | GB/s | × plain load, same tmpfs |",
-             "|---|---|---:|---:|---:|"]
+    lines = [
+        "| checkpoint | path to the device | median ms | GB/s | × plain load, same tmpfs |",
+        "|---|---|---:|---:|---:|",
+    ]
     for r in rows:
         ratio = f"{r['ratio']:.3f}" if r.get("ratio") is not None else ""
-        lines.append(f"| {r['checkpoint']} | {r['path']} | {r['median_s'] * 1e3:.1f} "
-                     f"| {r['gb_per_s']:.2f} | {ratio} |")
+        lines.append(
+            f"| {r['checkpoint']} | {r['path']} | {r['median_s'] * 1e3:.1f} "
+            f"| {r['gb_per_s']:.2f} | {ratio} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -198,8 +245,12 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", default="4,8,12,16", help="sweep: reader thread counts")
     parser.add_argument("--rings", default="64M,128M,256M,512M", help="sweep: ring sizes")
-    parser.add_argument("--work", type=Path, default=Path("/var/tmp/ramstage-bench"),
-                        help="disk directory for the checkpoints and the tmpfs mount points")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/var/tmp/ramstage-bench"),
+        help="disk directory for the checkpoints and the tmpfs mount points",
+    )
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--no-mount", action="store_true", help="plain directories, no tmpfs")
     parser.add_argument("--no-drop", action="store_true", help="do not drop the page cache")
@@ -214,13 +265,19 @@ def main() -> int:
     disk.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     tmpfs_bytes = int(sum(sizes) * 2.2) + 256 * MiB
-    mounts = {huge: mount_tmpfs(args.work, huge, tmpfs_bytes, not args.no_mount)
-              for huge in ("never", "within_size")}
+    mounts = {
+        huge: mount_tmpfs(args.work, huge, tmpfs_bytes, not args.no_mount)
+        for huge in ("never", "within_size")
+    }
     shmem_enabled = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
-    env = {"torch": torch.__version__, "cpus": cpus, "kernel": platform.release(),
-           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
-           "shmem_enabled": shmem_enabled.read_text().strip() if shmem_enabled.exists() else "",
-           "page_cache_dropped": not args.no_drop}
+    env = {
+        "torch": torch.__version__,
+        "cpus": cpus,
+        "kernel": platform.release(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
+        "shmem_enabled": shmem_enabled.read_text().strip() if shmem_enabled.exists() else "",
+        "page_cache_dropped": not args.no_drop,
+    }
     print(json.dumps(env), flush=True)
     rows: list[dict[str, Any]] = []
     identical = True
@@ -234,8 +291,10 @@ def main() -> int:
                     shutil.copyfile(path, mount / path.name)
                     files[(nbytes, fmt)][huge] = mount / path.name
                     env[f"thp_file_alloc_{huge}_{path.name}"] = vmstat("thp_file_alloc") - before
-        env["meminfo_kib"] = {f: meminfo_kib(f) for f in ("Shmem", "ShmemHugePages",
-                                                           "ShmemPmdMapped", "FileHugePages")}
+        env["meminfo_kib"] = {
+            f: meminfo_kib(f)
+            for f in ("Shmem", "ShmemHugePages", "ShmemPmdMapped", "FileHugePages")
+        }
         largest = max(sizes)
         sweep_path = files[(largest, "safetensors")]["within_size"]
         sweep_results = sweep(sweep_path, device, args.reps, threads, rings)
@@ -249,8 +308,7 @@ def main() -> int:
 
         for nbytes in sizes:
             copy_runs = pinned_copy_seconds(nbytes, device, args.reps)
-            row(rows, f"{nbytes // MiB} MiB", "pinned host-to-device copy alone", nbytes,
-                copy_runs)
+            row(rows, f"{nbytes // MiB} MiB", "pinned host-to-device copy alone", nbytes, copy_runs)
             for fmt in ("safetensors", "pth"):
                 paths = files[(nbytes, fmt)]
                 size = paths["disk"].stat().st_size
@@ -263,13 +321,22 @@ def main() -> int:
                     fast_runs = timed(lambda p=p: fast(p), device, args.reps)
                     ok = same(fast(p), plain_load(p, device))
                     identical &= ok
-                    row(rows, name, f"{plain} from tmpfs huge={huge}", size,
-                        plain_runs)
-                    row(rows, name, f"fastload.load from tmpfs huge={huge}", size, fast_runs,
+                    row(rows, name, f"{plain} from tmpfs huge={huge}", size, plain_runs)
+                    row(
+                        rows,
+                        name,
+                        f"fastload.load from tmpfs huge={huge}",
+                        size,
+                        fast_runs,
                         ratio=statistics.median(fast_runs) / statistics.median(plain_runs),
-                        identical=ok)
-                cold = timed(lambda p=paths["disk"]: plain_load(p, device), device, args.reps,
-                             before=drop_caches(not args.no_drop))
+                        identical=ok,
+                    )
+                cold = timed(
+                    lambda p=paths["disk"]: plain_load(p, device),
+                    device,
+                    args.reps,
+                    before=drop_caches(not args.no_drop),
+                )
                 row(rows, name, f"{plain} from disk, page cache dropped", size, cold)
         loader.release()
         first = timed(lambda: fast(files[(largest, "safetensors")]["within_size"]), device, 1)
@@ -280,8 +347,13 @@ def main() -> int:
                 subprocess.run(["umount", str(mount)], check=False)
     table = markdown(rows)
     print(table)
-    result = {"env": env, "sweep": sweep_results, "chosen": chosen, "rows": rows,
-              "identical": identical}
+    result = {
+        "env": env,
+        "sweep": sweep_results,
+        "chosen": chosen,
+        "rows": rows,
+        "identical": identical,
+    }
     (args.out / "bench_gpu.json").write_text(json.dumps(result, indent=1))
     (args.out / "bench_gpu.md").write_text(table)
     print("bit-identical to the plain loader:", identical)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from bench_gpu import MiB, parse_size, plain_load, same, timed, write_checkpoints
+from bench_gpu import parse_size, plain_load, same, timed, write_checkpoints
 
 from ramstage import client
 
@@ -45,47 +45,72 @@ def main() -> int:
             sources[f"{path.stem}-{kind}"] = path
     run = args.work / "run"
     config = args.work / "ramstage.yaml"
-    config.write_text(yaml.safe_dump({
-        "store": {"path": str(run / "store"), "size": "12G", "mount": True, "huge": args.huge},
-        "links_dir": str(run / "models"),
-        "socket": str(run / "control.sock"),
-        "memory": {"min_available": "4G", "resume_available": "8G"},
-        "models": [{"name": name, "source": str(path)} for name, path in sources.items()],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "store": {
+                    "path": str(run / "store"),
+                    "size": "12G",
+                    "mount": True,
+                    "huge": args.huge,
+                },
+                "links_dir": str(run / "models"),
+                "socket": str(run / "control.sock"),
+                "memory": {"min_available": "4G", "resume_available": "8G"},
+                "models": [{"name": name, "source": str(path)} for name, path in sources.items()],
+            }
+        )
+    )
     daemon = subprocess.Popen([sys.executable, "-m", "ramstage", "daemon", "--config", str(config)])
     rows = []
     try:
         for name in sources:
             client.wait_staged(name, timeout=300, config=config)
-        print(subprocess.run([sys.executable, "-m", "ramstage", "status", "--config", str(config)],
-                             capture_output=True, text=True).stdout, flush=True)
+        status = [sys.executable, "-m", "ramstage", "status", "--config", str(config)]
+        print(subprocess.run(status, capture_output=True, text=True, check=True).stdout, flush=True)
         for name, source in sources.items():
             link = client.resolve(name, config=config)
             nbytes = source.stat().st_size
             fast = client.load(name, device="cuda", config=config)
             identical = same(fast, plain_load(link.resolve(), device))
             del fast
-            runs_client = timed(lambda: client.load(name, device="cuda", config=config), device, args.reps)
-            runs_plain = timed(lambda: plain_load(link.resolve(), device), device, args.reps)
-            row = {"model": name, "bytes": nbytes, "identical": identical,
-                   "client_median_s": statistics.median(runs_client),
-                   "plain_median_s": statistics.median(runs_plain),
-                   "client_runs_s": runs_client, "plain_runs_s": runs_plain}
+            runs_client = timed(
+                lambda name=name: client.load(name, device="cuda", config=config), device, args.reps
+            )
+            runs_plain = timed(
+                lambda link=link: plain_load(link.resolve(), device), device, args.reps
+            )
+            row = {
+                "model": name,
+                "bytes": nbytes,
+                "identical": identical,
+                "client_median_s": statistics.median(runs_client),
+                "plain_median_s": statistics.median(runs_plain),
+                "client_runs_s": runs_client,
+                "plain_runs_s": runs_plain,
+            }
             row["client_gb_per_s"] = nbytes / row["client_median_s"] / 1e9
             row["ratio"] = row["client_median_s"] / row["plain_median_s"]
             rows.append(row)
-            print(f"{name:24s} client.load(cuda) {row['client_median_s'] * 1e3:8.1f} ms "
-                  f"{row['client_gb_per_s']:6.2f} GB/s | plain via link {row['plain_median_s'] * 1e3:8.1f} ms"
-                  f" | ratio {row['ratio']:.3f} | identical {identical}", flush=True)
+            print(
+                f"{name:24s} client.load(cuda) {row['client_median_s'] * 1e3:8.1f} ms "
+                f"{row['client_gb_per_s']:6.2f} GB/s | plain via link {row['plain_median_s'] * 1e3:8.1f} ms"
+                f" | ratio {row['ratio']:.3f} | identical {identical}",
+                flush=True,
+            )
         client.release()
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
-    lines = ["| checkpoint | client.load(device=\"cuda\") via link | GB/s | plain loader via link | ratio | bit-identical |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        '| checkpoint | client.load(device="cuda") via link | GB/s | plain loader via link | ratio | bit-identical |',
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['client_median_s'] * 1e3:.1f} ms | {r['client_gb_per_s']:.1f} "
-                     f"| {r['plain_median_s'] * 1e3:.1f} ms | {r['ratio']:.3f} | {r['identical']} |")
+        lines.append(
+            f"| {r['model']} | {r['client_median_s'] * 1e3:.1f} ms | {r['client_gb_per_s']:.1f} "
+            f"| {r['plain_median_s'] * 1e3:.1f} ms | {r['ratio']:.3f} | {r['identical']} |"
+        )
     (args.out / f"gpu-link-huge-{args.huge}.md").write_text("\n".join(lines) + "\n")
     (args.out / f"gpu-link-huge-{args.huge}.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))

@@ -161,8 +161,10 @@ def report(results: dict, size_bytes: int, runs: int) -> str:
     rows = medians(results)
     link = rows[link_row("ramstage link", "huge=within_size")]
     out = [
-        f"torch.load of a {size_bytes / 2**20:.0f} MiB state_dict, median of {runs} runs"
-        " (fresh process each, page cache dropped before each run)",
+        (
+            f"torch.load of a {size_bytes / 2**20:.0f} MiB state_dict, median of {runs} runs"
+            " (fresh process each, page cache dropped before each run)"
+        ),
         "",
         "| case | median | vs link (huge store) | runs (s) |",
         "|---|---:|---:|---|",

@@ -38,13 +38,12 @@ def test_sigkill_in_the_middle_of_a_1gib_copy_links_nothing_partial(tmp_path, ma
     assert watcher.reads > 1000
     assert partials(daemon.store) == []
     assert sha256_file(link) == sha256_file(source)
-    assert [p.name for p in (daemon.store / "big").iterdir() if p.is_dir()] == [
-        model["generation"]
-    ]
+    assert [p.name for p in (daemon.store / "big").iterdir() if p.is_dir()] == [model["generation"]]
 
 
-@pytest.mark.parametrize("mount", [pytest.param(True, marks=pytest.mark.root), False],
-                         ids=["tmpfs", "directory"])
+@pytest.mark.parametrize(
+    "mount", [pytest.param(True, marks=pytest.mark.root), False], ids=["tmpfs", "directory"]
+)
 def test_sigkill_after_staging_then_restart_adopts_without_copying(tmp_path, make_daemon, mount):
     source = write_random(tmp_path / "ssd" / "m.ckpt", 16 << 20)
     shards = write_random(tmp_path / "ssd" / "shards" / "a.bin", 1 << 20).parent

@@ -13,8 +13,18 @@ import pytest
 from conftest import sha256_file, wait_for, write_random
 
 CONTRACT_MODEL_FIELDS = {
-    "name", "state", "link", "target", "source", "size_bytes", "digest", "generation",
-    "reason", "progress", "pinned_bytes", "users",
+    "name",
+    "state",
+    "link",
+    "target",
+    "source",
+    "size_bytes",
+    "digest",
+    "generation",
+    "reason",
+    "progress",
+    "pinned_bytes",
+    "users",
 }
 
 
@@ -33,9 +43,7 @@ def make_tree(root: Path, outside: Path) -> Path:
 
 def staged_files(generation: Path) -> dict[str, Path]:
     return {
-        str(path.relative_to(generation)): path
-        for path in generation.rglob("*")
-        if path.is_file()
+        str(path.relative_to(generation)): path for path in generation.rglob("*") if path.is_file()
     }
 
 
@@ -66,7 +74,10 @@ def test_a_file_and_a_directory_are_staged_verified_and_read_only(tmp_path, make
     for relpath, path in staged.items():
         assert sha256_file(path) == sha256_file(tree / relpath), relpath
         assert stat.S_IMODE(path.stat().st_mode) == 0o444
-    for directory in [Path(os.path.realpath(dir_link)), *Path(os.path.realpath(dir_link)).rglob("*")]:
+    for directory in [
+        Path(os.path.realpath(dir_link)),
+        *Path(os.path.realpath(dir_link)).rglob("*"),
+    ]:
         if directory.is_dir():
             assert stat.S_IMODE(directory.stat().st_mode) == 0o555, directory
 
@@ -201,8 +212,10 @@ def test_verify_rehashes_the_copies_in_ram(tmp_path, make_daemon):
     assert "digest mismatch in RAM: m" in result.stderr
     # Staged again: a fresh copy (content-named, so at the same path), which verifies.
     wait_for(
-        lambda: daemon.model("m")["state"] == "staged"
-        and sha256_file(daemon.links / "m") == sha256_file(source)
+        lambda: (
+            daemon.model("m")["state"] == "staged"
+            and sha256_file(daemon.links / "m") == sha256_file(source)
+        )
     )
     assert daemon.cli("verify", check=True).stdout.strip() == "verified: m"
 

@@ -27,11 +27,32 @@ pytestmark = pytest.mark.torch
 
 THREADS, RING_BYTES = 3, 48 << 10
 TARGETS = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16,
-          torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64]
-ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-            torch.float64: "F64", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
-            torch.int64: "I64", torch.uint8: "U8", torch.bool: "BOOL", torch.complex64: "C64"}
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+]
+ST_NAMES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+}
 
 
 @pytest.fixture(params=TARGETS)
@@ -97,8 +118,11 @@ def write_safetensors(path: Path, tensors: dict[str, Any]) -> Path:
     blobs, offset = [], 0
     for name, tensor in tensors.items():
         blob = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        header[name] = {"dtype": ST_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {
+            "dtype": ST_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
         blobs.append(blob)
         offset += len(blob)
     text = json.dumps(header).encode()
@@ -112,8 +136,9 @@ def test_every_dtype_round_trips_from_a_torch_checkpoint(target: Any, tmp_path: 
     state["scalar"] = torch.tensor(3.5)
     state["empty"] = torch.empty(0, 4)
     torch.save(state, tmp_path / "all.pth")
-    assert_same(load(target, tmp_path / "all.pth"),
-                torch.load(tmp_path / "all.pth", map_location=target[1]))
+    assert_same(
+        load(target, tmp_path / "all.pth"), torch.load(tmp_path / "all.pth", map_location=target[1])
+    )
 
 
 def test_every_dtype_round_trips_from_safetensors(target: Any, tmp_path: Path) -> None:
@@ -132,13 +157,19 @@ def test_safetensors_written_by_the_library_match_its_loader(target: Any, tmp_pa
     assert_same(dict(sorted(got.items())), dict(sorted(want.items())))
 
 
-def test_tied_weights_views_and_strides_keep_their_storage_layout(target: Any,
-                                                                  tmp_path: Path) -> None:
+def test_tied_weights_views_and_strides_keep_their_storage_layout(
+    target: Any, tmp_path: Path
+) -> None:
     weight = torch.randn(300, 200)
     ints = torch.arange(50_000, dtype=torch.int64)
     state = OrderedDict(
-        weight=weight, tied=weight, transposed=weight.t(), rows=weight[10:20],
-        strided=weight[5:250:7, 3::11], ints=ints[1000:], ints_2d=ints[7:7 + 600].view(20, 30),
+        weight=weight,
+        tied=weight,
+        transposed=weight.t(),
+        rows=weight[10:20],
+        strided=weight[5:250:7, 3::11],
+        ints=ints[1000:],
+        ints_2d=ints[7 : 7 + 600].view(20, 30),
         bias=torch.randn(200),
     )
     torch.save(state, tmp_path / "tied.pt")
@@ -150,17 +181,28 @@ def test_tied_weights_views_and_strides_keep_their_storage_layout(target: Any,
 
 
 def test_lightning_style_checkpoint_round_trips_with_every_tensor_on_the_device(
-        target: Any, tmp_path: Path) -> None:
+    target: Any, tmp_path: Path
+) -> None:
     params = OrderedDict((f"layer{i}.weight", torch.randn(64, 48)) for i in range(4))
     params["head.weight"] = params["layer0.weight"]
     checkpoint = {
-        "epoch": 7, "global_step": 1234, "pytorch-lightning_version": "2.6.6",
+        "epoch": 7,
+        "global_step": 1234,
+        "pytorch-lightning_version": "2.6.6",
         "state_dict": params,
-        "optimizer_states": [{
-            "state": {i: {"step": torch.tensor(12.0), "exp_avg": torch.randn(64, 48),
-                          "exp_avg_sq": torch.rand(64, 48)} for i in range(4)},
-            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1, 2, 3]}],
-        }],
+        "optimizer_states": [
+            {
+                "state": {
+                    i: {
+                        "step": torch.tensor(12.0),
+                        "exp_avg": torch.randn(64, 48),
+                        "exp_avg_sq": torch.rand(64, 48),
+                    }
+                    for i in range(4)
+                },
+                "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1, 2, 3]}],
+            }
+        ],
         "lr_schedulers": [{"last_epoch": 7, "_last_lr": [1e-3]}],
         "hyper_parameters": {"hidden": 48, "name": "demo", "dropout": None},
         "callbacks": {"ModelCheckpoint": {"best_model_score": torch.tensor(0.25)}},
@@ -176,8 +218,13 @@ def test_lightning_style_checkpoint_round_trips_with_every_tensor_on_the_device(
 
 @pytest.mark.parametrize("kind", ["safetensors", "safetensors-index", "bin-index", "pt"])
 def test_sharded_directory_loads_as_one_dict(target: Any, tmp_path: Path, kind: str) -> None:
-    shards = [{f"block{s}.{i}": sample(DTYPES[(s + i) % len(DTYPES)], (30, 17 + i), seed=s * 9 + i)
-               for i in range(5)} for s in range(3)]
+    shards = [
+        {
+            f"block{s}.{i}": sample(DTYPES[(s + i) % len(DTYPES)], (30, 17 + i), seed=s * 9 + i)
+            for i in range(5)
+        }
+        for s in range(3)
+    ]
     directory = tmp_path / "model"
     directory.mkdir()
     (directory / "config.json").write_text("{}")
@@ -190,8 +237,11 @@ def test_sharded_directory_loads_as_one_dict(target: Any, tmp_path: Path, kind: 
             torch.save(shard, directory / f"pytorch_model-{s}{suffix}")
             names.append(f"pytorch_model-{s}{suffix}")
     if kind.endswith("index"):
-        index = "model.safetensors.index.json" if kind.startswith("safe") else \
-            "pytorch_model.bin.index.json"
+        index = (
+            "model.safetensors.index.json"
+            if kind.startswith("safe")
+            else "pytorch_model.bin.index.json"
+        )
         weight_map = {name: names[s] for s, shard in enumerate(shards) for name in shard}
         (directory / index).write_text(json.dumps({"weight_map": weight_map}))
     got = load(target, directory)
@@ -220,8 +270,9 @@ def test_thread_count_and_ring_size_are_bounded(tmp_path: Path, option: dict[str
         fastload.load(tmp_path / "a.pt", "cpu", **option)
 
 
-def test_cpu_device_without_the_flag_falls_back_and_says_so(tmp_path: Path,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_cpu_device_without_the_flag_falls_back_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     torch.save({"a": torch.randn(10)}, tmp_path / "a.pt")
     with caplog.at_level(logging.INFO, logger="ramstage.fastload"):
         got = fastload.load(tmp_path / "a.pt", "cpu")
@@ -229,8 +280,9 @@ def test_cpu_device_without_the_flag_falls_back_and_says_so(tmp_path: Path,
     assert "device cpu" in caplog.text and "plain loader" in caplog.text
 
 
-def test_meta_device_falls_back_to_torch_load(tmp_path: Path,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_meta_device_falls_back_to_torch_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     torch.save({"a": torch.randn(10, 3)}, tmp_path / "a.pt")
     with caplog.at_level(logging.INFO, logger="ramstage.fastload"):
         got = fastload.load(tmp_path / "a.pt", "meta")
@@ -240,16 +292,20 @@ def test_meta_device_falls_back_to_torch_load(tmp_path: Path,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable GPU")
 def test_cuda_without_a_gpu_falls_back_and_gives_torch_loads_error(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     torch.save({"a": torch.randn(10)}, tmp_path / "a.pt")
-    with caplog.at_level(logging.INFO, logger="ramstage.fastload"), \
-            pytest.raises(RuntimeError, match="CUDA"):
+    with (
+        caplog.at_level(logging.INFO, logger="ramstage.fastload"),
+        pytest.raises(RuntimeError, match="CUDA"),
+    ):
         fastload.load(tmp_path / "a.pt", "cuda")
     assert "no usable CUDA" in caplog.text
 
 
-def test_legacy_format_falls_back_with_the_right_result(target: Any, tmp_path: Path,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_legacy_format_falls_back_with_the_right_result(
+    target: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     state = {"a": torch.randn(70, 70), "b": torch.arange(9)}
     torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     with caplog.at_level(logging.INFO, logger="ramstage.fastload"):
@@ -264,25 +320,36 @@ class Opaque:
 
 
 def test_a_pickle_weights_only_refuses_gives_torch_loads_error(
-        target: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    target: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     torch.save({"a": torch.randn(4), "obj": Opaque(3)}, tmp_path / "opaque.pt")
-    with caplog.at_level(logging.INFO, logger="ramstage.fastload"), \
-            pytest.raises(pickle.UnpicklingError):
+    with (
+        caplog.at_level(logging.INFO, logger="ramstage.fastload"),
+        pytest.raises(pickle.UnpicklingError),
+    ):
         load(target, tmp_path / "opaque.pt")
     assert "opaque.pt" in caplog.text and "failed" in caplog.text
 
 
 def test_chunks_pack_neighbours_split_large_segments_and_skip_large_gaps() -> None:
     out = torch.empty(0, dtype=torch.uint8)
-    chunks = plan_chunks([
-        Segment("f", 0, 100, out, 0),
-        Segment("f", 164, 250, out, 0),           # 64-byte gap: read along, same chunk
-        Segment("f", 5 << 20, 10, out, 0),        # beyond the gap limit: a new read
-        Segment("g", 0, 10, out, 0),              # another file: a new read
-    ], chunk_bytes=256)
+    chunks = plan_chunks(
+        [
+            Segment("f", 0, 100, out, 0),
+            Segment("f", 164, 250, out, 0),  # 64-byte gap: read along, same chunk
+            Segment("f", 5 << 20, 10, out, 0),  # beyond the gap limit: a new read
+            Segment("g", 0, 10, out, 0),  # another file: a new read
+        ],
+        chunk_bytes=256,
+    )
     assert [(c.source, c.file_offset, c.nbytes) for c in chunks] == [
-        ("f", 0, 256), ("f", 256, 158), ("f", 5 << 20, 10), ("g", 0, 10)]
+        ("f", 0, 256),
+        ("f", 256, 158),
+        ("f", 5 << 20, 10),
+        ("g", 0, 10),
+    ]
     assert [(p.chunk_offset, p.target_offset, p.nbytes) for p in chunks[0].pieces] == [
-        (0, 0, 100), (164, 0, 92)]
-    assert [(p.chunk_offset, p.target_offset, p.nbytes) for p in chunks[1].pieces] == [
-        (0, 92, 158)]
+        (0, 0, 100),
+        (164, 0, 92),
+    ]
+    assert [(p.chunk_offset, p.target_offset, p.nbytes) for p in chunks[1].pieces] == [(0, 92, 158)]

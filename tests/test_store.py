@@ -16,8 +16,15 @@ from conftest import sha256_file, wait_for, write_random
 
 def findmnt(path: Path) -> dict[str, Any] | None:
     result = subprocess.run(
-        ["findmnt", "-J", "-b", "-o", "TARGET,SOURCE,FSTYPE,OPTIONS,SIZE,ID", "--mountpoint",
-         str(path)],
+        [
+            "findmnt",
+            "-J",
+            "-b",
+            "-o",
+            "TARGET,SOURCE,FSTYPE,OPTIONS,SIZE,ID",
+            "--mountpoint",
+            str(path),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -134,8 +141,13 @@ def test_partial_and_unknown_entries_in_the_store_are_removed_at_start(tmp_path,
     model = daemon.wait_state("m", "staged")
     left = sorted(str(p.relative_to(daemon.store)) for p in daemon.store.rglob("*"))
     generation = model["generation"]
-    assert left == [".ramstage-store", "m", f"m/{generation}", f"m/{generation}.json",
-                    f"m/{generation}/m.ckpt"]
+    assert left == [
+        ".ramstage-store",
+        "m",
+        f"m/{generation}",
+        f"m/{generation}.json",
+        f"m/{generation}/m.ckpt",
+    ]
 
 
 @pytest.mark.root
