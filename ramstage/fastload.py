@@ -34,11 +34,12 @@ from ramstage.fastload_pipeline import Ring
 
 log = logging.getLogger(__name__)
 
-# From the sweep in benchmarks/bench_gpu.py on one H100 (16 cores), see docs/gpu.md: 8 threads
-# and 256 MiB gave 21 GB/s for 4 GiB with the least spread; 12 threads and 512 MiB were 20% faster
-# but erratic with smaller rings, and hold twice the pinned memory.
-DEFAULT_THREADS = 8
-DEFAULT_RING_BYTES = 256 << 20
+# Measured on one H100 (16 cores), docs/benchmarks.md: 16 threads and a 512 MiB ring were the
+# fastest and steadiest in both sweeps (4 GiB: 21-34 GB/s through the link), where 8 threads and
+# 256 MiB gave 15-24 GB/s; smaller rings with many threads varied up to 3x. Threads are capped at
+# the CPU count; the ring is allocated on the first load (about 0.3 s) and kept until release().
+DEFAULT_THREADS = 16
+DEFAULT_RING_BYTES = 512 << 20
 MAX_THREADS = 64
 MIN_RING_BYTES = 16 << 10
 MAX_RING_BYTES = 8 << 30
