@@ -39,9 +39,8 @@ from ramstage.state import (
 from ramstage.status import model_entry, render
 from ramstage.store import Generation, Store, remove_tree
 from ramstage.system import System
-from ramstage.users import writers
+from ramstage.updates import SourceUpdates
 from ramstage.validate import check_generation
-from ramstage.watcher import SourceWatcher
 
 log = logging.getLogger("ramstage")
 REQUEST_TIMEOUT_SECONDS = 3600.0
@@ -62,7 +61,10 @@ class Daemon:
         self.guard = MemoryGuard(config.memory, system, self.events.put, self.catalog.fall_back)
         self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramstage-copy")
         self.control: ControlServer | None = None
-        self.watcher = SourceWatcher(
+        self.updates = SourceUpdates(
+            config.watch,
+            system,
+            self.catalog,
             lambda name: self.events.put(SourceEvent(name)),
             lambda reason: self.events.put(Rescan(reason)),
         )
@@ -71,7 +73,6 @@ class Daemon:
         self.stopping = False
         self._last_extend = 0.0
         self._last_prune = 0.0
-        self._last_rescan = 0.0
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -84,9 +85,7 @@ class Daemon:
         self.store.open()
         links.prepare(self.config.links_dir)
         self.catalog.adopt(self.config.models)
-        self.watcher.watch(self._sources())
-        self.watcher.start()
-        self._last_rescan = self.system.monotonic()
+        self.updates.start()
         self.guard.watch(self.config.memory)
         self._publish_snapshot()  # before the socket opens: no status without the models
         self.control = ControlServer(self.config.socket, self._answer)
@@ -97,7 +96,7 @@ class Daemon:
             self.config.links_dir,
         )
         while not self.stopping:
-            self._settle()
+            self.updates.settle()
             self.guard.resume(self.models)
             self._schedule()
             self._maybe_ready()
@@ -116,10 +115,9 @@ class Daemon:
         tick = 0.5 if any(m.job for m in self.models.values()) else 1.0
         if self.notifier.watchdog_interval:
             tick = min(tick, self.notifier.watchdog_interval)
-        settle = self.config.watch.settle_seconds
-        due = [m.changed_at + settle for m in self.models.values() if m.changed_at is not None]
-        if due:
-            tick = min(tick, max(min(due) - self.system.monotonic(), 0.01))
+        due = self.updates.next_due()
+        if due is not None:
+            tick = min(tick, max(due - self.system.monotonic(), 0.01))
         return tick
 
     def _tick(self) -> None:
@@ -132,15 +130,15 @@ class Daemon:
         if now - self._last_prune > PRUNE_INTERVAL_SECONDS:
             self._last_prune = now
             self.catalog.prune_retired()
-        if now - self._last_rescan > self.config.watch.rescan_seconds:
-            self._rescan("periodic rescan")
+        if self.updates.rescan_due(now):
+            self.updates.rescan("periodic rescan")
 
     def _shutdown(self) -> None:
         log.info("stopping: links back to their sources, RAM freed")
         self.notifier.send("STOPPING=1")
         if self.control:
             self.control.close()
-        self.watcher.stop()
+        self.updates.stop()
         self.guard.stop()
         for model in self.models.values():
             if model.job:
@@ -177,9 +175,9 @@ class Daemon:
         elif isinstance(event, JobDone):
             self._job_done(event.name, event.job)
         elif isinstance(event, SourceEvent):
-            self._source_event(event.name)
+            self.updates.on_event(event.name)
         elif isinstance(event, Rescan):
-            self._rescan(event.reason)
+            self.updates.rescan(event.reason)
         elif isinstance(event, VerifyFailed):
             model = self.models.get(event.name)
             if model and model.generation and model.generation.id == event.generation_id:
@@ -337,77 +335,6 @@ class Daemon:
         else:
             self.catalog.fall_back(model, reason)
 
-    # ---- watching sources -------------------------------------------------------------
-
-    def _sources(self) -> dict[str, Path]:
-        return {name: model.config.source for name, model in self.models.items()}
-
-    def _source_event(self, name: str) -> None:
-        model = self.models.get(name)
-        if model is None:
-            return
-        if model.changed_at is None:
-            log.debug(
-                "%s: source event; waiting %gs for it to settle",
-                name,
-                self.config.watch.settle_seconds,
-            )
-        model.changed_at = self.system.monotonic()
-        if model.job:
-            # The copy is of a source in flux: call it off and copy once it has settled.
-            model.job.cancel.set()
-            model.job = None
-            model.state = "staged" if model.generation else "pending"
-        self.watcher.watch(self._sources())  # a watched directory may have been replaced
-
-    def _rescan(self, reason: str) -> None:
-        """Looks at every source again, as if each had sent an event a settle period ago."""
-        log.info("rescanning every source (%s)", reason)
-        now = self.system.monotonic()
-        self._last_rescan = now
-        self.watcher.watch(self._sources())
-        for model in self.models.values():
-            if model.changed_at is None:
-                model.changed_at = now - self.config.watch.settle_seconds
-
-    def _settle(self) -> None:
-        """Takes up sources that have been quiet for watch.settle and that no one holds open
-        for writing; a source whose files have the identities last seen has not changed."""
-        now = self.system.monotonic()
-        for model in self.models.values():
-            if (
-                model.changed_at is None
-                or now - model.changed_at < self.config.watch.settle_seconds
-            ):
-                continue
-            try:
-                listing = list_source(model.config.source)
-            except FileNotFoundError:
-                model.changed_at = None
-                self.catalog.set_missing(model)
-                continue
-            except (OSError, RamstageError) as error:
-                model.changed_at = None
-                log.warning("%s: cannot list the source: %s", model.config.name, error)
-                continue
-            busy = writers(self.system.proc, {f.identity[:2] for f in listing.files})
-            if busy:
-                log.debug("%s: still open for writing by %s", model.config.name, sorted(busy))
-                model.changed_at = now
-                continue
-            model.changed_at = None
-            current = listing.identities()
-            if (
-                current == model.seen
-                or model.held
-                or (model.job and current == model.job.identities)
-            ):
-                continue
-            log.info("%s: source changed; staging the new version", model.config.name)
-            if model.state == "missing":
-                self.catalog.point_at_source(model)
-            model.state = "pending"
-
     # ---- reload -----------------------------------------------------------------------
 
     def _reload(self, future: Future[Any] | None) -> None:
@@ -463,7 +390,7 @@ class Daemon:
         if new.memory != self.config.memory:
             self.guard.watch(new.memory)
         self.config = new
-        self.watcher.watch(self._sources())
+        self.updates.configure(new.watch)
         log.info("reloaded %s: %d models", self.config_path, len(self.models))
         self.notifier.send("READY=1")
         if future:
