@@ -50,6 +50,22 @@ class Catalog:
             self.store.remove_model(name)
         return model
 
+    def heal_links(self) -> None:
+        """Puts back links that someone removed or changed, or that an error left behind."""
+        for model in self.models.values():
+            if model.generation:
+                expected: Path | None = model.generation.target
+            else:
+                expected = model.config.source if model.config.source.exists() else None
+            if links.read(model.link) != (str(expected) if expected else None):
+                log.warning(
+                    "%s: link %s was not where it belongs; put back", model.config.name, model.link
+                )
+                if expected:
+                    links.point(model.link, expected)
+                else:
+                    links.remove(model.link)
+
     def expire_outgoing(self, now: float) -> None:
         for model in self.models.values():
             while model.outgoing and model.outgoing[0][0] <= now:
@@ -65,6 +81,17 @@ class Catalog:
             model.settle("ramstage is stopping")
 
     def publish(self, model: Model, generation: Generation) -> None:
+        if not generation.target.exists():
+            # The copy found this content already in the store and reused it, while this thread
+            # deleted it (an outgoing generation expiring): copy again rather than link to nothing.
+            log.info(
+                "%s: generation %s went away while it was reused; copying again",
+                model.config.name,
+                generation.id,
+            )
+            model.state = "pending"
+            return
+        model.outgoing = [(t, g) for t, g in model.outgoing if g.path != generation.path]
         links.point(model.link, generation.target)
         old, model.generation = model.generation, generation
         model.seen = generation.manifest.identities()

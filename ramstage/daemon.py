@@ -96,20 +96,30 @@ class Daemon:
             self.config.links_dir,
         )
         while not self.stopping:
-            self.updates.settle()
-            self.guard.resume(self.models)
-            self._schedule()
-            self._maybe_ready()
-            self._publish_snapshot()
-            self.notifier.watchdog()
             try:
-                event = self.events.get(timeout=self._tick_seconds())
-            except queue.Empty:
-                self._tick()
-                continue
-            self._handle(event)
+                self._turn()
+            except Exception:
+                # A bug or an unexpected OS error costs this one turn, not the daemon: the
+                # invariants hold at every step, and the next turn looks at everything again.
+                log.exception("internal error in the event loop; carrying on")
         self._shutdown()
         return 0
+
+    def _turn(self) -> None:
+        self.updates.settle()
+        self.guard.resume(self.models)
+        self._schedule()
+        self._maybe_ready()
+        self._publish_snapshot()
+        self.notifier.watchdog()
+        # Timed work runs every turn, not only when the queue is idle: a steady stream of
+        # events (pressure readings every 0.25 s) must not hold back freeing outgoing copies.
+        self._tick()
+        try:
+            event = self.events.get(timeout=self._tick_seconds())
+        except queue.Empty:
+            return
+        self._handle(event)
 
     def _tick_seconds(self) -> float:
         tick = 0.5 if any(m.job for m in self.models.values()) else 1.0
@@ -130,6 +140,7 @@ class Daemon:
         if now - self._last_prune > PRUNE_INTERVAL_SECONDS:
             self._last_prune = now
             self.catalog.prune_retired()
+            self.catalog.heal_links()
         if self.updates.rescan_due(now):
             self.updates.rescan("periodic rescan")
 
@@ -172,6 +183,9 @@ class Daemon:
                 event.future.set_result(self._request(event.cmd, event.args))
             except RamstageError as error:
                 event.future.set_exception(error)
+            except Exception as error:
+                event.future.set_exception(RamstageError(f"internal error: {error}"))
+                raise
         elif isinstance(event, JobDone):
             self._job_done(event.name, event.job)
         elif isinstance(event, SourceEvent):
@@ -217,8 +231,8 @@ class Daemon:
     def _request_stage(self, model: Model) -> Future[str | None]:
         model.held = False
         waiter: Future[str | None] = Future()
-        if model.state == "staged":
-            waiter.set_result(None)
+        if model.state == "staged" and model.reason in (None, "source_missing"):
+            waiter.set_result(None)  # the newest version there is, or could be, is in RAM
             return waiter
         model.waiters.append(waiter)
         if not model.job:
@@ -249,24 +263,31 @@ class Daemon:
         except (OSError, RamstageError) as error:
             self.catalog.fall_back(model, f"error: {error}")
             return
-        need = listing.size_bytes
-        refusal = policy.admit(
-            need,
+        need, free, available = (
+            listing.size_bytes,
             self.store.free_bytes(),
             self.system.available_bytes(),
-            self.config.memory.min_available_bytes,
-        ) or self.guard.refusal(model)
+        )
+        floor = self.config.memory.min_available_bytes
+        refusal = policy.admit(need, free, available, floor) or self.guard.refusal(model)
         if refusal:
             log.warning(
                 "%s: not staged (%s): needs %d bytes, store has %d free, MemAvailable %d, floor %d",
                 model.config.name,
                 refusal,
                 need,
-                self.store.free_bytes(),
-                self.system.available_bytes(),
-                self.config.memory.min_available_bytes,
+                free,
+                available,
+                floor,
             )
-            self.catalog.fall_back(model, refusal)
+            if model.generation:
+                # An update that does not fit leaves the verified previous version in place.
+                # too_large waits for the source to change; pressure for the next rescan.
+                model.state, model.reason = "staged", refusal
+                model.seen = listing.identities() if refusal == "too_large" else None
+                model.settle(refusal)
+            else:
+                self.catalog.fall_back(model, refusal)
             if refusal == "pressure":
                 self.guard.back_off(model)
             return
@@ -331,7 +352,7 @@ class Daemon:
         if model.generation:
             # A new version that cannot be staged never replaces the verified previous one.
             model.state, model.reason = "staged", reason
-            model.settle(None)
+            model.settle(reason)
         else:
             self.catalog.fall_back(model, reason)
 

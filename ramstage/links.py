@@ -19,7 +19,11 @@ def point(link: Path, target: Path) -> None:
     if read(link) == str(target):
         return
     temporary = link.with_name(f".{link.name}.{secrets.token_hex(4)}.tmp")
-    os.symlink(target, temporary)
+    try:
+        os.symlink(target, temporary)
+    except FileNotFoundError:
+        link.parent.mkdir(parents=True, exist_ok=True)  # someone removed the links directory
+        os.symlink(target, temporary)
     try:
         os.replace(temporary, link)
     except OSError:

@@ -70,6 +70,7 @@ class SourceWatcher(FileSystemEventHandler):
         self.observer = Observer()
         self.observer.daemon = True
         self._scheduled: dict[Watch, tuple[object, tuple[int, int]]] = {}
+        self._failed: set[Watch] = set()  # said once; the periodic rescan tries them again
         self._overflow = _OverflowSignal(lambda: on_rescan("inotify queue overflow"))
         logging.getLogger("watchdog").addHandler(self._overflow)
 
@@ -96,10 +97,14 @@ class SourceWatcher(FileSystemEventHandler):
             try:
                 handle = self.observer.schedule(self, watch.path, recursive=watch.recursive)
             except OSError as error:
-                # ENOSPC here is fs.inotify.max_user_watches: rely on rescans until it fits.
-                log.warning("cannot watch %s (%s); relying on rescans", watch.path, error)
-                self.on_rescan(f"watch failed: {error}")
+                # ENOSPC here is fs.inotify.max_user_watches: rely on rescans until it fits. One
+                # rescan per failure, not per attempt: a rescan calls watch() again.
+                if watch not in self._failed:
+                    self._failed.add(watch)
+                    log.warning("cannot watch %s (%s); relying on rescans", watch.path, error)
+                    self.on_rescan(f"watch failed: {error}")
                 continue
+            self._failed.discard(watch)
             self._scheduled[watch] = (handle, inode)
 
     def dispatch(self, event: FileSystemEvent) -> None:
