@@ -329,7 +329,10 @@ class Daemon:
             # Evicted, removed or replaced while copying: this copy is not wanted.
             if error is None:
                 generation = job.future.result()
-                if not (model and model.generation and model.generation.path == generation.path):
+                # Content-addressed: the copy may have reused a generation still linked, or
+                # still in its grace period; only a generation nobody has is deleted.
+                kept = [model.generation, *(g for _, g in model.outgoing)] if model else []
+                if all(g is None or g.path != generation.path for g in kept):
                     self.store.remove(generation)
             if model is None:
                 self.store.remove_model(name)  # removed from the config while it was copied
