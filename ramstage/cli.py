@@ -61,9 +61,11 @@ def _socket(args: argparse.Namespace) -> Path:
 def cmd_daemon(args: argparse.Namespace) -> int:
     from ramstage.daemon import run_daemon
     from ramstage.service import setup_logging
+    from ramstage.system import System
 
-    setup_logging(args.debug)
-    return run_daemon(config_path(args.config))
+    system = System()
+    setup_logging(system, args.debug)
+    return run_daemon(config_path(args.config), system)
 
 
 def _status_table(status: dict[str, Any]) -> str:

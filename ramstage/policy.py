@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ramstage.model import Backoff
+
 # A model evicted again and again waits base * 2**(n-1), up to this long, before it is staged
 # again: a copy that is thrown away under pressure cost a full read of the source for nothing.
 BACKOFF_CAP_SECONDS = 600.0
@@ -27,17 +29,6 @@ class Resident:
     priority: int
     last_used: float  # larger is more recent; math.inf: some process holds it right now
     size_bytes: int
-
-
-@dataclass(frozen=True)
-class Backoff:
-    count: int  # evictions (or refusals for pressure) in a row
-    at: float  # monotonic seconds of the last one
-    delay_seconds: float
-
-    @property
-    def not_before(self) -> float:
-        return self.at + self.delay_seconds
 
 
 def admit(

@@ -2,75 +2,128 @@
 
 The loop publishes a fresh snapshot after every event; the control thread answers from the
 latest one, adding what is cheap to read fresh (store usage, memory, who holds which file).
+A model's `state` is derived from what its link serves (model.phase): one in RAM is `staged`
+even while a newer version is copied, which its `reason` and `progress` then tell.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ramstage import __version__, links
+from ramstage import __version__, links, policy
+from ramstage.config import MemoryConfig
 from ramstage.errors import NotFound
-from ramstage.relief import MemoryGuard
-from ramstage.state import Model
+from ramstage.generations import Generations
+from ramstage.holders import FileKey, holders
+from ramstage.memwatch import psi_avg10
+from ramstage.model import Model, Serving, phase
 from ramstage.store import Store
 from ramstage.system import System
-from ramstage.users import holders
 
 
-def model_entry(model: Model, guard: MemoryGuard) -> dict[str, Any]:
-    """One model as the loop sees it; keys starting with "_" are for render() only."""
-    generation = model.generation
+@dataclass(frozen=True)
+class Snapshot:
+    models: tuple[dict[str, Any], ...] = ()
+    last_pressure_at: float | None = None  # monotonic
+    # Per model: the files its link points at, and files no link points at that a reader may
+    # still hold (deleted, or swapped out and in their grace period).
+    current: dict[str, dict[FileKey, int]] = field(default_factory=dict)
+    unlinked: dict[str, dict[FileKey, int]] = field(default_factory=dict)
+
+
+def model_entry(model: Model, generations: Generations) -> dict[str, Any]:
+    generation = generations.current(model.name)
+    manifest = generation.manifest if generation else None
+    in_ram = model.serving is Serving.RAM
     return {
-        "name": model.config.name,
-        "state": model.state,
+        "name": model.name,
+        "state": phase(model).value,
         "link": str(model.link),
         "target": links.read(model.link),
-        "source": str(model.config.source),
-        "size_bytes": generation.manifest.size_bytes if generation else None,
-        "digest": generation.manifest.digest if generation else None,
+        "source": str(model.settings.source),
+        "size_bytes": manifest.size_bytes if manifest else None,
+        "digest": manifest.digest if manifest else None,
         "generation": generation.id if generation else None,
-        "reason": model.reason,
-        "progress": 1.0 if model.state == "staged" else (model.job.progress if model.job else 0.0),
-        "priority": model.config.priority,
-        **guard.fields(model),
-        "skipped": list(generation.manifest.skipped) if generation else [],
-        "_current": generation.file_keys if generation else {},
-        # Swapped-out generations still in their grace period count like unlinked ones:
-        # the link no longer points at them, so whoever holds them pins their bytes.
-        "_retired": {
-            **model.retired,
-            **{k: v for _, g in model.outgoing for k, v in g.file_keys.items()},
-        },
+        "reason": None if model.why is None else str(model.why),
+        "progress": model.job.progress if model.job else (1.0 if in_ram else 0.0),
+        "priority": model.settings.priority,
+        "pressure_evictions": model.backoff.count if model.backoff else 0,
+        "backoff_seconds": model.backoff.delay_seconds if model.backoff else None,
+        "skipped": list(manifest.skipped) if manifest else [],
+    }
+
+
+def snapshot(
+    models: Iterable[Model], generations: Generations, last_pressure_at: float | None
+) -> Snapshot:
+    models = list(models)
+    current = {}
+    for model in models:
+        generation = generations.current(model.name)
+        current[model.name] = dict(generation.file_keys) if generation else {}
+    return Snapshot(
+        models=tuple(model_entry(m, generations) for m in models),
+        last_pressure_at=last_pressure_at,
+        current=current,
+        unlinked={m.name: generations.pinned_candidates(m.name) for m in models},
+    )
+
+
+def memory_status(
+    memory: MemoryConfig, system: System, since_pressure: float | None, pinned_bytes: int
+) -> dict[str, Any]:
+    """The `memory` object of `status --json`."""
+    available = system.available_bytes()
+    return {
+        "available_bytes": available,
+        "min_available_bytes": memory.min_available_bytes,
+        "resume_available_bytes": memory.resume_available_bytes,
+        "pressure": policy.under_pressure(
+            available,
+            memory.min_available_bytes,
+            since_pressure,
+            memory.effective_cooldown_seconds,
+        ),
+        "psi_avg10": psi_avg10(system),
+        "psi_trigger": memory.psi.trigger_line(),
+        "cooldown_seconds": memory.effective_cooldown_seconds,
+        "seconds_since_pressure": since_pressure,
+        "pinned_bytes": pinned_bytes,
     }
 
 
 def render(
-    models: list[dict[str, Any]],
+    taken: Snapshot,
     name: str | None,
     *,
     store: Store,
     system: System,
-    memory: Callable[[int], dict[str, Any]],
+    memory: MemoryConfig,
     config_path: Path,
 ) -> dict[str, Any]:
     """Runs in the control thread: the snapshot's models plus fresh readings."""
+    models = list(taken.models)
     if name is not None:
         models = [m for m in models if m["name"] == name]
         if not models:
             raise NotFound(f"no model named {name} in {config_path}")
-    wanted = {k for m in models for k in [*m["_current"], *m["_retired"]]}
+    names = [m["name"] for m in models]
+    wanted = {k for n in names for k in [*taken.current[n], *taken.unlinked[n]]}
     held = holders(system.proc, wanted)
     size, used = store.usage()
     result = []
-    for m in models:
-        public = {k: v for k, v in m.items() if not k.startswith("_")}
-        pinned = {k: v for k, v in m["_retired"].items() if k in held}
-        users = set().union(*(held[k] for k in [*m["_current"], *pinned] if k in held))
-        public["pinned_bytes"] = sum(pinned.values())
-        public["users"] = sorted(users)
-        result.append(public)
+    for entry in models:
+        current, unlinked = taken.current[entry["name"]], taken.unlinked[entry["name"]]
+        pinned = {k: v for k, v in unlinked.items() if k in held}
+        users = set().union(*(held[k] for k in [*current, *pinned] if k in held))
+        result.append({**entry, "pinned_bytes": sum(pinned.values()), "users": sorted(users)})
+    since = None
+    if taken.last_pressure_at is not None:
+        since = system.monotonic() - taken.last_pressure_at
     return {
         "version": __version__,
         "pid": os.getpid(),
@@ -81,6 +134,6 @@ def render(
             "used_bytes": used,
             "swappable": store.swappable,
         },
-        "memory": memory(sum(m["pinned_bytes"] for m in result)),
+        "memory": memory_status(memory, system, since, sum(m["pinned_bytes"] for m in result)),
         "models": result,
     }

@@ -1,6 +1,8 @@
-"""The one seam to the operating system: /proc readings, the clock and mount(8).
+"""The one seam to the operating system: /proc readings (meminfo, mounts), the clock and
+sleep, the environment, and mount(8).
 
-Tests point `proc` at a mock-up to reach corner cases; everything else uses the real thing.
+Tests point `proc` at a mock-up, pass their own environment, or replace the clock to reach
+corner cases (earlyoom's procdir_path); everything else uses the real thing.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +24,17 @@ class MountEntry:
 
 
 class System:
-    def __init__(self, proc: Path = Path("/proc")) -> None:
+    def __init__(
+        self, proc: Path = Path("/proc"), environ: Mapping[str, str] | None = None
+    ) -> None:
         self.proc = proc
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
 
     def meminfo_bytes(self, field: str) -> int:
         for line in (self.proc / "meminfo").read_text().splitlines():

@@ -1,25 +1,39 @@
-"""Source updates, from an inotify event to "stage the new version".
+"""Source updates, from an inotify event to "stage the new version", and the look at a source
+that every decision about it starts from.
 
-An event only marks a model; once its source has been quiet for watch.settle and no process
-holds it open for writing, the file identities decide whether it changed. A rescan (queue
-overflow, failed watch, watch.rescan) marks every model at once.
+An event only starts a model's settle timer; once its source has been quiet for watch.settle,
+the loop lists it and asks who holds it open for writing, and lifecycle.settled decides. A
+rescan (queue overflow, failed watch, watch.rescan) marks every model at once.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
-from ramstage.catalog import Catalog
+from ramstage import lifecycle
 from ramstage.config import WatchConfig
 from ramstage.errors import RamstageError
+from ramstage.holders import writers
+from ramstage.model import Action, Model
 from ramstage.stager import list_source
 from ramstage.system import System
-from ramstage.users import writers
 from ramstage.watcher import SourceWatcher
 
 log = logging.getLogger("ramstage")
+
+
+def look(source: Path) -> lifecycle.Listing:
+    """The source as it is now, in the terms the lifecycle decides on."""
+    try:
+        listing = list_source(source)
+    except FileNotFoundError:
+        return lifecycle.Listing(missing=True)
+    except (OSError, RamstageError) as error:
+        return lifecycle.Listing(error=str(error))
+    return lifecycle.Listing(listing.identities(), listing.size_bytes)
 
 
 class SourceUpdates:
@@ -27,18 +41,17 @@ class SourceUpdates:
         self,
         config: WatchConfig,
         system: System,
-        catalog: Catalog,
+        models: Mapping[str, Model],
+        apply: Callable[[Model, list[Action]], None],
         on_change: Callable[[str], None],
         on_rescan: Callable[[str], None],
     ) -> None:
-        self.config, self.system, self.catalog = config, system, catalog
+        self.config, self.system, self.models, self.apply = config, system, models, apply
         self.watcher = SourceWatcher(on_change, on_rescan)
-        self.last_rescan = 0.0
 
     def start(self) -> None:
         self.watcher.watch(self._sources())
         self.watcher.start()
-        self.last_rescan = self.system.monotonic()
 
     def stop(self) -> None:
         self.watcher.stop()
@@ -48,76 +61,41 @@ class SourceUpdates:
         self.config = config
         self.watcher.watch(self._sources())
 
-    def rescan_due(self, now: float) -> bool:
-        return now - self.last_rescan > self.config.rescan_seconds
-
     def next_due(self) -> float | None:
         """When the earliest marked source will have settled, if any is marked."""
-        due = [m.changed_at for m in self.catalog.models.values() if m.changed_at is not None]
+        due = [m.changed_at for m in self.models.values() if m.changed_at is not None]
         return min(due) + self.config.settle_seconds if due else None
 
     def _sources(self) -> dict[str, Path]:
-        return {name: model.config.source for name, model in self.catalog.models.items()}
+        return {name: model.settings.source for name, model in self.models.items()}
 
     def on_event(self, name: str) -> None:
-        model = self.catalog.models.get(name)
+        model = self.models.get(name)
         if model is None:
             return
         if model.changed_at is None:
-            log.debug(
-                "%s: source event; waiting %gs for it to settle",
-                name,
-                self.config.settle_seconds,
-            )
-        model.changed_at = self.system.monotonic()
-        if model.job:
-            # The copy is of a source in flux: call it off and copy once it has settled.
-            model.job.cancel.set()
-            model.job = None
-            model.state = "staged" if model.generation else "pending"
+            log.debug("%s: source event; waiting %gs to settle", name, self.config.settle_seconds)
+        self.apply(model, lifecycle.source_event(model, self.system.monotonic()))
         self.watcher.watch(self._sources())  # a watched directory may have been replaced
 
     def rescan(self, reason: str) -> None:
         """Looks at every source again, as if each had sent an event a settle period ago."""
         log.info("rescanning every source (%s)", reason)
         now = self.system.monotonic()
-        self.last_rescan = now
         self.watcher.watch(self._sources())
-        for model in self.catalog.models.values():
-            if model.changed_at is None:
-                model.changed_at = now - self.config.settle_seconds
+        for model in self.models.values():
+            self.apply(model, lifecycle.rescan(model, now, self.config.settle_seconds))
 
     def settle(self) -> None:
-        """Takes up sources that have been quiet for watch.settle and that no one holds open
-        for writing; a source whose files have the identities last seen has not changed."""
+        """Takes up sources that have been quiet for watch.settle."""
         now = self.system.monotonic()
-        for model in self.catalog.models.values():
+        for model in list(self.models.values()):
             if model.changed_at is None or now - model.changed_at < self.config.settle_seconds:
                 continue
-            try:
-                listing = list_source(model.config.source)
-            except FileNotFoundError:
-                model.changed_at = None
-                self.catalog.set_missing(model)
-                continue
-            except (OSError, RamstageError) as error:
-                model.changed_at = None
-                log.warning("%s: cannot list the source: %s", model.config.name, error)
-                continue
-            busy = writers(self.system.proc, {f.identity[:2] for f in listing.files})
+            listing = look(model.settings.source)
+            # inotify cannot tell a writer that pauses from one that has finished.
+            keys = {(i[0], i[1]) for _, i in listing.identities}
+            busy = writers(self.system.proc, keys) if keys else set()
             if busy:
-                log.debug("%s: still open for writing by %s", model.config.name, sorted(busy))
-                model.changed_at = now
-                continue
-            model.changed_at = None
-            current = listing.identities()
-            if (
-                current == model.seen
-                or model.held
-                or (model.job and current == model.job.identities)
-            ):
-                continue
-            log.info("%s: source changed; staging the new version", model.config.name)
-            if model.state == "missing":
-                self.catalog.point_at_source(model)
-            model.state = "pending"
+                log.debug("%s: still open for writing by %s", model.name, sorted(busy))
+            self.apply(model, lifecycle.settled(model, listing, writers=bool(busy), now=now))

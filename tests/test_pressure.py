@@ -19,7 +19,8 @@ import pytest
 from conftest import wait_for, write_random
 
 from ramstage.config import MemoryConfig, PsiTrigger
-from ramstage.pressure import Pressure, PressureWatcher, psi_avg10, unprivileged_trigger_line
+from ramstage.memwatch import PressureWatcher, psi_avg10, unprivileged_trigger_line
+from ramstage.model import Pressure
 from ramstage.system import System
 
 M = 1 << 20
@@ -164,12 +165,13 @@ def test_systemd_socket_channel_gets_the_write_data_and_its_messages_are_events(
     line = b"some 200000 2000000\0"
     watcher = PressureWatcher(
         MemoryConfig(min_available_bytes=0, resume_available_bytes=0),
-        System(),
+        System(
+            environ={
+                "MEMORY_PRESSURE_WATCH": str(path),
+                "MEMORY_PRESSURE_WRITE": base64.b64encode(line).decode(),
+            }
+        ),
         events.put,
-        {
-            "MEMORY_PRESSURE_WATCH": str(path),
-            "MEMORY_PRESSURE_WRITE": base64.b64encode(line).decode(),
-        },
     )
     watcher.start()
     try:
@@ -195,9 +197,8 @@ def test_systemd_socket_channel_gets_the_write_data_and_its_messages_are_events(
 def test_dev_null_turns_the_systemd_channel_off():
     watcher = PressureWatcher(
         MemoryConfig(min_available_bytes=0, resume_available_bytes=0),
-        System(),
+        System(environ={"MEMORY_PRESSURE_WATCH": "/dev/null"}),
         lambda event: None,
-        {"MEMORY_PRESSURE_WATCH": "/dev/null"},
     )
     watcher.start()
     try:
@@ -210,9 +211,8 @@ def test_dev_null_turns_the_systemd_channel_off():
 def test_the_system_wide_psi_trigger_is_armed_and_avg10_read():
     watcher = PressureWatcher(
         MemoryConfig(min_available_bytes=0, resume_available_bytes=0),
-        System(),
+        System(environ={}),
         lambda event: None,
-        {},
     )
     watcher.start()
     try:

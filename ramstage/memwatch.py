@@ -23,27 +23,18 @@ import select
 import socket
 import stat
 import threading
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ramstage import policy
 from ramstage.config import MemoryConfig, PsiTrigger
-from ramstage.store import Generation
+from ramstage.model import Pressure
 from ramstage.system import System
-from ramstage.users import FileKey
 
 log = logging.getLogger(__name__)
 CHECK_INTERVAL_SECONDS = 0.25
 REOPEN_INTERVAL_SECONDS = 5.0  # a lost source is tried again this often, not in a busy loop
 _FAILED = select.POLLERR | select.POLLHUP | select.POLLNVAL
-
-
-@dataclass(frozen=True)
-class Pressure:
-    kind: str  # "psi" (system-wide trigger), "systemd" ($MEMORY_PRESSURE_WATCH), "floor"
-    available_bytes: int
 
 
 @dataclass
@@ -121,54 +112,14 @@ def open_systemd_watch(path: Path, data: bytes) -> _Channel:
     return _Channel("systemd", path, fd, select.POLLPRI, reopen)
 
 
-def last_used(generation: Generation, held: Collection[FileKey]) -> float:
-    """Last use, as far as it can be told cheaply: the newest of when the generation was
-    published (its manifest's atime), its files' atime (tmpfs mounts relatime: the first read
-    after staging, then at most daily), and now (math.inf) if some process holds it open or
-    mapped at this moment. A reader that opened, read and closed in between is seen only
-    through atime."""
-    if any(key in held for key in generation.file_keys):
-        return math.inf
-    manifest = generation.path.parent / f"{generation.id}.json"
-    try:
-        return max(os.stat(path).st_atime for path in [manifest, *generation.file_paths()])
-    except OSError:
-        return 0.0
-
-
-def memory_status(
-    memory: MemoryConfig, system: System, since_pressure: float | None, pinned_bytes: int
-) -> dict[str, Any]:
-    """The `memory` object of `status --json`."""
-    available = system.available_bytes()
-    return {
-        "available_bytes": available,
-        "min_available_bytes": memory.min_available_bytes,
-        "resume_available_bytes": memory.resume_available_bytes,
-        "pressure": policy.under_pressure(
-            available,
-            memory.min_available_bytes,
-            since_pressure,
-            memory.effective_cooldown_seconds,
-        ),
-        "psi_avg10": psi_avg10(system),
-        "psi_trigger": memory.psi.trigger_line(),
-        "cooldown_seconds": memory.effective_cooldown_seconds,
-        "seconds_since_pressure": since_pressure,
-        "pinned_bytes": pinned_bytes,
-    }
-
-
 class PressureWatcher:
     def __init__(
         self,
         memory: MemoryConfig,
         system: System,
         post: Callable[[Pressure], None],
-        environ: Mapping[str, str],
     ) -> None:
         self.memory, self.system, self.post = memory, system, post
-        self.environ = environ
         self.channels: dict[int, _Channel] = {}
         self._lost: list[_Channel] = []
         self._last_reopen = 0.0
@@ -211,11 +162,11 @@ class PressureWatcher:
                 failure,
                 CHECK_INTERVAL_SECONDS,
             )
-        watch = self.environ.get("MEMORY_PRESSURE_WATCH")
+        watch = self.system.environ.get("MEMORY_PRESSURE_WATCH")
         if watch and watch != "/dev/null":
             try:
                 data = base64.b64decode(
-                    self.environ.get("MEMORY_PRESSURE_WRITE", ""), validate=True
+                    self.system.environ.get("MEMORY_PRESSURE_WRITE", ""), validate=True
                 )
                 self._add(open_systemd_watch(Path(watch), data))
             except (OSError, binascii.Error) as error:

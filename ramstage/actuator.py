@@ -1,0 +1,147 @@
+"""Carries out the actions lifecycle.py decides, for one model at a time, in the loop's thread:
+links, generations, copies and the answers to those waiting. The only writer of a record.
+
+Order matters and is the decision's: a link moves (atomically, links.point) before the
+generation it leaves is released, so no reader ever follows it into a deleted copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from ramstage import links
+from ramstage.generations import Generations
+from ramstage.manifest import Manifest
+from ramstage.model import (
+    Action,
+    Answer,
+    Await,
+    BackOff,
+    Configure,
+    DropCopy,
+    Event,
+    Hold,
+    Job,
+    JobDone,
+    Log,
+    Mark,
+    Model,
+    Note,
+    Remember,
+    Serve,
+    Serving,
+    Settings,
+    StartCopy,
+    Want,
+)
+from ramstage.stager import stage_source
+from ramstage.validate import check_generation
+
+log = logging.getLogger("ramstage")
+_FIELDS: dict[type, str] = {
+    Note: "why",
+    Want: "want",
+    Hold: "held",
+    Remember: "seen",
+    Mark: "changed_at",
+    BackOff: "backoff",
+    Configure: "settings",
+}
+
+
+def copy_source(settings: Settings, job: Job, checksum: str) -> Manifest:
+    """Runs in the copy worker and writes nothing but the job's partial directory; the loop
+    publishes it. A torn or truncated checkpoint hashes fine, so its format is checked too."""
+    algorithm = settings.digest.partition(":")[0] if settings.digest else checksum
+
+    def progress(fraction: float) -> None:
+        job.progress = fraction
+
+    manifest = stage_source(
+        settings.name,
+        settings.source,
+        job.partial,
+        algorithm,
+        on_progress=progress,
+        cancel=job.cancel,
+        expected_digest=settings.digest,
+    )
+    check_generation(job.partial, [f.relpath for f in manifest.files], settings.validate)
+    return manifest
+
+
+class Actuator:
+    def __init__(
+        self, generations: Generations, post: Callable[[Event], None], checksum: str
+    ) -> None:
+        self.generations, self.post, self.checksum = generations, post, checksum
+        self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramstage-copy")
+
+    def apply(self, model: Model, actions: Iterable[Action]) -> None:
+        for action in actions:
+            self._apply(model, action)
+
+    def _apply(self, model: Model, action: Action) -> None:
+        if isinstance(action, Serve):
+            self._serve(model, action)
+        elif isinstance(action, StartCopy):
+            self._start(model, action)
+        elif isinstance(action, DropCopy):
+            if model.job:
+                model.job.cancel.set()
+            model.job = None
+        elif isinstance(action, Answer):
+            for waiter in model.waiters:
+                waiter.set_result(action.outcome)
+            model.waiters.clear()
+        elif isinstance(action, Await):
+            model.waiters.append(action.waiter)
+        elif isinstance(action, Log):
+            log.log(action.level, "%s: %s", model.name, action.message)
+        else:
+            # The rest set the record's field of the same name as theirs.
+            name = _FIELDS[type(action)]
+            setattr(model, name, getattr(action, name))
+
+    def _serve(self, model: Model, action: Serve) -> None:
+        if action.serving is Serving.RAM:
+            assert action.generation is not None
+            generation = self.generations.serve(model.name, action.generation)
+            links.point(model.link, generation.target)
+            if model.generation != generation.id:
+                manifest = generation.manifest
+                log.info(
+                    "%s: staged generation %s (%d bytes, %s)",
+                    model.name,
+                    generation.id,
+                    manifest.size_bytes,
+                    manifest.digest,
+                )
+                for skipped in manifest.skipped:
+                    log.warning("%s: skipped %s", model.name, skipped)
+        else:
+            if action.serving is Serving.SOURCE:
+                links.point(model.link, model.settings.source)
+            else:
+                links.remove(model.link)
+            self.generations.release(model.name)
+        model.serving, model.generation = action.serving, action.generation
+
+    def _start(self, model: Model, action: StartCopy) -> None:
+        job = Job(self.generations.new_partial(model.name), identities=action.identities)
+        future = self.copier.submit(copy_source, model.settings, job, self.checksum)
+        job.future = future
+        name = model.name
+        future.add_done_callback(lambda _: self.post(JobDone(name, job)))
+        model.job = job
+
+    def stop(self, models: Iterable[Model]) -> None:
+        """Calls off every copy and waits for the worker; their partials go with them."""
+        running = [(m.name, m.job) for m in models if m.job]
+        for _, job in running:
+            job.cancel.set()
+        self.copier.shutdown(wait=True)
+        for name, job in running:
+            self.generations.discard(name, job.partial)

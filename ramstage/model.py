@@ -1,0 +1,274 @@
+"""The words the daemon's core speaks: a model's record, what its link serves, why it is not in
+RAM, the copy job, the events the loop is sent and the actions the loop carries out.
+
+A leaf: it imports nothing of ramstage, so every other module may use it. The loop is the only
+writer of a record; lifecycle.py decides what to write, as actions.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Union
+
+Identities = tuple[tuple[str, tuple[int, ...]], ...]  # (relpath, (dev, ino, size, mtime, ctime))
+
+
+class Settings(Protocol):
+    """What the core reads of a model's configuration (config.ModelConfig has it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def source(self) -> Path: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def digest(self) -> str | None: ...
+    @property
+    def validate(self) -> str: ...
+
+
+class Serving(enum.Enum):
+    """What the link serves: the one fact `status` derives the contract's state from."""
+
+    RAM = "ram"  # a verified generation
+    SOURCE = "source"
+    NOTHING = "nothing"  # no link: no source and no copy
+
+
+class Phase(enum.Enum):
+    """The contract's `state`, derived by phase(); never stored."""
+
+    PENDING = "pending"
+    STAGING = "staging"
+    STAGED = "staged"
+    FALLBACK = "fallback"
+    MISSING = "missing"
+
+
+class Reason(enum.Enum):
+    """Why a model is not in RAM, or why its copy in RAM is not the newest source version."""
+
+    PRESSURE = "pressure"
+    TOO_LARGE = "too_large"
+    EVICTED = "evicted"
+    SOURCE_CHANGED = "source_changed"
+    SOURCE_MISSING = "source_missing"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Why:
+    """A reason and, for `error`, what went wrong; str() is the contract's `reason` text."""
+
+    reason: Reason
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
+
+
+@dataclass(frozen=True)
+class Backoff:
+    count: int  # evictions (or refusals for pressure) in a row
+    at: float  # monotonic seconds of the last one
+    delay_seconds: float
+
+    @property
+    def not_before(self) -> float:
+        return self.at + self.delay_seconds
+
+
+@dataclass
+class Job:
+    """One copy in flight. The worker writes only `partial` and `progress`; the loop publishes."""
+
+    partial: Path
+    identities: Identities  # the source version being copied
+    cancel: threading.Event = field(default_factory=threading.Event)
+    progress: float = 0.0
+    future: Future[Any] | None = None
+
+
+@dataclass
+class Model:
+    settings: Settings
+    link: Path
+    serving: Serving = Serving.SOURCE
+    generation: str | None = None  # the id of the generation served, when serving RAM
+    job: Job | None = None  # the copy in flight, whatever the link serves meanwhile
+    want: bool = True  # a copy is wanted: the loop starts one when admission allows
+    why: Why | None = None
+    held: bool = False  # evicted by the operator: stays on its source until `stage`
+    changed_at: float | None = None  # last source event not yet looked at (settle timer)
+    seen: Identities | None = None  # the source version last taken up
+    backoff: Backoff | None = None  # after evictions for pressure (backoff timer)
+    waiters: list[Future[str | None]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+
+def phase(model: Model) -> Phase:
+    """The contract's state: what the link serves comes first, so a model in RAM reports
+    `staged` while a newer version is copied or waits its turn."""
+    if model.serving is Serving.RAM:
+        return Phase.STAGED
+    if model.job:
+        return Phase.STAGING
+    if model.serving is Serving.NOTHING:
+        return Phase.MISSING
+    return Phase.PENDING if model.want and not model.held else Phase.FALLBACK
+
+
+# ---- events: what the loop is sent --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stop:
+    signum: int
+
+
+@dataclass(frozen=True)
+class Reload:
+    future: Future[Any] | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    cmd: str
+    args: dict[str, Any]
+    future: Future[Any]
+
+
+@dataclass(frozen=True)
+class JobDone:
+    name: str
+    job: Job
+
+
+@dataclass(frozen=True)
+class VerifyFailed:
+    name: str
+    generation_id: str
+
+
+@dataclass(frozen=True)
+class SourceEvent:
+    name: str
+
+
+@dataclass(frozen=True)
+class Rescan:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Pressure:
+    kind: str  # "psi" (system-wide trigger), "systemd" ($MEMORY_PRESSURE_WATCH), "floor"
+    available_bytes: int
+
+
+Event = Union[Stop, Reload, Request, JobDone, VerifyFailed, SourceEvent, Rescan, Pressure]
+
+
+# ---- actions: what the loop carries out on one model, in order ----------------------------
+
+
+@dataclass(frozen=True)
+class Serve:
+    """Point the link (atomically) at a generation, the source, or remove it. A generation the
+    link leaves for a newer one gets a grace period; one left for the source goes at once."""
+
+    serving: Serving
+    generation: str | None = None
+
+
+@dataclass(frozen=True)
+class StartCopy:
+    identities: Identities
+
+
+@dataclass(frozen=True)
+class DropCopy:
+    """The copy in flight is no longer the model's: it is called off if still running, and its
+    partial is deleted when it reports back."""
+
+
+@dataclass(frozen=True)
+class Note:
+    why: Why | None
+
+
+@dataclass(frozen=True)
+class Want:
+    want: bool
+
+
+@dataclass(frozen=True)
+class Hold:
+    held: bool
+
+
+@dataclass(frozen=True)
+class Remember:
+    seen: Identities | None
+
+
+@dataclass(frozen=True)
+class Mark:
+    changed_at: float | None
+
+
+@dataclass(frozen=True)
+class BackOff:
+    backoff: Backoff
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Answer everyone waiting for the model to be staged: None, or why it is not."""
+
+    outcome: str | None
+
+
+@dataclass(frozen=True)
+class Await:
+    """Someone asked for the model to be staged: answer them when that is decided."""
+
+    waiter: Future[str | None]
+
+
+@dataclass(frozen=True)
+class Configure:
+    """A reload gave the model new settings."""
+
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class Log:
+    level: int
+    message: str
+
+
+Action = Union[
+    Serve,
+    StartCopy,
+    DropCopy,
+    Note,
+    Want,
+    Hold,
+    Remember,
+    Mark,
+    BackOff,
+    Answer,
+    Await,
+    Configure,
+    Log,
+]
