@@ -94,7 +94,8 @@ def main() -> int:
             rows.append(row)
             print(
                 f"{name:24s} client.load(cuda) {row['client_median_s'] * 1e3:8.1f} ms "
-                f"{row['client_gb_per_s']:6.2f} GB/s | plain via link {row['plain_median_s'] * 1e3:8.1f} ms"
+                f"{row['client_gb_per_s']:6.2f} GB/s"
+                f" | plain via link {row['plain_median_s'] * 1e3:8.1f} ms"
                 f" | ratio {row['ratio']:.3f} | identical {identical}",
                 flush=True,
             )
@@ -103,7 +104,8 @@ def main() -> int:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
     lines = [
-        '| checkpoint | client.load(device="cuda") via link | GB/s | plain loader via link | ratio | bit-identical |',
+        '| checkpoint | client.load(device="cuda") via link | GB/s | plain loader via link'
+        " | ratio | bit-identical |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:

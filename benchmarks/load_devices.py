@@ -34,7 +34,12 @@ PUBLISHED = {"HDD": 5.8, "SATA SSD": 1.1, "NVMe SSD": 0.4, "RAM disk": 0.1}  # 5
 STORES = {"4 KiB pages": "", "huge=within_size": "huge=within_size"}  # store tmpfs options
 TARGETS = (  # (what, numerator row, denominator row, bound): measured ratio must be <= bound
     ("link >= 10x faster than emulated HDD", "ramstage link", "HDD (150 MB/s), cold", 0.1),
-    ("link >= 3x faster than emulated SATA SSD", "ramstage link", "SATA SSD (520 MB/s), cold", 1 / 3),
+    (
+        "link >= 3x faster than emulated SATA SSD",
+        "ramstage link",
+        "SATA SSD (520 MB/s), cold",
+        1 / 3,
+    ),
     ("link within 1.1x of page-cache-hot source", "ramstage link", "source locked by vmtouch", 1.1),
     ("link mmap <= 0.2x plain load via link", "ramstage link, mmap=True", "ramstage link", 0.2),
 )  # fmt: skip

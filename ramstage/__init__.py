@@ -1,3 +1,4 @@
-"""ramstage: keeps ML model checkpoints in RAM behind stable links, and keeps that promise honest."""
+"""ramstage: keeps ML model checkpoints in RAM behind stable links, and keeps that promise
+honest."""
 
 __version__ = "0.1.0"

@@ -77,7 +77,8 @@ def _status_table(status: dict[str, Any]) -> str:
         f"ramstage {status['version']} (pid {status['pid']})",
         (
             f"store   {store['path']}: {_human(store['used_bytes'])} used of"
-            f" {_human(store['size_bytes'])} ({'tmpfs' if store['mounted'] else 'plain directory'}{swap})"
+            f" {_human(store['size_bytes'])}"
+            f" ({'tmpfs' if store['mounted'] else 'plain directory'}{swap})"
         ),
         (
             f"memory  {_human(memory['available_bytes'])} available, evicting below"

@@ -102,7 +102,8 @@ class _Invalid(Exception):
 
 
 def parse_size(text: Any) -> int:
-    """`512M`, `8G`, `1.5GiB`, `25%` (of RAM) or a plain number of bytes; units are powers of 1024."""
+    """`512M`, `8G`, `1.5GiB`, `25%` (of RAM) or a plain number of bytes; units are powers of
+    1024."""
     if isinstance(text, bool):
         raise _Invalid("expected a size such as 512M, 8G, 1.5GiB or 25%")
     if isinstance(text, int):

@@ -6,6 +6,7 @@ checked with SO_PEERCRED and SO_PEERGROUPS (socket(7)) as of connect(2).
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import logging
 import os
@@ -78,10 +79,8 @@ class ControlServer:
 
     def close(self) -> None:
         self._sock.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        except FileNotFoundError:
-            pass
 
     def _serve(self) -> None:
         while True:

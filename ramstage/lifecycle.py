@@ -242,8 +242,9 @@ def pressure_cancel(
 ) -> list[Action]:
     """A copy in flight goes first under pressure: RAM that no reader uses yet. A version in RAM
     stays served (the eviction order weighs it), and the next rescan tries the update again."""
-    why = Why(Reason.PRESSURE)
-    actions: list[Action] = [DropCopy(), *refuse(model, why, source_exists=source_exists)]
+    actions = refuse(model, Why(Reason.PRESSURE), source_exists=source_exists)
+    if model.serving is Serving.RAM:
+        actions.insert(0, DropCopy())  # fall_back calls the copy off itself
     return [*actions, back_off(model, now, cooldown_seconds)]
 
 
@@ -288,8 +289,8 @@ def placed(model: Model, *, source_exists: bool) -> list[Action]:
 
 def source_replaced(model: Model, *, source_exists: bool) -> list[Action]:
     """A reload gave the model another source, digest or validation: stage it afresh."""
-    why = Why(Reason.SOURCE_CHANGED)
-    return [*fall_back(model, why, source_exists=source_exists), Want(source_exists)]
+    actions = fall_back(model, Why(Reason.SOURCE_CHANGED), source_exists=source_exists)
+    return [*actions, Want(True)] if source_exists else actions
 
 
 def released(model: Model, outcome: str, *, source_exists: bool) -> list[Action]:

@@ -67,7 +67,9 @@ def check_safetensors(path: Path) -> None:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as error:
-        raise InvalidCheckpoint(f"{path.name}: safetensors header is not valid JSON: {error}")
+        raise InvalidCheckpoint(
+            f"{path.name}: safetensors header is not valid JSON: {error}"
+        ) from None
     if not isinstance(header, dict):
         raise InvalidCheckpoint(f"{path.name}: safetensors header is not a JSON object")
     data_bytes = size - 8 - header_bytes
@@ -136,7 +138,7 @@ def check_safetensors_index(path: Path) -> None:
         index = json.loads(path.read_text())
         shards = set(index["weight_map"].values())
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
-        raise InvalidCheckpoint(f"{path.name}: not a safetensors index with a weight_map")
+        raise InvalidCheckpoint(f"{path.name}: not a safetensors index with a weight_map") from None
     missing = sorted(s for s in shards if not isinstance(s, str) or not (path.parent / s).is_file())
     if missing:
         raise InvalidCheckpoint(f"{path.name}: shards missing: {', '.join(map(str, missing))}")
@@ -167,7 +169,8 @@ def check_file(path: Path, mode: str) -> None:
 
 
 def check_generation(root: Path, relpaths: Iterable[str], mode: str) -> None:
-    """Checks every file of a (partial) generation; raises InvalidCheckpoint on the first bad one."""
+    """Checks every file of a (partial) generation; raises InvalidCheckpoint on the first bad
+    one."""
     for relpath in relpaths:
         try:
             check_file(root / relpath, mode)

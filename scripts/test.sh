@@ -6,4 +6,8 @@ cd "$(dirname "$0")/.."
 E2E_APT="debootstrap systemd-container dpkg-dev debhelper dh-python pybuild-plugin-pyproject"
 E2E_APT+=" python3-all python3-setuptools lintian rpm git"
 RAMSTAGE_EXTRA_APT="$E2E_APT" bash scripts/setup.sh -e ".[test]"
+# Lint first: it takes seconds, and a failure there needs no test run to be seen.
+.venv/bin/ruff check ramstage tests benchmarks
+.venv/bin/ruff format --check ramstage tests benchmarks
+.venv/bin/mypy ramstage
 exec .venv/bin/python -m pytest -ra "$@"

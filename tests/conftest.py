@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs root: mounts a real tmpfs"))
         if "torch" in item.keywords and not HAS_TORCH:
             item.add_marker(pytest.mark.skip(reason="needs torch (pip install torch==2.13.0)"))
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leaks() -> Iterator[None]:
+    """Fails a test that leaves a thread running: a leaked watcher or worker outlives its
+    owner and makes later tests flaky. Threads get a moment to finish after the test. watchdog's
+    inotify reader is one shared instance per process by design (InotifyFD.get_instance)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 2.0
+    leaked = [
+        t for t in threading.enumerate() if t not in before and type(t).__name__ != "InotifyFD"
+    ]
+    for thread in leaked:
+        thread.join(timeout=max(deadline - time.monotonic(), 0.0))
+    alive = [t.name for t in leaked if t.is_alive()]
+    assert not alive, f"threads left running: {alive}"
 
 
 def wait_for(
@@ -66,6 +84,15 @@ def write_random(path: Path, size: int, seed: int = 0) -> Path:
             ]
             f.write(chunk)
             written += len(chunk)
+    return path
+
+
+def torch_like_zip(path: Path, payload: bytes | None = None) -> Path:
+    """The layout torch.save writes: stored (uncompressed) entries under one archive folder."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        archive.writestr("archive/data/0", os.urandom(4096) if payload is None else payload)
+        archive.writestr("archive/version", b"3\n")
     return path
 
 

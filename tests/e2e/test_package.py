@@ -131,7 +131,8 @@ def test_a_sandboxed_consumer_service_reads_the_model_through_its_link(
     result = machine.run(
         "systemd-run", "--wait", "--pipe", "--quiet", "--unit=consumer",
         "-p", "ProtectSystem=strict", "-p", "PrivateTmp=yes", "-p", "DynamicUser=yes",
-        "sh", "-c", f"sha256sum < {LINKS}/lama; stat -f -c %T \"$(readlink -f {LINKS}/lama)\"; id -u",
+        "sh", "-c",
+        f"sha256sum < {LINKS}/lama; stat -f -c %T \"$(readlink -f {LINKS}/lama)\"; id -u",
     )  # fmt: skip
     digest, fs_type, uid = result.stdout.split()[0], *result.stdout.split()[-2:]
     assert digest == digests["lama"]

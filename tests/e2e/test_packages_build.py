@@ -30,8 +30,12 @@ def test_rpmbuild_builds_the_rpm_with_the_unit_and_its_scriptlets(tmp_path: Path
                               capture_output=True, text=True, check=True).stdout  # fmt: skip
 
     files = query("-l").split()
-    for path in ("/usr/bin/ramstage", "/usr/lib/systemd/system/ramstage.service",
-                 "/usr/lib/sysusers.d/ramstage.conf", "/usr/lib/tmpfiles.d/ramstage.conf"):  # fmt: skip
+    for path in (
+        "/usr/bin/ramstage",
+        "/usr/lib/systemd/system/ramstage.service",
+        "/usr/lib/sysusers.d/ramstage.conf",
+        "/usr/lib/tmpfiles.d/ramstage.conf",
+    ):
         assert path in files
     assert query("-c").split() == ["/etc/ramstage/ramstage.yaml"]
     scripts = query("--scripts")

@@ -4,12 +4,11 @@ daemon that refuses to stage a corrupt checkpoint."""
 from __future__ import annotations
 
 import json
-import os
 import struct
-import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import torch_like_zip
 
 from ramstage.validate import InvalidCheckpoint, check_file, check_generation
 
@@ -120,15 +119,6 @@ def test_sub_byte_dtypes_count_bits(tmp_path):
     )
 
 
-def torch_like_zip(path: Path, payload: bytes = os.urandom(4096)) -> Path:
-    """The layout torch.save writes: stored (uncompressed) entries under one archive folder."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
-        archive.writestr("archive/data/0", payload)
-        archive.writestr("archive/version", b"3\n")
-    return path
-
-
 def test_a_complete_zip_checkpoint_passes(tmp_path):
     check_file(torch_like_zip(tmp_path / "m.ckpt"), "format")
 
@@ -211,24 +201,3 @@ def test_validate_torch_refuses_what_weights_only_cannot_load(tmp_path):
 
 
 # ---- the daemon --------------------------------------------------------------------------
-
-
-def test_the_daemon_leaves_a_truncated_checkpoint_on_its_source_with_the_reason(
-    tmp_path, make_daemon
-):
-    (tmp_path / "src").mkdir()
-    data = torch_like_zip(tmp_path / "full.ckpt", os.urandom(1 << 20)).read_bytes()
-    source = write(tmp_path / "src" / "bad.ckpt", data[:-100])
-    good = torch_like_zip(tmp_path / "src" / "good.ckpt")
-    daemon = make_daemon(
-        [{"name": "bad", "source": str(source)}, {"name": "good", "source": str(good)}]
-    ).start()
-    daemon.wait_state("good", "staged")
-    model = daemon.wait_state("bad", "fallback")
-    assert model["reason"].startswith("error: invalid checkpoint: bad.ckpt: not a readable zip")
-    assert model["generation"] is None
-    assert os.readlink(daemon.links / "bad") == str(source)
-    assert not [p for p in (daemon.store / "bad").glob("*") if not p.name.startswith(".")]
-    retry = daemon.cli("stage", "bad")
-    assert retry.returncode == 1
-    assert "invalid checkpoint" in retry.stderr

@@ -14,7 +14,7 @@ import yaml
 from ramstage.cli import main
 from ramstage.config import load_config, parse_duration, parse_size
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GOOD_DIGEST = "sha256:" + "ab" * 32
 
 

@@ -1,4 +1,5 @@
-"""Live updates: real files, real inotify, a real daemon."""
+"""Source updates: writers in place or by rename, bursts, directories, deletions, a replaced
+parent, an inotify overflow, and a source rewritten during its copy."""
 
 from __future__ import annotations
 
@@ -13,11 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_for, write_random
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from conftest import sha256_file, wait_for, write_random
 
 
 def staged_generations(daemon) -> list[str]:  # type: ignore[no-untyped-def]
@@ -60,12 +57,12 @@ def test_in_place_writer_is_staged_once_after_close_and_settle(tmp_path, make_da
         time.sleep(0.05)
     assert writer.returncode == 0
     assert targets == {first["target"]}, "the link moved while the source was being written"
-    final = sha256(source)
+    final = sha256_file(source)
     model = wait_for(
         lambda: (m := daemon.model("m"))["digest"] == f"sha256:{final}" and m, timeout=30
     )
     assert model["state"] == "staged" and model["reason"] is None
-    assert sha256(daemon.links / "m") == final
+    assert sha256_file(daemon.links / "m") == final
     assert len(staged_generations(daemon)) == 2, daemon.log()
 
 
@@ -74,7 +71,7 @@ def test_rename_into_place_makes_exactly_one_new_generation(tmp_path, make_daemo
     daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
     daemon.wait_state("m", "staged")
     replace(source, os.urandom(3 << 20))
-    wait_for(lambda: daemon.model("m")["digest"] == f"sha256:{sha256(source)}")
+    wait_for(lambda: daemon.model("m")["digest"] == f"sha256:{sha256_file(source)}")
     time.sleep(1.0)  # time for a second, unwanted generation to appear
     assert len(staged_generations(daemon)) == 2, daemon.log()
     # The old generation is deleted once its grace period for late readers has passed.
@@ -95,7 +92,7 @@ def test_a_burst_of_100_modifications_makes_one_generation(tmp_path, make_daemon
             f.write(os.urandom(4096))
             f.flush()
             os.fsync(f.fileno())
-    wait_for(lambda: daemon.model("m")["digest"] == f"sha256:{sha256(source)}")
+    wait_for(lambda: daemon.model("m")["digest"] == f"sha256:{sha256_file(source)}")
     time.sleep(1.0)
     assert len(staged_generations(daemon)) == 2, daemon.log()
 
@@ -108,7 +105,8 @@ READER = textwrap.dedent("""
         try:
             target = os.path.realpath(link)  # resolve once, as documented for readers
             if os.path.isdir(target):
-                tags = {open(os.path.join(target, n), "rb").read(8) for n in sorted(os.listdir(target))}
+                names = sorted(os.listdir(target))
+                tags = {open(os.path.join(target, n), "rb").read(8) for n in names}
                 seen.append("dir:" + ",".join(sorted(t.hex() for t in tags)))
             else:
                 with open(target, "rb") as f:
@@ -225,7 +223,7 @@ def test_directory_source_files_added_removed_and_renamed(tmp_path, make_daemon)
     wait_for(lambda: files() == ["sub/b.bin", "sub/c.bin"])
     (source / "sub" / "b.bin").rename(source / "b-renamed.bin")
     wait_for(lambda: files() == ["b-renamed.bin", "sub/c.bin"])
-    assert sha256(link / "sub" / "c.bin") == sha256(source / "sub" / "c.bin")
+    assert sha256_file(link / "sub" / "c.bin") == sha256_file(source / "sub" / "c.bin")
 
 
 def test_the_source_parent_directory_being_replaced(tmp_path, make_daemon):
@@ -237,10 +235,10 @@ def test_the_source_parent_directory_being_replaced(tmp_path, make_daemon):
     write_random(new_parent / "big-lama.ckpt", 2 << 20, seed=2)
     parent.rename(tmp_path / "src" / "lama.old")
     new_parent.rename(parent)
-    wait_for(lambda: daemon.model("m")["digest"] == f"sha256:{sha256(source)}")
+    wait_for(lambda: daemon.model("m")["digest"] == f"sha256:{sha256_file(source)}")
     # Still watched after the swap: a later change inside the new directory is seen too.
     replace(source, os.urandom(1 << 20))
-    wait_for(lambda: daemon.model("m")["digest"] == f"sha256:{sha256(source)}")
+    wait_for(lambda: daemon.model("m")["digest"] == f"sha256:{sha256_file(source)}")
 
 
 def test_a_deleted_source_is_served_from_ram_and_staged_again_when_back(tmp_path, make_daemon):
@@ -279,7 +277,8 @@ def test_an_old_generation_held_by_a_reader_is_pinned_until_it_exits(tmp_path, m
         [
             sys.executable,
             "-c",
-            "import sys, time; f = open(sys.argv[1], 'rb'); print('open', flush=True); time.sleep(600)",
+            "import sys, time; f = open(sys.argv[1], 'rb'); print('open', flush=True);"
+            " time.sleep(600)",
             str(daemon.links / "m"),
         ],
         stdout=subprocess.PIPE,
@@ -316,7 +315,7 @@ def test_an_inotify_queue_overflow_still_converges(tmp_path, make_daemon):
             (source_dir / f"noise-{n}").write_bytes(b"x")
         for source in sources:
             replace(source, os.urandom(64 << 10))
-        expected = {f"m{i}": f"sha256:{sha256(source)}" for i, source in enumerate(sources)}
+        expected = {f"m{i}": f"sha256:{sha256_file(source)}" for i, source in enumerate(sources)}
         wait_for(
             lambda: {m["name"]: m["digest"] for m in daemon.status()["models"]} == expected,
             timeout=30,
@@ -325,3 +324,44 @@ def test_an_inotify_queue_overflow_still_converges(tmp_path, make_daemon):
     finally:
         limit.write_text(original)
     assert "rescanning every source (inotify queue overflow)" in daemon.log()
+
+
+WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    path, mode = sys.argv[1], sys.argv[2]
+    fd = os.open(path, os.O_WRONLY)
+    deadline = time.monotonic() + 0.3  # shorter than the stager's first back-off (0.4 s)
+    offset = 0
+    while time.monotonic() < deadline:
+        if mode == "rewrite":
+            os.pwrite(fd, os.urandom(4096), offset % os.fstat(fd).st_size)
+            offset += 1 << 20
+        else:
+            os.ftruncate(fd, os.fstat(fd).st_size - (1 << 20))
+        time.sleep(0.005)
+    os.close(fd)
+    """
+)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("mode", ["rewrite", "truncate"])
+def test_a_source_changed_during_the_copy_is_copied_again(tmp_path, make_daemon, mode):
+    """A writer process changes the file while the daemon copies it (in place, or by cutting it
+    shorter: with an mmap'd source that would be SIGBUS). The copy is retried and what ends up
+    linked is the final source, byte for byte."""
+    source = write_random(tmp_path / "ssd" / "m.ckpt", 512 << 20)
+    original = sha256_file(source)
+    daemon = make_daemon([{"name": "m", "source": str(source)}], mount=True)
+    daemon.start(wait=False)
+    wait_for(lambda: any(daemon.store.glob("m/.partial-*")), interval=0.001)
+    subprocess.run([sys.executable, "-c", WRITER, str(source), mode], check=True)
+    model = daemon.wait_state("m", "staged", timeout=60)
+    final = sha256_file(source)
+    assert final != original
+    assert model["digest"] == "sha256:" + final
+    assert sha256_file(daemon.links / "m") == final
+    assert model["size_bytes"] == source.stat().st_size
+    assert daemon.process.poll() is None
+    assert list(daemon.store.glob("m/.partial-*")) == []
