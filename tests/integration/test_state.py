@@ -1,0 +1,66 @@
+"""What `status` says while copies run: a model whose link serves RAM is `staged`, whatever
+else is being copied, and can be waited for and evicted at once (docs/design.md, `state`)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from conftest import wait_for, write_random
+
+from ramstage import client
+
+G = 1 << 30
+
+
+@pytest.mark.root
+def test_a_model_in_ram_stays_staged_and_evictable_while_another_copies_1gib(tmp_path, make_daemon):
+    a = write_random(tmp_path / "src" / "a.ckpt", G, seed=1)
+    b = write_random(tmp_path / "src" / "b.ckpt", 4 << 20, seed=2)
+    daemon = make_daemon(
+        [
+            {"name": "a", "source": str(a)},
+            {"name": "b", "source": str(b), "priority": 10},  # staged first
+        ],
+        mount=True,
+        store={"size": "3G"},
+        watch={"settle": "100ms"},
+    )
+    # Both sources are in the page cache now: only the copy itself paces a's staging.
+    daemon.start()
+    wait_for(lambda: daemon.model("a")["state"] == "staging", context=daemon.log)
+    assert daemon.model("b")["state"] == "staged"
+    first = daemon.model("b")["generation"]
+
+    # A new version of b while a copies: its copy has to wait for a's, and meanwhile b's link
+    # still serves the verified previous version, which is what its state says.
+    write_random(b, 4 << 20, seed=3)
+    seen: list[tuple[str, str, str | None]] = []
+
+    def taken_up() -> bool:
+        status = {m["name"]: m for m in daemon.request("status")["models"]}
+        seen.append((status["a"]["state"], status["b"]["state"], status["b"]["reason"]))
+        return status["b"]["state"] != "staged" or status["b"]["reason"] == "source_changed"
+
+    wait_for(taken_up, interval=0.01, context=daemon.log)
+    assert seen[-1][0] == "staging", "a's copy ended before b's update was seen"
+    assert {b_state for _, b_state, _ in seen} == {"staged"}
+    assert seen[-1][2] == "source_changed"
+
+    started = time.monotonic()
+    entry = client.wait_staged("b", timeout=30, config=daemon.config_path)
+    assert time.monotonic() - started < 1.0
+    assert (entry["state"], entry["generation"]) == ("staged", first)
+    assert daemon.model("a")["state"] == "staging"
+
+    result = daemon.cli("evict", "b")
+    assert result.returncode == 0, result.stderr
+    assert daemon.model("a")["state"] == "staging", "a's copy ended before the evict was done"
+    b_status = daemon.model("b")
+    assert (b_status["state"], b_status["reason"]) == ("fallback", "evicted")
+    assert os.readlink(daemon.links / "b") == str(b)
+    assert not list((daemon.store / "b").glob("[!.]*"))  # its RAM copy is gone
+
+    daemon.wait_state("a", "staged", timeout=120)
+    assert daemon.model("b")["state"] == "fallback"  # evicted by hand: stays on its source

@@ -1,0 +1,490 @@
+"""The lifecycle's pure transitions, one table row per row of the lifecycle: a record, the
+facts the loop gathered, and the actions expected. No daemon, no clock, no sleeping."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ramstage import lifecycle
+from ramstage.lifecycle import Budget, Listing
+from ramstage.model import (
+    Action,
+    Answer,
+    BackOff,
+    Backoff,
+    DropCopy,
+    Hold,
+    Job,
+    Log,
+    Mark,
+    Model,
+    Note,
+    Phase,
+    Reason,
+    Remember,
+    Serve,
+    Serving,
+    StartCopy,
+    Want,
+    Why,
+    phase,
+)
+from ramstage.stager import Cancelled, NoSpace
+
+OLD = (("m.ckpt", (1, 10, 100, 5, 5)),)
+NEW = (("m.ckpt", (1, 11, 120, 6, 6)),)
+SOURCE, NOTHING, RAM = Serving.SOURCE, Serving.NOTHING, Serving.RAM
+PRESSURE, TOO_LARGE = Why(Reason.PRESSURE), Why(Reason.TOO_LARGE)
+CHANGED, MISSING = Why(Reason.SOURCE_CHANGED), Why(Reason.SOURCE_MISSING)
+EVICTED = Why(Reason.EVICTED)
+
+
+@dataclass(frozen=True)
+class Settings:
+    name: str = "m"
+    source: Path = Path("/ssd/m.ckpt")
+    priority: int = 0
+    digest: str | None = None
+    validate: str = "format"
+
+
+def record(name: str = "m", priority: int = 0, **fields: Any) -> Model:
+    model = Model(Settings(name, priority=priority), Path(f"/run/models/{name}"))
+    if fields.pop("job", False):
+        model.job = Job(Path("/store/m/.partial"), identities=fields.pop("copying", NEW))
+    if fields.pop("waiting", False):
+        model.waiters.append(Future())
+    for key, value in fields.items():
+        setattr(model, key, value)
+    return model
+
+
+def in_ram(**fields: Any) -> Model:
+    return record(**{"serving": RAM, "generation": "g1", "want": False, "seen": OLD, **fields})
+
+
+def budget(free: int = 1 << 30, available: int = 8 << 30, paused: bool = False) -> Budget:
+    return Budget(free, available, 1 << 30, paused, now=100.0, cooldown_seconds=2.0)
+
+
+def without_logs(actions: list[Action]) -> list[Action]:
+    return [a for a in actions if not isinstance(a, Log)]
+
+
+FIRST_BACKOFF = BackOff(Backoff(1, 100.0, 2.0))
+
+
+@pytest.mark.parametrize(
+    ("model", "decide", "expected"),
+    [
+        pytest.param(
+            record(),
+            lambda m: lifecycle.admit(m, Listing(NEW, 1 << 20), budget()),
+            [StartCopy(NEW), Note(None)],
+            id="pending-admitted",
+        ),
+        pytest.param(
+            in_ram(want=True, why=CHANGED),
+            lambda m: lifecycle.admit(m, Listing(NEW, 1 << 20), budget()),
+            [StartCopy(NEW), Note(CHANGED)],
+            id="update-admitted-keeps-serving-ram",
+        ),
+        pytest.param(
+            record(),
+            lambda m: lifecycle.admit(m, Listing(NEW, 2 << 30), budget()),
+            [Serve(SOURCE), Note(TOO_LARGE), Want(False), Answer("too_large")],
+            id="too-large-falls-back",
+        ),
+        pytest.param(
+            record(),
+            lambda m: lifecycle.admit(m, Listing(NEW, 1 << 20), budget(available=1 << 30)),
+            [Serve(SOURCE), Note(PRESSURE), Want(False), Answer("pressure"), FIRST_BACKOFF],
+            id="under-floor-falls-back-and-backs-off",
+        ),
+        pytest.param(
+            record(),
+            lambda m: lifecycle.admit(m, Listing(NEW, 1 << 20), budget(paused=True)),
+            [Serve(SOURCE), Note(PRESSURE), Want(False), Answer("pressure"), FIRST_BACKOFF],
+            id="cooldown-refuses-on-its-own",
+        ),
+        pytest.param(
+            record(waiting=True),
+            lambda m: lifecycle.admit(m, Listing(NEW, 1 << 20), budget(paused=True)),
+            [StartCopy(NEW), Note(None)],
+            id="cooldown-admits-an-operators-stage",
+        ),
+        pytest.param(
+            in_ram(want=True),
+            lambda m: lifecycle.admit(m, Listing(NEW, 2 << 30), budget()),
+            [Remember(NEW), Note(TOO_LARGE), Want(False), Answer("too_large")],
+            id="update-too-large-keeps-ram-until-source-changes",
+        ),
+        pytest.param(
+            in_ram(want=True),
+            lambda m: lifecycle.admit(m, Listing(NEW, 1 << 20), budget(available=1 << 30)),
+            [Remember(None), Note(PRESSURE), Want(False), Answer("pressure"), FIRST_BACKOFF],
+            id="update-under-pressure-keeps-ram-until-rescan",
+        ),
+        pytest.param(
+            record(),
+            lambda m: lifecycle.admit(m, Listing(missing=True), budget()),
+            [Remember(None), Note(MISSING), Want(False), Serve(NOTHING), Answer("source_missing")],
+            id="missing-source-no-link",
+        ),
+        pytest.param(
+            record(),
+            lambda m: lifecycle.admit(m, Listing(error="boom"), budget()),
+            [Serve(SOURCE), Note(Why(Reason.ERROR, "boom")), Want(False), Answer("error: boom")],
+            id="unlistable-falls-back",
+        ),
+    ],
+)
+def test_admission(model: Model, decide: Callable[[Model], list[Action]], expected: list[Action]):
+    assert without_logs(decide(model)) == expected
+
+
+def copy_failed(model: Model, error: BaseException, exists: bool = True) -> list[Action]:
+    why = lifecycle.copy_failure(error)
+    return lifecycle.copy_failed(model, why, NEW, source_exists=exists)
+
+
+@pytest.mark.parametrize(
+    ("model", "decide", "expected"),
+    [
+        pytest.param(
+            record(),
+            lambda m: lifecycle.copied(m, "g2", NEW),
+            [Serve(RAM, "g2"), Remember(NEW), Note(None), Want(False), Answer(None)],
+            id="copied-serves-ram",
+        ),
+        pytest.param(
+            in_ram(want=True, why=CHANGED),
+            lambda m: lifecycle.copied(m, "g2", NEW),
+            [Serve(RAM, "g2"), Remember(NEW), Note(None), Want(False), Answer(None)],
+            id="update-copied-flips",
+        ),
+        pytest.param(record(), lambda m: copy_failed(m, Cancelled("off")), [], id="cancelled"),
+        pytest.param(
+            record(),
+            lambda m: copy_failed(m, NoSpace("full")),
+            [Remember(NEW), Serve(SOURCE), Note(TOO_LARGE), Want(False), Answer("too_large")],
+            id="no-space-is-too-large",
+        ),
+        pytest.param(
+            record(),
+            lambda m: copy_failed(m, OSError(5, "EIO")),
+            [
+                Remember(NEW),
+                Serve(SOURCE),
+                Note(Why(Reason.ERROR, "[Errno 5] EIO")),
+                Want(False),
+                Answer("error: [Errno 5] EIO"),
+            ],
+            id="error-falls-back-until-the-source-changes",
+        ),
+        pytest.param(
+            in_ram(want=True),
+            lambda m: copy_failed(m, ValueError("bad")),
+            [Remember(NEW), Note(Why(Reason.ERROR, "bad")), Want(False), Answer("error: bad")],
+            id="failed-update-keeps-the-previous-version",
+        ),
+        pytest.param(
+            record(),
+            lambda m: copy_failed(m, FileNotFoundError(2, "gone")),
+            [Remember(None), Note(MISSING), Want(False), Serve(NOTHING), Answer("source_missing")],
+            id="source-gone-during-copy",
+        ),
+        pytest.param(
+            in_ram(),
+            lambda m: copy_failed(m, FileNotFoundError(2, "gone")),
+            [Remember(None), Note(MISSING), Want(False), Answer(None)],
+            id="source-gone-ram-still-served",
+        ),
+    ],
+)
+def test_copy_outcomes(
+    model: Model, decide: Callable[[Model], list[Action]], expected: list[Action]
+):
+    assert without_logs(decide(model)) == expected
+
+
+@pytest.mark.parametrize(
+    ("model", "listing", "writers", "expected"),
+    [
+        pytest.param(in_ram(), Listing(OLD, 100), False, [Mark(None)], id="unchanged"),
+        pytest.param(in_ram(), Listing(NEW, 120), True, [Mark(50.0)], id="still-written"),
+        pytest.param(
+            in_ram(),
+            Listing(NEW, 120),
+            False,
+            [Mark(None), Note(CHANGED), Want(True)],
+            id="changed",
+        ),
+        pytest.param(
+            record(seen=OLD, want=False, why=PRESSURE),
+            Listing(NEW, 120),
+            False,
+            [Mark(None), Want(True)],
+            id="changed-on-source",
+        ),
+        pytest.param(
+            record(serving=NOTHING, want=False, why=MISSING),
+            Listing(NEW, 120),
+            False,
+            [Mark(None), Serve(SOURCE), Note(None), Want(True)],
+            id="back-after-missing",
+        ),
+        pytest.param(
+            record(held=True, want=False, why=EVICTED),
+            Listing(NEW, 120),
+            False,
+            [Mark(None)],
+            id="held-stays",
+        ),
+        pytest.param(
+            record(job=True, copying=NEW), Listing(NEW, 120), False, [Mark(None)], id="being-copied"
+        ),
+        pytest.param(
+            in_ram(),
+            Listing(missing=True),
+            False,
+            [Mark(None), Remember(None), Note(MISSING), Want(False), Answer(None)],
+            id="deleted-served-from-ram",
+        ),
+        pytest.param(
+            in_ram(), Listing(error="EACCES"), False, [Mark(None)], id="unlistable-looked-at-later"
+        ),
+    ],
+)
+def test_settled(model: Model, listing: Listing, writers: bool, expected: list[Action]):
+    assert without_logs(lifecycle.settled(model, listing, writers=writers, now=50.0)) == expected
+
+
+@pytest.mark.parametrize(
+    ("model", "decide", "expected"),
+    [
+        pytest.param(record(), lambda m: lifecycle.source_event(m, 7.0), [Mark(7.0)], id="event"),
+        pytest.param(
+            record(job=True),
+            lambda m: lifecycle.source_event(m, 7.0),
+            [Mark(7.0), DropCopy(), Want(True)],
+            id="event-calls-off-first-copy",
+        ),
+        pytest.param(
+            in_ram(job=True, want=True),
+            lambda m: lifecycle.source_event(m, 7.0),
+            [Mark(7.0), DropCopy(), Want(False)],
+            id="event-calls-off-update",
+        ),
+        pytest.param(record(), lambda m: lifecycle.rescan(m, 10.0, 2.0), [Mark(8.0)], id="rescan"),
+        pytest.param(
+            record(changed_at=9.0), lambda m: lifecycle.rescan(m, 10.0, 2.0), [], id="rescan-marked"
+        ),
+        pytest.param(
+            in_ram(job=True, want=True),
+            lambda m: lifecycle.evict_requested(m, source_exists=True),
+            [DropCopy(), Serve(SOURCE), Note(EVICTED), Want(False), Answer("evicted"), Hold(True)],
+            id="evict-while-an-update-copies",
+        ),
+        pytest.param(
+            in_ram(),
+            lambda m: lifecycle.evict_requested(m, source_exists=False),
+            [Serve(NOTHING), Note(EVICTED), Want(False), Answer("evicted"), Hold(True)],
+            id="evict-without-source",
+        ),
+        pytest.param(
+            in_ram(),
+            lambda m: lifecycle.verify_failed(m, "g1", source_exists=True),
+            [
+                Serve(SOURCE),
+                Note(Why(Reason.ERROR, "verify failed, staging again")),
+                Want(False),
+                Answer("error: verify failed, staging again"),
+                Want(True),
+            ],
+            id="verify-failed",
+        ),
+        pytest.param(
+            in_ram(),
+            lambda m: lifecycle.verify_failed(m, "g0", source_exists=True),
+            [],
+            id="verify-failed-on-a-replaced-generation",
+        ),
+        pytest.param(
+            in_ram(),
+            lambda m: lifecycle.pressure_evict(m, 100.0, 2.0, source_exists=True),
+            [Serve(SOURCE), Note(PRESSURE), Want(False), Answer("pressure"), FIRST_BACKOFF],
+            id="pressure-evicts",
+        ),
+        pytest.param(
+            in_ram(job=True, want=True),
+            lambda m: lifecycle.pressure_cancel(m, 100.0, 2.0, source_exists=True),
+            [DropCopy(), Note(PRESSURE), Want(False), Answer("pressure"), FIRST_BACKOFF],
+            id="pressure-cancels-an-update-ram-stays",
+        ),
+        pytest.param(
+            record(job=True),
+            lambda m: lifecycle.pressure_cancel(m, 100.0, 2.0, source_exists=True),
+            [
+                DropCopy(),
+                Serve(SOURCE),
+                Note(PRESSURE),
+                Want(False),
+                Answer("pressure"),
+                FIRST_BACKOFF,
+            ],
+            id="pressure-cancels-a-first-copy",
+        ),
+        pytest.param(
+            record(job=True),
+            lambda m: lifecycle.released(m, "ramstage is stopping", source_exists=True),
+            [DropCopy(), Serve(SOURCE), Answer("ramstage is stopping")],
+            id="released",
+        ),
+        pytest.param(
+            in_ram(),
+            lambda m: lifecycle.source_replaced(m, source_exists=False),
+            [Serve(NOTHING), Note(CHANGED), Want(False), Answer("source_changed")],
+            id="reload-replaced-source-gone",
+        ),
+        pytest.param(
+            in_ram(),
+            lambda m: lifecycle.source_replaced(m, source_exists=True),
+            [Serve(SOURCE), Note(CHANGED), Want(False), Answer("source_changed"), Want(True)],
+            id="reload-replaced",
+        ),
+        pytest.param(
+            record(),
+            lambda m: lifecycle.placed(m, source_exists=True),
+            [Serve(SOURCE)],
+            id="placed-on-source",
+        ),
+        pytest.param(
+            record(),
+            lambda m: lifecycle.adopted("g1", OLD),
+            [Serve(RAM, "g1"), Remember(OLD), Want(False)],
+            id="adopted",
+        ),
+    ],
+)
+def test_events(model: Model, decide: Callable[[Model], list[Action]], expected: list[Action]):
+    assert without_logs(decide(model)) == expected
+
+
+@pytest.mark.parametrize(
+    ("model", "already", "expected"),
+    [
+        (in_ram(), True, [Hold(False)]),
+        (in_ram(why=MISSING), True, [Hold(False)]),
+        (in_ram(why=Why(Reason.ERROR, "bad")), False, [Hold(False), Want(True)]),
+        (record(held=True, want=False, why=EVICTED), False, [Hold(False), Want(True)]),
+        (record(job=True), False, [Hold(False)]),
+    ],
+    ids=["staged", "staged-source-missing", "failed-update-retried", "evicted", "copying"],
+)
+def test_stage_requested(model: Model, already: bool, expected: list[Action]):
+    assert lifecycle.stage_requested(model) == (already, expected)
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (record(), Phase.PENDING),
+        (record(job=True), Phase.STAGING),
+        (in_ram(), Phase.STAGED),
+        (in_ram(job=True, why=CHANGED), Phase.STAGED),  # the clarification: RAM is served
+        (in_ram(want=True, why=CHANGED), Phase.STAGED),
+        (record(want=False, why=PRESSURE), Phase.FALLBACK),
+        (record(held=True, why=EVICTED), Phase.FALLBACK),
+        (record(serving=NOTHING), Phase.MISSING),
+    ],
+    ids=[
+        "pending",
+        "staging",
+        "staged",
+        "update-copying",
+        "update-waiting",
+        "fallback",
+        "held",
+        "missing",
+    ],
+)
+def test_the_state_is_derived_from_what_the_link_serves(model: Model, expected: Phase):
+    assert phase(model) is expected
+
+
+def test_one_copy_at_a_time_highest_priority_first_settled_sources_only():
+    low, high = record("low", priority=1), record("high", priority=5)
+    moving = record("moving", priority=9, changed_at=3.0)
+    assert lifecycle.next_copy([low, high, moving]) == "high"
+    assert lifecycle.next_copy([low, record("busy", job=True)]) is None
+    assert lifecycle.next_copy([in_ram(), record("held", held=True)]) is None
+    assert lifecycle.next_copy([in_ram(want=True)]) == "m"  # an update waits its turn too
+
+
+def test_resume_only_when_calm_idle_and_past_the_backoff():
+    evicted = record("a", priority=1, want=False, why=PRESSURE)
+    later = record("b", priority=9, want=False, why=PRESSURE, backoff=Backoff(1, 95.0, 10.0))
+    assert lifecycle.to_resume([evicted, later], 100.0, calm=True) == "a"
+    assert lifecycle.to_resume([evicted, later], 106.0, calm=True) == "b"
+    assert lifecycle.to_resume([evicted, later], 106.0, calm=False) is None
+    assert lifecycle.to_resume([evicted, record("c", job=True)], 100.0, calm=True) is None
+    assert lifecycle.to_resume([evicted, record("p")], 100.0, calm=True) is None
+    by_hand = record("h", want=False, why=EVICTED, held=True)
+    assert lifecycle.to_resume([by_hand], 100.0, calm=True) is None
+    assert lifecycle.resume() == [Note(None), Want(True)]
+
+
+@pytest.mark.parametrize(
+    ("models", "mode", "ready"),
+    [
+        ([record()], "links", True),
+        ([record()], "staged", False),
+        ([record(job=True)], "staged", False),
+        ([in_ram(job=True, want=True)], "staged", True),
+        ([record(want=False, why=TOO_LARGE)], "staged", True),
+        ([record(held=True)], "staged", True),
+        ([record(serving=NOTHING, want=False)], "staged", True),
+    ],
+    ids=["links", "pending", "staging", "update", "refused", "held", "missing"],
+)
+def test_readiness(models: list[Model], mode: str, ready: bool):
+    assert lifecycle.ready(models, mode) is ready
+
+
+@pytest.mark.parametrize(
+    ("model", "exists", "expected"),
+    [
+        (in_ram(), True, Path("/store/m/g1/m.ckpt")),
+        (record(), True, Path("/ssd/m.ckpt")),
+        (record(), False, None),
+        (record(serving=NOTHING), False, None),
+    ],
+    ids=["ram", "source", "source-gone", "nothing"],
+)
+def test_where_the_link_belongs(model: Model, exists: bool, expected: Path | None):
+    generation = Path("/store/m/g1/m.ckpt")
+    assert lifecycle.expected_link(model, generation, source_exists=exists) == expected
+
+
+def test_reload_plan():
+    old = {"kept": ("/a", None), "gone": ("/b", None), "moved": ("/c", None)}
+    new = {"kept": ("/a", None), "moved": ("/d", None), "added": ("/e", None)}
+    plan = lifecycle.reload_plan(old, new)
+    assert plan == lifecycle.ReloadPlan(
+        removed=("gone",), added=("added",), replaced=("moved",), kept=("kept",)
+    )
+
+
+def test_a_missing_source_is_said_once():
+    first = lifecycle.source_missing(in_ram())
+    assert [a.level for a in first if isinstance(a, Log)] == [logging.WARNING]
+    again = lifecycle.source_missing(in_ram(why=MISSING))
+    assert not [a for a in again if isinstance(a, Log)]
