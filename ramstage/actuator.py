@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from ramstage import links
+from ramstage.checkpoint import check_generation
 from ramstage.generations import Generations
 from ramstage.manifest import Manifest
 from ramstage.model import (
@@ -37,7 +38,6 @@ from ramstage.model import (
     Want,
 )
 from ramstage.stager import stage_source
-from ramstage.validate import check_generation
 
 log = logging.getLogger("ramstage")
 _FIELDS: dict[type, str] = {

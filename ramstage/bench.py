@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ramstage.checkpoint import TORCH_SUFFIXES
 from ramstage.config import load_config
 from ramstage.errors import NotFound, RamstageError, UsageError
-from ramstage.validate import TORCH_SUFFIXES
 
 TENSOR_BYTES = 64 << 20
 SHM = Path("/dev/shm")

@@ -1,7 +1,8 @@
 """Prints the ramstage package's import graph as the Markdown list docs/architecture.md holds:
 one line per module, leaves first, each with the ramstage modules it imports.
 
-    .venv/bin/python scripts/import_graph.py
+    .venv/bin/python scripts/import_graph.py            # print it
+    .venv/bin/python scripts/import_graph.py --update   # write it into docs/architecture.md
 
 tests/unit/test_architecture.py fails when the document and this output differ.
 """
@@ -9,10 +10,14 @@ tests/unit/test_architecture.py fails when the document and this output differ.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "ramstage"
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "ramstage"
+DOC = REPO / "docs" / "architecture.md"
+BLOCK = re.compile(r"(<!-- import graph: begin -->\n).*?(<!-- import graph: end -->)", re.S)
 
 
 def modules() -> dict[str, Path]:
@@ -78,4 +83,8 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(render() + "\n")
+    if sys.argv[1:] == ["--update"]:
+        graph = render()
+        DOC.write_text(BLOCK.sub(lambda m: m.group(1) + graph + "\n" + m.group(2), DOC.read_text()))
+    else:
+        sys.stdout.write(render() + "\n")

@@ -7,7 +7,7 @@ E2E_APT="debootstrap systemd-container dpkg-dev debhelper dh-python pybuild-plug
 E2E_APT+=" python3-all python3-setuptools lintian rpm git"
 RAMSTAGE_EXTRA_APT="$E2E_APT" bash scripts/setup.sh -e ".[test]"
 # Lint first: it takes seconds, and a failure there needs no test run to be seen.
-.venv/bin/ruff check ramstage tests benchmarks
-.venv/bin/ruff format --check ramstage tests benchmarks
+.venv/bin/ruff check ramstage tests benchmarks scripts
+.venv/bin/ruff format --check ramstage tests benchmarks scripts
 .venv/bin/mypy ramstage
 exec .venv/bin/python -m pytest -ra "$@"

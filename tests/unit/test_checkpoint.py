@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import torch_like_zip
 
-from ramstage.validate import InvalidCheckpoint, check_file, check_generation
+from ramstage.checkpoint import InvalidCheckpoint, check_file, check_generation
 
 
 def safetensors_bytes(

@@ -1,4 +1,6 @@
-"""Checkpoint checks run on a partial generation before it is published, without torch.
+"""What ramstage knows about checkpoint formats, torch-free: how a file's format is told
+(kind_of), the limits the formats set, and the checks run on a partial generation before it is
+published. The GPU loader (fastload) is to tell formats apart with kind_of too.
 
 A checkpoint cut short (a writer still saving, a full disk, a torn copy) hashes fine: its digest
 is just the digest of a broken file. These checks catch what the digest cannot, so the link never
@@ -8,11 +10,12 @@ are not checked.
 
 `validate: torch` goes further and loads each torch file with `torch.load(weights_only=True,
 mmap=True)`, in a subprocess, because the daemon never imports torch (invariant 6):
-`python -m ramstage.validate PATH` exits non-zero with the reason.
+`python -m ramstage.checkpoint PATH` exits non-zero with the reason.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import struct
 import subprocess
@@ -144,28 +147,44 @@ def check_safetensors_index(path: Path) -> None:
         raise InvalidCheckpoint(f"{path.name}: shards missing: {', '.join(map(str, missing))}")
 
 
-def _is_safetensors(path: Path, head: bytes) -> bool:
-    # The header is JSON right after the length, so byte 8 is "{" even without the extension.
-    return path.suffix == ".safetensors" or (len(head) > 8 and head[8:9] == b"{")
+class Kind(enum.Enum):
+    SAFETENSORS = "safetensors"
+    SAFETENSORS_INDEX = "safetensors index"  # a sharded model's weight map
+    TORCH_ZIP = "torch zip"  # torch.save's format since torch 1.6
+    TORCH_LEGACY = "torch legacy"  # a torch suffix without the zip magic: torch's older pickle
+    OTHER = "other"  # configs, tokenizers: not checked
+
+
+def kind_of(path: Path) -> Kind:
+    """Told by content first (the zip magic; a safetensors header is JSON right after its
+    8-byte length, so byte 8 is "{" even without the extension), then by name."""
+    if path.name.endswith(".safetensors.index.json"):
+        return Kind.SAFETENSORS_INDEX
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(ZIP_MAGIC):
+        return Kind.TORCH_ZIP
+    if path.suffix in TORCH_SUFFIXES:
+        return Kind.TORCH_LEGACY
+    if path.suffix == ".safetensors" or (len(head) > 8 and head[8:9] == b"{"):
+        return Kind.SAFETENSORS
+    return Kind.OTHER
 
 
 def check_file(path: Path, mode: str) -> None:
     """Checks one file by its kind; `mode` is the model's `validate` setting."""
     if mode == "none":
         return
-    if path.name.endswith(".safetensors.index.json"):
+    kind = kind_of(path)
+    if kind is Kind.SAFETENSORS_INDEX:
         check_safetensors_index(path)
-        return
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head.startswith(ZIP_MAGIC) or path.suffix in TORCH_SUFFIXES:
-        if head.startswith(ZIP_MAGIC):
-            check_zip(path)
-        # A non-zip .pt is torch's legacy pickle format: only torch itself can read it.
-        if mode == "torch":
-            check_with_torch(path)
-    elif _is_safetensors(path, head):
+    elif kind is Kind.SAFETENSORS:
         check_safetensors(path)
+    elif kind is Kind.TORCH_ZIP:
+        check_zip(path)
+    # Only torch itself can read the legacy pickle format.
+    if mode == "torch" and kind in (Kind.TORCH_ZIP, Kind.TORCH_LEGACY):
+        check_with_torch(path)
 
 
 def check_generation(root: Path, relpaths: Iterable[str], mode: str) -> None:
@@ -182,7 +201,7 @@ def check_with_torch(path: Path) -> None:
     """Loads the file as an application would, in a child process; its exit status decides."""
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "ramstage.validate", str(path)],
+            [sys.executable, "-m", "ramstage.checkpoint", str(path)],
             capture_output=True,
             text=True,
             timeout=TORCH_LOAD_TIMEOUT_SECONDS,
