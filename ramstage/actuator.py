@@ -108,8 +108,9 @@ class Actuator:
     def _serve(self, model: Model, action: Serve) -> None:
         if action.serving is Serving.RAM:
             assert action.generation is not None
-            generation = self.generations.serve(model.name, action.generation)
+            generation = self.generations.find(model.name, action.generation)
             links.point(model.link, generation.target)
+            self.generations.serve(model.name, generation)
             if model.generation != generation.id:
                 manifest = generation.manifest
                 log.info(

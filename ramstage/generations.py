@@ -81,14 +81,18 @@ class Generations:
 
     # ---- what links point at -----------------------------------------------------------
 
-    def serve(self, name: str, generation_id: str) -> Generation:
-        """The link is about to point at this generation (published, adopted, current or still
-        in its grace period); the one it leaves stays for the grace period."""
-        known = [self._fresh.pop(name, None), self._current.get(name), *self.outgoing(name)]
-        generation = next(g for g in known if g is not None and g.id == generation_id)
+    def find(self, name: str, generation_id: str) -> Generation:
+        """A generation of the model by id: published or adopted and not served yet, current,
+        or still in its grace period."""
+        known = [self._fresh.get(name), self._current.get(name), *self.outgoing(name)]
+        return next(g for g in known if g is not None and g.id == generation_id)
+
+    def serve(self, name: str, generation: Generation) -> None:
+        """The link now points at this generation; the one it left stays for the grace period."""
+        self._fresh.pop(name, None)
         old = self._current.get(name)
         if old is not None and old.path == generation.path:
-            return generation
+            return
         entries = self._outgoing.setdefault(name, [])
         kept = [(t, g) for t, g in entries if g.path != generation.path]
         if len(kept) == len(entries):
@@ -98,7 +102,6 @@ class Generations:
         self._current[name] = generation
         if old is not None:
             self._outgoing[name].append((self.system.monotonic() + SWAP_GRACE_SECONDS, old))
-        return generation
 
     def release(self, name: str) -> None:
         """The link no longer points into RAM: every generation of the model goes now."""
