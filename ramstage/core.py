@@ -18,6 +18,7 @@ from ramstage.config import Config, ModelConfig
 from ramstage.errors import RamstageError
 from ramstage.eviction import Relief
 from ramstage.generations import Generations
+from ramstage.manifest import Manifest
 from ramstage.model import Action, DropCopy, Job, Model
 from ramstage.stager import list_source
 from ramstage.store import Generation, Store
@@ -104,20 +105,28 @@ class Core:
         self.apply(model, lifecycle.admit(model, look(model.settings.source), budget))
 
     def job_done(self, name: str, job: Job) -> None:
-        """Only the loop publishes: a copy still wanted becomes a generation and is served."""
+        """Only the loop publishes: a copy still wanted becomes a generation and is served; any
+        other partial copy is deleted."""
         assert job.future is not None
         model = self.models.get(name)
+        wanted = model is not None and model.job is job
         error = job.future.exception()
-        if model is None or model.job is not job or error is not None:
+        generation = None
+        if wanted and error is None:
+            manifest: Manifest = job.future.result()
+            try:
+                generation = self.generations.publish(name, job.partial, manifest)
+            except OSError as failed:
+                error = failed
+        if generation is None:
             self.generations.discard(name, job.partial)
-        if model is None or model.job is not job:
+        if model is None or not wanted:
             return  # evicted, removed or replaced while it was copied
         self.apply(model, [DropCopy()])
-        if error is None:
-            manifest = job.future.result()
-            generation = self.generations.publish(name, job.partial, manifest)
+        if generation is not None:
             self.apply(model, lifecycle.copied(model, generation.id, manifest.identities()))
             return
+        assert error is not None
         why = lifecycle.copy_failure(error)
         if why is not None and isinstance(error, (RamstageError, OSError)):
             log.error("%s: staging failed: %s", name, error)

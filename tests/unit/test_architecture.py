@@ -36,7 +36,9 @@ def test_the_module_list_matches_the_tree():
 def test_the_import_graph_matches_the_code():
     found = GRAPH.search(DOC.read_text())
     assert found is not None, "no import graph block in docs/architecture.md"
-    assert found.group(1) == generated_graph(), "run scripts/import_graph.py into the document"
+    assert found.group(1) == generated_graph(), (
+        "run: .venv/bin/python scripts/import_graph.py --update"
+    )
 
 
 def test_the_vocabulary_is_a_leaf():
