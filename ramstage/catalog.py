@@ -13,7 +13,7 @@ from pathlib import Path
 from ramstage import links
 from ramstage.config import ModelConfig
 from ramstage.errors import RamstageError
-from ramstage.stager import list_source
+from ramstage.sources import list_source
 from ramstage.state import Model
 from ramstage.store import Generation, Store
 from ramstage.system import System
@@ -201,10 +201,11 @@ class Catalog:
             ):
                 continue
             try:
-                same_source = list_source(config.source).identities() == manifest.identities()
+                listing = list_source(config.source, config.trust)
+                same_source = listing.identities() == manifest.identities()
                 complete = all(
-                    os.stat(generation.path / f.relpath).st_size == f.size_bytes
-                    for f in manifest.files
+                    os.stat(path).st_size == f.size_bytes
+                    for f, path in zip(manifest.files, generation.file_paths())
                 )
             except (OSError, RamstageError):
                 continue

@@ -16,14 +16,15 @@ from typing import Any
 
 from ramstage import links, policy
 from ramstage.catalog import Catalog
-from ramstage.config import Config, ModelConfig, load_config, source_problems
+from ramstage.config import Config, ModelConfig, load_config, source_problems, trust_warnings
 from ramstage.control import ControlServer
 from ramstage.digest import hash_file
 from ramstage.errors import ConfigError, NotFound, RamstageError
 from ramstage.pressure import Pressure
 from ramstage.relief import MemoryGuard
 from ramstage.service import Notifier
-from ramstage.stager import Cancelled, NoSpace, list_source, stage_source
+from ramstage.sources import list_source
+from ramstage.stager import Cancelled, failure_reason, stage_source
 from ramstage.state import (
     Event,
     Job,
@@ -80,7 +81,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: self.events.put(Stop(signum)))
         signal.signal(signal.SIGHUP, lambda signum, frame: self.events.put(Reload()))
-        for problem in source_problems(self.config):
+        for problem in [*source_problems(self.config), *trust_warnings(self.config)]:
             log.warning("%s", problem)
         self.store.open()
         links.prepare(self.config.links_dir)
@@ -256,12 +257,19 @@ class Daemon:
 
     def _start(self, model: Model) -> None:
         try:
-            listing = list_source(model.config.source)
+            listing = list_source(model.config.source, model.config.trust)
         except FileNotFoundError:
             self.catalog.set_missing(model)
             return
         except (OSError, RamstageError) as error:
-            self.catalog.fall_back(model, f"error: {error}")
+            reason = failure_reason(error)
+            log.warning("%s: not staged (%s)", model.config.name, reason)
+            if model.generation:
+                # The verified copy stays: it was made from the source as it was then.
+                model.state, model.reason = "staged", reason
+                model.settle(reason)
+            else:
+                self.catalog.fall_back(model, reason)
             return
         need, free, available = (
             listing.size_bytes,
@@ -312,11 +320,14 @@ class Daemon:
                 job.partial,
                 algorithm,
                 on_progress=progress,
+                trust=config.trust,
                 cancel=job.cancel,
                 expected_digest=config.digest,
             )
             # A torn or truncated checkpoint hashes fine; it must not become the staged version.
-            check_generation(job.partial, [f.relpath for f in manifest.files], config.validate)
+            check_generation(
+                job.partial / manifest.root, [f.relpath for f in manifest.files], config.validate
+            )
             return self.store.publish(job.partial, manifest)
         finally:
             remove_tree(job.partial)
@@ -350,7 +361,7 @@ class Daemon:
             log.error("%s: staging failed: %s", name, error)
         else:
             log.error("%s: staging failed", name, exc_info=error)
-        reason = "too_large" if isinstance(error, NoSpace) else f"error: {error}"
+        reason = failure_reason(error)
         model.seen = job.identities  # not tried again until this version changes
         if model.generation:
             # A new version that cannot be staged never replaces the verified previous one.
@@ -384,7 +395,7 @@ class Daemon:
             if future:
                 future.set_exception(error)
             return
-        for problem in source_problems(new):
+        for problem in [*source_problems(new), *trust_warnings(new)]:
             log.warning("%s", problem)
         old_models = {m.name: m for m in self.config.models}
         new_models = {m.name: m for m in new.models}
@@ -482,9 +493,9 @@ class Daemon:
         mismatched = []
         for name, generation in generations.items():
             manifest = generation.manifest
-            for staged_file in manifest.files:
+            for staged_file, path in zip(manifest.files, generation.file_paths()):
                 try:
-                    actual = hash_file(generation.path / staged_file.relpath, manifest.algorithm)
+                    actual = hash_file(path, manifest.algorithm)
                 except FileNotFoundError:
                     continue  # replaced since: its successor was verified when it was made
                 if actual != staged_file.digest:

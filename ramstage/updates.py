@@ -11,10 +11,11 @@ import logging
 from pathlib import Path
 from typing import Callable
 
+from ramstage.access import Untrusted
 from ramstage.catalog import Catalog
 from ramstage.config import WatchConfig
 from ramstage.errors import RamstageError
-from ramstage.stager import list_source
+from ramstage.sources import list_source
 from ramstage.system import System
 from ramstage.users import writers
 from ramstage.watcher import SourceWatcher
@@ -95,10 +96,14 @@ class SourceUpdates:
             if model.changed_at is None or now - model.changed_at < self.config.settle_seconds:
                 continue
             try:
-                listing = list_source(model.config.source)
+                listing = list_source(model.config.source, model.config.trust)
             except FileNotFoundError:
                 model.changed_at = None
                 self.catalog.set_missing(model)
+                continue
+            except Untrusted:
+                model.changed_at = None
+                model.state = "pending"  # the daemon refuses it, with the reason, when it starts
                 continue
             except (OSError, RamstageError) as error:
                 model.changed_at = None

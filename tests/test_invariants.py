@@ -35,8 +35,8 @@ def test_links_never_dangle_or_point_at_anything_partial_across_flips(tmp_path, 
 
 @pytest.mark.root
 def test_a_published_generation_cannot_be_written_by_others(public_dir, make_daemon):
-    """Invariant 3: files 0444 and directories 0555, so a non-root user can neither change
-    nor add to a generation."""
+    """Invariant 3: no write bits anywhere in a generation, so a user other than the source's
+    owner can neither change nor add to it."""
     source = write_random(public_dir / "shards" / "a.bin", 1 << 20).parent
     daemon = make_daemon([{"name": "m", "source": str(source)}], root=public_dir).start()
     daemon.root.chmod(0o755)
