@@ -207,11 +207,20 @@ def _copy_all(
 ) -> tuple[StagedFile, ...]:
     base = generation / listing.name if listing.kind == "dir" else generation
     base.mkdir(mode=0o700, exist_ok=True)
-    staged = []
+    staged: dict[str, StagedFile] = {}
     for source in listing.files:
+        if source.same_as is not None:
+            target = base / source.relpath
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.link(base / source.same_as, target)
+            first = staged[source.same_as]
+            staged[source.relpath] = StagedFile(
+                source.relpath, first.size_bytes, first.digest, first.identity, first.access
+            )
+            continue
         src_fd = _open_listed(source, listing, trust)
         try:
-            staged.append(_copy_file(copier, source, base / source.relpath, src_fd))
+            staged[source.relpath] = _copy_file(copier, source, base / source.relpath, src_fd)
         finally:
             os.close(src_fd)
     # Directories last and deepest first: once a directory is its source's, ramstage may no
@@ -221,7 +230,7 @@ def _copy_all(
         path.mkdir(mode=0o700, exist_ok=True)
         _seal(path, directory.owner)
     _seal(generation, listing.gate)
-    return tuple(staged)
+    return tuple(staged.values())
 
 
 def _seal(directory: Path, owner: Owner) -> None:
