@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import sha256_file, write_random
 
 pytestmark = pytest.mark.root
