@@ -64,11 +64,13 @@ def copy_source(settings: Settings, job: Job, checksum: str) -> Manifest:
         settings.source,
         job.partial,
         algorithm,
+        trust=settings.trust,
         on_progress=progress,
         cancel=job.cancel,
         expected_digest=settings.digest,
     )
-    check_generation(job.partial, [f.relpath for f in manifest.files], settings.validate)
+    relpaths = [f.relpath for f in manifest.files]
+    check_generation(job.partial / manifest.root, relpaths, settings.validate)
     return manifest
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any, Callable
 import psutil
 import yaml
 
+from ramstage.access import Trust, group_name, user_name
 from ramstage.digest import available_algorithms
 from ramstage.errors import ConfigError
 
@@ -70,6 +73,9 @@ class ModelConfig:
     priority: int = 0
     digest: str | None = None  # "sha256:<hex>" or "blake3:<hex>"
     validate: str = "format"
+    trust: Trust = field(
+        default_factory=Trust
+    )  # the top-level trust: and the model's own, together
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class Config:
     ready: str = "links"
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
+    trust: Trust = field(default_factory=Trust)
     models: tuple[ModelConfig, ...] = ()
 
     def model(self, name: str) -> ModelConfig | None:
@@ -198,6 +205,39 @@ def _digest(value: Any) -> str:
     return str(value)
 
 
+def _ids(lookup: Callable[[str], int], what: str) -> Callable[[Any], frozenset[int]]:
+    def convert(value: Any) -> frozenset[int]:
+        if not isinstance(value, list):
+            raise _Invalid(f"expected a list of {what} names or ids")
+        ids = set()
+        for item in value:
+            if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+                ids.add(item)
+                continue
+            try:
+                ids.add(lookup(str(item)))
+            except KeyError:
+                raise _Invalid(f"no such {what}: {item}") from None
+        return frozenset(ids)
+
+    return convert
+
+
+_users = _ids(lambda name: pwd.getpwnam(name).pw_uid, "user")
+_groups = _ids(lambda name: grp.getgrnam(name).gr_gid, "group")
+
+
+def _trust(data: Any, key: str, problems: _Problems) -> Trust:
+    """trust: {users: [...], groups: [...]}: besides root and each source's owner, who may own
+    or write the directories on a source's path (docs/security.md)."""
+    if data is None:
+        return Trust()
+    section = _Section(data, key, problems, ("users", "groups"))
+    return Trust(
+        section.get("users", _users, frozenset()), section.get("groups", _groups, frozenset())
+    )
+
+
 class _Section:
     """Reads one mapping of the file, converting each key and rejecting unknown ones."""
 
@@ -239,7 +279,9 @@ def _source_problem(source: Path) -> str | None:
     return None
 
 
-def _parse_models(data: Any, problems: _Problems, check_sources: bool) -> tuple[ModelConfig, ...]:
+def _parse_models(
+    data: Any, problems: _Problems, check_sources: bool, trust: Trust
+) -> tuple[ModelConfig, ...]:
     if data is None:
         return ()
     if not isinstance(data, list):
@@ -250,7 +292,7 @@ def _parse_models(data: Any, problems: _Problems, check_sources: bool) -> tuple[
     for index, item in enumerate(data):
         key = f"models[{index}]"
         section = _Section(
-            item, key, problems, ("name", "source", "priority", "digest", "validate")
+            item, key, problems, ("name", "source", "priority", "digest", "validate", "trust")
         )
         name = section.require("name", _name)
         source = section.require("source", _absolute_path)
@@ -258,6 +300,7 @@ def _parse_models(data: Any, problems: _Problems, check_sources: bool) -> tuple[
         priority = section.get("priority", _integer, 0)
         digest = section.get("digest", _digest, None)
         validate = section.get("validate", _choice(VALIDATE_MODES), "format")
+        own_trust = _trust(section.data.get("trust"), f"{key}.trust", problems)
         problem = _source_problem(source) if check_sources and source is not None else None
         if problem:
             problems.add(f"{key}.source", problem, str(source))
@@ -266,7 +309,9 @@ def _parse_models(data: Any, problems: _Problems, check_sources: bool) -> tuple[
         elif name is not None:
             seen.add(name)
             if source is not None:
-                models.append(ModelConfig(name, source, priority, digest, validate))
+                models.append(
+                    ModelConfig(name, source, priority, digest, validate, trust | own_trust)
+                )
     return tuple(models)
 
 
@@ -279,7 +324,17 @@ def parse_config(data: Any, *, check_sources: bool = False) -> Config:
         data,
         "",
         problems,
-        ("store", "links_dir", "socket", "checksum", "ready", "memory", "watch", "models"),
+        (
+            "store",
+            "links_dir",
+            "socket",
+            "checksum",
+            "ready",
+            "memory",
+            "watch",
+            "trust",
+            "models",
+        ),
     )
     store = _Section(top.data.get("store"), "store", problems, ("path", "size", "mount", "huge"))
     memory = _Section(
@@ -290,6 +345,7 @@ def parse_config(data: Any, *, check_sources: bool = False) -> Config:
     )
     watch = _Section(top.data.get("watch"), "watch", problems, ("settle", "rescan"))
     defaults = Config()
+    trust = _trust(top.data.get("trust"), "trust", problems)
     min_available = memory.get("min_available", parse_size, defaults.memory.min_available_bytes)
     resume_available = memory.get(
         "resume_available", parse_size, max(defaults.memory.resume_available_bytes, min_available)
@@ -321,7 +377,8 @@ def parse_config(data: Any, *, check_sources: bool = False) -> Config:
             settle_seconds=watch.get("settle", parse_duration, defaults.watch.settle_seconds),
             rescan_seconds=watch.get("rescan", parse_duration, defaults.watch.rescan_seconds),
         ),
-        models=_parse_models(top.data.get("models"), problems, check_sources),
+        trust=trust,
+        models=_parse_models(top.data.get("models"), problems, check_sources, trust),
     )
     if config.checksum not in available_algorithms():
         problems.add("checksum", "not installed (pip install 'ramstage[blake3]')", config.checksum)
@@ -340,6 +397,20 @@ def source_problems(config: Config) -> list[str]:
         if problem:
             problems.add(f"models[{index}].source", problem, str(model.source))
     return problems.items
+
+
+def trust_warnings(config: Config) -> list[str]:
+    """Each model whose sources more users than root and their owners may change, for the log."""
+    warnings = []
+    for model in config.models:
+        if model.trust.uids or model.trust.gids:
+            users = ", ".join(user_name(uid) for uid in sorted(model.trust.uids)) or "-"
+            groups = ", ".join(group_name(gid) for gid in sorted(model.trust.gids)) or "-"
+            warnings.append(
+                f"{model.name}: trusting users {users} and groups {groups} with the paths to "
+                f"{model.source}: they can choose what ramstage copies into RAM and who reads it"
+            )
+    return warnings
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:

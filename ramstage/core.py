@@ -20,7 +20,7 @@ from ramstage.eviction import Relief
 from ramstage.generations import Generations
 from ramstage.manifest import Manifest
 from ramstage.model import Action, DropCopy, Job, Model
-from ramstage.stager import list_source
+from ramstage.sources import list_source
 from ramstage.store import Generation, Store
 from ramstage.system import System
 from ramstage.updates import SourceUpdates, look
@@ -72,10 +72,11 @@ class Core:
             ):
                 continue
             try:
-                same_source = list_source(config.source).identities() == manifest.identities()
+                listing = list_source(config.source, config.trust)
+                same_source = listing.identities() == manifest.identities()
                 complete = all(
-                    os.stat(generation.path / f.relpath).st_size == f.size_bytes
-                    for f in manifest.files
+                    os.stat(path).st_size == f.size_bytes
+                    for f, path in zip(manifest.files, generation.file_paths())
                 )
             except (OSError, RamstageError):
                 continue
@@ -102,7 +103,7 @@ class Core:
             now=self.system.monotonic(),
             cooldown_seconds=self.config.memory.effective_cooldown_seconds,
         )
-        self.apply(model, lifecycle.admit(model, look(model.settings.source), budget))
+        self.apply(model, lifecycle.admit(model, look(model.settings), budget))
 
     def job_done(self, name: str, job: Job) -> None:
         """Only the loop publishes: a copy still wanted becomes a generation and is served; any

@@ -31,9 +31,10 @@ def new_hasher(algorithm: str) -> Hasher:
 
 
 def combine(algorithm: str, lines: list[str]) -> str:
-    """The digest of a directory: the hash of its sorted "path size digest" lines."""
+    """The digest of a directory: the hash of its sorted "path size digest" lines. A file name
+    that is not UTF-8 keeps its bytes (os.fsencode), as the kernel allows any but "/" and NUL."""
     hasher = new_hasher(algorithm)
-    hasher.update("".join(line + "\n" for line in sorted(lines)).encode())
+    hasher.update(os.fsencode("".join(line + "\n" for line in sorted(lines))))
     return f"{algorithm}:{hasher.hexdigest()}"
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ramstage import policy
+from ramstage.access import Untrusted
 from ramstage.model import (
     Action,
     Answer,
@@ -52,7 +53,7 @@ class Listing:
     identities: Identities = ()
     size_bytes: int = 0
     missing: bool = False
-    error: str | None = None
+    error: Why | None = None  # untrusted, or an error
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,9 @@ def admit(model: Model, listing: Listing, budget: Budget) -> list[Action]:
     if listing.missing:
         return source_missing(model)
     if listing.error is not None:
-        return refuse(model, Why(Reason.ERROR, listing.error), source_exists=True)
+        warning = Log(WARNING, f"not staged ({listing.error})")
+        # A verified copy stays: it was made from the source as it was then.
+        return [warning, *refuse(model, listing.error, source_exists=True)]
     need = listing.size_bytes
     refusal = policy.admit(
         need, budget.store_free_bytes, budget.available_bytes, budget.floor_bytes
@@ -168,6 +171,8 @@ def copy_failure(error: BaseException) -> Why | None:
         return Why(Reason.SOURCE_MISSING)
     if isinstance(error, NoSpace):
         return Why(Reason.TOO_LARGE)
+    if isinstance(error, Untrusted):
+        return Why(Reason.UNTRUSTED, str(error))
     return Why(Reason.ERROR, str(error))
 
 
@@ -200,12 +205,15 @@ def settled(model: Model, listing: Listing, *, writers: bool, now: float) -> lis
     writing it or its files have the identities last seen (restic's rule)."""
     if listing.missing:
         return [Mark(None), *source_missing(model)]
-    if listing.error is not None:
-        return [Mark(None), Log(WARNING, f"cannot list the source: {listing.error}")]
+    # An untrusted source is taken up like a changed one: admission refuses it, and says why.
+    untrusted = listing.error is not None and listing.error.reason is Reason.UNTRUSTED
+    if listing.error is not None and not untrusted:
+        return [Mark(None), Log(WARNING, f"cannot list the source: {listing.error.detail}")]
     if writers:
         return [Mark(now)]
     current = listing.identities
-    if current == model.seen or model.held or (model.job and current == model.job.identities):
+    known = current == model.seen or (model.job and current == model.job.identities)
+    if model.held or (known and not untrusted):
         return [Mark(None)]
     actions: list[Action] = [Mark(None), Log(INFO, "source changed; staging the new version")]
     if model.serving is Serving.NOTHING:

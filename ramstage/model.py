@@ -30,6 +30,8 @@ class Settings(Protocol):
     def digest(self) -> str | None: ...
     @property
     def validate(self) -> str: ...
+    @property
+    def trust(self) -> Any: ...  # access.Trust: the leaf names no type of ramstage
 
 
 class Serving(enum.Enum):
@@ -58,6 +60,7 @@ class Reason(enum.Enum):
     EVICTED = "evicted"
     SOURCE_CHANGED = "source_changed"
     SOURCE_MISSING = "source_missing"
+    UNTRUSTED = "untrusted"  # the trust rule refused the source (access.py)
     ERROR = "error"
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from ramstage import lifecycle
-from ramstage.config import Config, load_config, source_problems
+from ramstage.config import Config, load_config, source_problems, trust_warnings
 from ramstage.core import Core
 from ramstage.digest import hash_file
 from ramstage.errors import ConfigError, NotFound, RamstageError
@@ -89,7 +89,7 @@ class Requests:
             if event.future:
                 event.future.set_exception(error)
             return
-        for problem in source_problems(new):
+        for problem in [*source_problems(new), *trust_warnings(new)]:
             log.warning("%s", problem)
         self._reconfigure(new)
         log.info("reloaded %s: %d models", self.core.config_path, len(self.core.models))
@@ -171,9 +171,9 @@ class Requests:
         mismatched = []
         for name, generation in generations.items():
             manifest = generation.manifest
-            for staged_file in manifest.files:
+            for staged_file, path in zip(manifest.files, generation.file_paths()):
                 try:
-                    actual = hash_file(generation.path / staged_file.relpath, manifest.algorithm)
+                    actual = hash_file(path, manifest.algorithm)
                 except FileNotFoundError:
                     continue  # replaced since: its successor was verified when it was made
                 if actual != staged_file.digest:

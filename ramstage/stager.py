@@ -12,15 +12,23 @@ import os
 import stat
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from threading import Event
 from typing import Callable
 
+from ramstage.access import NO_TRUST, Owner, Trust
 from ramstage.digest import Hasher, combine, new_hasher
 from ramstage.errors import RamstageError
-from ramstage.manifest import Identity, Manifest, StagedFile
+from ramstage.manifest import Manifest, StagedFile
+from ramstage.sources import (
+    SourceChanged,
+    SourceFile,
+    SourceListing,
+    identity,
+    list_source,
+    open_source,
+)
 from ramstage.store import remove_tree
 
 # Small enough that a chunk is still in the CPU caches when it is hashed, read back and
@@ -28,10 +36,6 @@ from ramstage.store import remove_tree
 # (benchmarks/bench_stage.py).
 CHUNK_BYTES = 1 << 20
 ATTEMPTS = 3
-
-
-class SourceChanged(RamstageError):
-    """The source changed while it was read; the copy is discarded."""
 
 
 class NoSpace(RamstageError):
@@ -44,86 +48,6 @@ class Cancelled(RamstageError):
 
 class DigestMismatch(RamstageError):
     """The source does not have the digest the config expects."""
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    relpath: str
-    path: Path
-    identity: Identity
-
-    @property
-    def size_bytes(self) -> int:
-        return self.identity[2]
-
-
-@dataclass(frozen=True)
-class SourceListing:
-    kind: str  # "file" or "dir"
-    files: tuple[SourceFile, ...]
-    skipped: tuple[str, ...]
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(f.size_bytes for f in self.files)
-
-    def identities(self) -> tuple[tuple[str, Identity], ...]:
-        """What tells one version of a source from another without reading it (restic's rule:
-        a changed file changes its size, mtime or ctime), in the form manifests record it."""
-        return tuple((f.relpath, f.identity) for f in self.files)
-
-
-def identity(st: os.stat_result) -> Identity:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-def list_source(source: Path) -> SourceListing:
-    """A file source, or every regular file below a directory source. A symlink inside a
-    directory is followed only while it stays inside the source (rsync's rule for modules)."""
-    st = os.stat(source)
-    if stat.S_ISREG(st.st_mode):
-        return SourceListing("file", (SourceFile(source.name, source, identity(st)),), ())
-    if not stat.S_ISDIR(st.st_mode):
-        raise RamstageError(f"{source}: not a regular file or directory")
-    root = os.path.realpath(source)
-    files: list[SourceFile] = []
-    skipped: list[str] = []
-    seen_dirs = {(st.st_dev, st.st_ino)}
-    pending = [("", Path(root))]
-    while pending:
-        prefix, directory = pending.pop()
-        with os.scandir(directory) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
-                relpath = prefix + entry.name
-                path = Path(entry.path)
-                if entry.is_symlink():
-                    real = os.path.realpath(entry.path)
-                    if not _inside(real, root):
-                        skipped.append(f"{relpath}: symlink leads outside the source")
-                        continue
-                    path = Path(real)
-                try:
-                    entry_st = os.stat(path)
-                except OSError as error:
-                    skipped.append(f"{relpath}: {error.strerror}")
-                    continue
-                if stat.S_ISDIR(entry_st.st_mode):
-                    key = (entry_st.st_dev, entry_st.st_ino)
-                    if key in seen_dirs:
-                        skipped.append(f"{relpath}: directory loop")
-                        continue
-                    seen_dirs.add(key)
-                    pending.append((relpath + "/", path))
-                elif stat.S_ISREG(entry_st.st_mode):
-                    files.append(SourceFile(relpath, path, identity(entry_st)))
-                else:
-                    skipped.append(f"{relpath}: not a regular file")
-    files.sort(key=lambda f: f.relpath)
-    return SourceListing("dir", tuple(files), tuple(skipped))
 
 
 class _Progress:
@@ -212,41 +136,105 @@ class _Copier:
             raise RamstageError(f"{source.path}: the RAM copy differs from the bytes read")
 
 
-def _copy_file(copier: _Copier, source: SourceFile, generation: Path) -> StagedFile:
-    src_fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+def _set_owner(fd: int, owner: Owner) -> None:
+    """Gives a copy its source's owner, group and (read-only) mode: set the mode first, while
+    the copy is still ours. An unprivileged store cannot give files away; then the copy stays
+    ramstage's (who could read the source anyway), and loses its group bits unless ramstage
+    is in that group too."""
+    os.fchmod(fd, owner.mode)
+    st = os.fstat(fd)
+    if (st.st_uid, st.st_gid) == (owner.uid, owner.gid):
+        return
     try:
-        before = os.fstat(src_fd)
-        if not stat.S_ISREG(before.st_mode):
-            raise RamstageError(f"{source.path}: not a regular file")
-        source = SourceFile(source.relpath, source.path, identity(before))
-        target = generation / source.relpath
-        target.parent.mkdir(parents=True, exist_ok=True)
-        dst_fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.fchown(fd, owner.uid, owner.gid)
+    except PermissionError:
         try:
-            if before.st_size:
-                try:
-                    # Reserve every page first: a copy that cannot fit fails now, not halfway.
-                    os.posix_fallocate(dst_fd, 0, before.st_size)
-                except OSError as error:
-                    if error.errno == errno.ENOSPC:
-                        raise NoSpace(f"{source.path}: no room in the store") from None
-                    raise
-            digest = copier.copy(source, dst_fd, src_fd)
-            os.fchmod(dst_fd, 0o444)
-        finally:
-            os.close(dst_fd)
-        after = os.fstat(src_fd)
-        now = os.stat(source.path)
+            os.fchown(fd, -1, owner.gid)
+        except PermissionError:
+            os.fchmod(fd, owner.mode & ~0o070)
+
+
+def _open_listed(source: SourceFile, listing: SourceListing, trust: Trust) -> int:
+    """Opens the very file that was listed, by its real path and the trust rule again."""
+    opened = open_source(source.path, trust, listing.owner_uid, follow=False)
+    if identity(opened.st)[:2] != source.identity[:2]:
+        os.close(opened.fd)
+        raise SourceChanged(f"{source.path}: replaced since it was listed")
+    return opened.fd
+
+
+def _copy_file(copier: _Copier, source: SourceFile, target: Path, src_fd: int) -> StagedFile:
+    before = os.fstat(src_fd)
+    if not stat.S_ISREG(before.st_mode):
+        raise RamstageError(f"{source.path}: not a regular file")
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    dst_fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        if before.st_size:
+            try:
+                # Reserve every page first: a copy that cannot fit fails now, not halfway.
+                os.posix_fallocate(dst_fd, 0, before.st_size)
+            except OSError as error:
+                if error.errno == errno.ENOSPC:
+                    raise NoSpace(f"{source.path}: no room in the store") from None
+                raise
+        digest = copier.copy(
+            SourceFile(source.relpath, source.path, identity(before), source.owner), dst_fd, src_fd
+        )
+        _set_owner(dst_fd, source.owner)
     finally:
-        os.close(src_fd)
+        os.close(dst_fd)
+    after = os.fstat(src_fd)
+    now = os.lstat(source.path)
     if identity(before) != identity(after) or identity(after) != identity(now):
         raise SourceChanged(f"{source.path}: changed while it was copied")
-    return StagedFile(source.relpath, before.st_size, digest, identity(before))
+    return StagedFile(
+        source.relpath, before.st_size, digest, identity(before), source.owner.as_tuple()
+    )
+
+
+def _copy_all(
+    copier: _Copier, listing: SourceListing, generation: Path, trust: Trust
+) -> tuple[StagedFile, ...]:
+    base = generation / listing.name if listing.kind == "dir" else generation
+    base.mkdir(mode=0o700, exist_ok=True)
+    staged: dict[str, StagedFile] = {}
+    for source in listing.files:
+        if source.same_as is not None:
+            target = base / source.relpath
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.link(base / source.same_as, target)
+            first = staged[source.same_as]
+            staged[source.relpath] = StagedFile(
+                source.relpath, first.size_bytes, first.digest, first.identity, first.access
+            )
+            continue
+        src_fd = _open_listed(source, listing, trust)
+        try:
+            staged[source.relpath] = _copy_file(copier, source, base / source.relpath, src_fd)
+        finally:
+            os.close(src_fd)
+    # Directories last and deepest first: once a directory is its source's, ramstage may no
+    # longer be able to write in it; the generation directory itself becomes the gate.
+    for directory in sorted(listing.dirs, key=lambda d: d.relpath.count("/"), reverse=True):
+        path = base / directory.relpath if directory.relpath else base
+        path.mkdir(mode=0o700, exist_ok=True)
+        _seal(path, directory.owner)
+    _seal(generation, listing.gate)
+    return tuple(staged.values())
+
+
+def _seal(directory: Path, owner: Owner) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _set_owner(fd, owner)
+    finally:
+        os.close(fd)
 
 
 def _clear(generation: Path) -> None:
     remove_tree(generation)
-    generation.mkdir(mode=0o755)
+    generation.mkdir(mode=0o700)
 
 
 def stage_source(
@@ -255,18 +243,20 @@ def stage_source(
     generation: Path,
     algorithm: str,
     *,
+    trust: Trust = NO_TRUST,
     on_progress: Callable[[float], None] = lambda fraction: None,
     cancel: Event | None = None,
     expected_digest: str | None = None,
 ) -> Manifest:
-    """Fills the empty directory `generation` with a verified copy of `source`, retrying a
-    bounded number of times if the source changes underneath, and returns its manifest."""
+    """Fills the empty directory `generation` with a verified copy of `source` that no one
+    can read who could not read the source, retrying a bounded number of times if the source
+    changes underneath, and returns its manifest."""
     cancel = cancel or Event()
     for attempt in itertools.count(1):
-        listing = list_source(source)
+        listing = list_source(source, trust)
         copier = _Copier(algorithm, _Progress(listing.size_bytes, on_progress), cancel)
         try:
-            files = tuple(_copy_file(copier, f, generation) for f in listing.files)
+            files = _copy_all(copier, listing, generation, trust)
             break
         except (SourceChanged, FileNotFoundError):
             # A file listed a moment ago that is gone now is a change too.
@@ -287,4 +277,7 @@ def stage_source(
         digest=digest,
         files=files,
         skipped=listing.skipped,
+        root=listing.name if listing.kind == "dir" else "",
+        gate=listing.gate.as_tuple(),
+        dirs=tuple((d.relpath, *d.owner.as_tuple()) for d in listing.dirs),
     )

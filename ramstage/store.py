@@ -19,7 +19,7 @@ from pathlib import Path
 from ramstage.config import StoreConfig
 from ramstage.errors import RamstageError
 from ramstage.manifest import Manifest
-from ramstage.system import System
+from ramstage.system import MountEntry, System
 
 log = logging.getLogger(__name__)
 MARKER = ".ramstage-store"
@@ -37,13 +37,16 @@ class Generation:
 
     @property
     def target(self) -> Path:
-        """What the link points at: the file itself, or the generation directory."""
+        """What the link points at: the file itself, or the copy of the source directory. Both
+        sit in the generation directory, the gate that stands for the source's parents."""
         if self.manifest.kind == "file":
             return self.path / self.manifest.files[0].relpath
-        return self.path
+        return self.path / self.manifest.root
 
     def file_paths(self) -> list[Path]:
-        return [self.path / f.relpath for f in self.manifest.files]
+        if self.manifest.kind == "file":
+            return [self.target]
+        return [self.target / f.relpath for f in self.manifest.files]
 
     @cached_property
     def file_keys(self) -> dict[tuple[int, int], int]:
@@ -56,23 +59,24 @@ class Generation:
 
 
 def remove_tree(path: Path) -> None:
-    """Deletes a generation or partial copy. Published directories are 0555, so they are made
-    writable first; that matters only to an unprivileged store, root may unlink regardless."""
-    if not path.exists():
+    """Deletes a generation or partial copy. Its directories are read-only and may belong to
+    the sources' owners, and the unit gives ramstage no CAP_DAC_OVERRIDE: each directory is
+    taken back (owner root, 0700) before it is emptied. 0700, so nobody else can look in while
+    it goes."""
+    if not path.is_dir() or path.is_symlink():
+        path.unlink(missing_ok=True)
         return
-    if path.is_dir() and not path.is_symlink():
-        for directory, _, _ in os.walk(path):
-            os.chmod(directory, 0o755)
-        shutil.rmtree(path)
-    else:
-        path.unlink()
+    _take_back(path)
+    for directory, subdirs, _ in os.walk(path):
+        for name in subdirs:
+            _take_back(Path(directory, name))
+    shutil.rmtree(path)
 
 
-def _make_read_only(path: Path) -> None:
-    for directory, _, files in os.walk(path, topdown=False):
-        for name in files:
-            os.chmod(os.path.join(directory, name), 0o444)
-        os.chmod(directory, 0o555)
+def _take_back(directory: Path) -> None:
+    if os.geteuid() == 0:
+        os.chown(directory, 0, 0, follow_symlinks=False)
+    os.chmod(directory, 0o700)
 
 
 class Store:
@@ -82,7 +86,7 @@ class Store:
         self.swappable: bool | None = None  # None: unknown (a plain directory)
         self.mounted_here = False  # mounted by this process rather than adopted
 
-    def _mount_entry(self):  # type: ignore[no-untyped-def]
+    def _mount_entry(self) -> MountEntry | None:
         return next((m for m in reversed(self.system.mounts()) if m.mountpoint == self.path), None)
 
     @property
@@ -187,6 +191,7 @@ class Store:
                 log.info("removing %s: not a configured model", entry)
                 remove_tree(entry)
                 continue
+            self.model_dir(entry.name)
             found[entry.name] = self._scan_model(entry)
         return found
 
@@ -211,24 +216,31 @@ class Store:
         return generations
 
     def new_partial(self, name: str) -> Path:
-        model_dir = self.path / name
-        model_dir.mkdir(mode=0o755, exist_ok=True)
-        partial = model_dir / f".partial-{secrets.token_hex(6)}"
-        partial.mkdir(mode=0o755)
+        """An empty directory that nobody but ramstage can look into until it is published."""
+        partial = self.model_dir(name) / f".partial-{secrets.token_hex(6)}"
+        partial.mkdir(mode=0o700)
         return partial
 
+    def model_dir(self, name: str) -> Path:
+        """STORE/NAME: anyone may pass through, to the generations they may reach; nobody but
+        root may list it, read the manifests or see the copies in progress."""
+        model_dir = self.path / name
+        model_dir.mkdir(mode=0o711, exist_ok=True)
+        model_dir.chmod(0o711)  # made 0755 by an earlier version
+        return model_dir
+
     def publish(self, partial: Path, manifest: Manifest) -> Generation:
-        """Makes a verified partial copy a read-only generation (invariant 3), then writes its
-        manifest, which is what makes it count."""
+        """Makes a verified partial copy, already read-only and owned as its source
+        (stager.py), a generation (invariant 3), then writes its manifest, which is what makes
+        it count. The manifest names the files and their digests: root's eyes only."""
         final = partial.parent / manifest.generation_id
         if final.exists():
-            remove_tree(partial)  # the same content is already here
+            remove_tree(partial)  # the same content, with the same owners, is already here
         else:
-            _make_read_only(partial)
             os.rename(partial, final)
         temporary = partial.parent / f".{manifest.generation_id}.json.tmp"
-        temporary.write_text(manifest.to_json())
-        os.chmod(temporary, 0o444)
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(manifest.to_json())
         os.replace(temporary, partial.parent / f"{manifest.generation_id}.json")
         return Generation(final, manifest)
 

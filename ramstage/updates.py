@@ -14,25 +14,29 @@ from pathlib import Path
 from typing import Callable
 
 from ramstage import lifecycle
+from ramstage.access import Untrusted
 from ramstage.config import WatchConfig
 from ramstage.errors import RamstageError
 from ramstage.holders import writers
-from ramstage.model import Action, Model
-from ramstage.stager import list_source
+from ramstage.model import Action, Model, Reason, Settings, Why
+from ramstage.sources import list_source
 from ramstage.system import System
 from ramstage.watcher import SourceWatcher
 
 log = logging.getLogger("ramstage")
 
 
-def look(source: Path) -> lifecycle.Listing:
-    """The source as it is now, in the terms the lifecycle decides on."""
+def look(config: Settings) -> lifecycle.Listing:
+    """The source as it is now, listed by the model's trust rule, in the terms the lifecycle
+    decides on."""
     try:
-        listing = list_source(source)
+        listing = list_source(config.source, config.trust)
     except FileNotFoundError:
         return lifecycle.Listing(missing=True)
+    except Untrusted as error:
+        return lifecycle.Listing(error=Why(Reason.UNTRUSTED, str(error)))
     except (OSError, RamstageError) as error:
-        return lifecycle.Listing(error=str(error))
+        return lifecycle.Listing(error=Why(Reason.ERROR, str(error)))
     return lifecycle.Listing(listing.identities(), listing.size_bytes)
 
 
@@ -92,7 +96,7 @@ class SourceUpdates:
         for model in list(self.models.values()):
             if model.changed_at is None or now - model.changed_at < self.config.settle_seconds:
                 continue
-            listing = look(model.settings.source)
+            listing = look(model.settings)
             # inotify cannot tell a writer that pauses from one that has finished.
             keys = {(i[0], i[1]) for _, i in listing.identities}
             busy = writers(self.system.proc, keys) if keys else set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ STORE = "/run/ramstage/store"
 LINKS = "/run/ramstage/models"
 SOURCES = "/srv/models"
 CAP_SYS_ADMIN = 21
+NOBODY = 65534
 
 
 def write_safetensors(path: Path, floats: int, seed: int) -> str:
@@ -75,10 +77,16 @@ def inode(machine: Machine, path: str) -> str:
 @pytest.fixture(scope="module")
 def digests(machine: Machine) -> dict[str, str]:
     sources = machine.root / SOURCES.lstrip("/")
-    return {
+    made = {
         name: write_safetensors(sources / f"{name}.safetensors", (3 << 20) + seed, seed)
         for seed, name in enumerate(["lama", "sd15"])
     }
+    # sd15 is a private model of the container's user nobody: its copy must stay so, which
+    # takes chown(2) from the hardened unit (docs/security.md).
+    private = sources / "sd15.safetensors"
+    os.chown(private, NOBODY, NOBODY)
+    private.chmod(0o600)
+    return made
 
 
 def test_apt_installs_enables_and_starts_the_service(machine: Machine) -> None:
@@ -148,6 +156,15 @@ def test_reload_stages_a_model_added_to_the_config(
     sd15 = machine.wait_for(lambda: staged(machine, "sd15"), "sd15 to be staged after reload")
     assert sd15["digest"] == f"sha256:{digests['sd15']}"
     assert machine.sh(f"sha256sum < {LINKS}/sd15").split()[0] == digests["sd15"]
+    # The copy is nobody's and 0400, like its source less the write bit: a sandboxed service
+    # of another user cannot read it, through the link or in the store.
+    owner_mode = machine.run("stat", "-L", "-c", "%u %a", f"{LINKS}/sd15").stdout.split()
+    assert owner_mode == [str(NOBODY), "400"]
+    denied = machine.run(
+        "systemd-run", "--wait", "--pipe", "--quiet", "--unit=peeker", "-p", "DynamicUser=yes",
+        "cat", f"{LINKS}/sd15", sd15["target"], check=False,
+    )  # fmt: skip
+    assert denied.returncode != 0 and denied.stderr.count("Permission denied") == 2, denied
 
 
 def restarted(machine: Machine, old_pid: str) -> bool:

@@ -150,6 +150,14 @@ BAD = [
     ),
     ("priority", lambda s: {"models": [model(s, priority="high")]}, "models[0].priority", "'high'"),
     ("validate", lambda s: {"models": [model(s, validate="deep")]}, "models[0].validate", "'deep'"),
+    (
+        "trust user unknown",
+        lambda s: {"models": [model(s, trust={"users": ["no-such-user-here"]})]},
+        "models[0].trust.users",
+        "['no-such-user-here']",
+    ),
+    ("trust groups not a list", lambda s: {"trust": {"groups": "adm"}}, "trust.groups", "'adm'"),
+    ("trust key", lambda s: {"trust": {"hosts": []}}, "trust.hosts", "[]"),
     ("checksum", lambda s: {"checksum": "md5"}, "checksum", "'md5'"),
     ("ready", lambda s: {"ready": "sometimes"}, "ready", "'sometimes'"),
     ("mount", lambda s: {"store": {"mount": "maybe"}}, "store.mount", "'maybe'"),
@@ -249,7 +257,10 @@ def test_a_good_config_parses_into_what_it_says(tmp_path, source, capsys):
         "ready": "staged",
         "memory": {"min_available": "512M", "resume_available": "1G", "psi": "full 200ms 2s"},
         "watch": {"settle": "500ms", "rescan": "1m"},
-        "models": [model(source, priority=-3, digest=GOOD_DIGEST, validate="none")],
+        "trust": {"users": ["daemon", 4242]},
+        "models": [
+            model(source, priority=-3, digest=GOOD_DIGEST, validate="none", trust={"groups": [0]})
+        ],
     }
     code, output = check(tmp_path, data, capsys)
     assert code == 0, output
@@ -261,6 +272,8 @@ def test_a_good_config_parses_into_what_it_says(tmp_path, source, capsys):
     assert config.watch.settle_seconds == 0.5 and config.watch.rescan_seconds == 60
     assert config.models[0].priority == -3 and config.models[0].digest == GOOD_DIGEST
     assert config.models[0].source == source
+    # The model's own trust adds to the top-level one.
+    assert config.models[0].trust.uids == {1, 4242} and config.models[0].trust.gids == {0}
 
 
 def test_a_name_of_64_characters_is_fine(tmp_path, source, capsys):

@@ -35,7 +35,8 @@ def copy(generations: Generations, name: str, content_seed: int) -> Generation:
     data = bytes([content_seed]) * 4096
     (partial / "m.ckpt").write_bytes(data)
     digest = hash_file(partial / "m.ckpt", "sha256")
-    files = (StagedFile("m.ckpt", len(data), digest, (0, content_seed, len(data), 0, 0)),)
+    identity = (0, content_seed, len(data), 0, 0)
+    files = (StagedFile("m.ckpt", len(data), digest, identity, (0, 0, 0o444)),)
     manifest = Manifest(name, "/ssd/m.ckpt", "file", digest, files)
     return generations.publish(name, partial, manifest)
 

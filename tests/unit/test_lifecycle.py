@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ramstage import lifecycle
+from ramstage.access import Untrusted
 from ramstage.lifecycle import Budget, Listing
 from ramstage.model import (
     Action,
@@ -44,6 +45,7 @@ SOURCE, NOTHING, RAM = Serving.SOURCE, Serving.NOTHING, Serving.RAM
 PRESSURE, TOO_LARGE = Why(Reason.PRESSURE), Why(Reason.TOO_LARGE)
 CHANGED, MISSING = Why(Reason.SOURCE_CHANGED), Why(Reason.SOURCE_MISSING)
 EVICTED = Why(Reason.EVICTED)
+UNTRUSTED = Why(Reason.UNTRUSTED, "/ssd is group-writable")
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,15 @@ FIRST_BACKOFF = BackOff(Backoff(1, 100.0, 2.0))
         ),
         pytest.param(
             record(),
-            lambda m: lifecycle.admit(m, Listing(error="boom"), budget()),
+            lambda m: lifecycle.admit(m, Listing(error=Why(Reason.ERROR, "boom")), budget()),
             [Serve(SOURCE), Note(Why(Reason.ERROR, "boom")), Want(False), Answer("error: boom")],
             id="unlistable-falls-back",
+        ),
+        pytest.param(
+            in_ram(want=True),
+            lambda m: lifecycle.admit(m, Listing(error=UNTRUSTED), budget()),
+            [Note(UNTRUSTED), Want(False), Answer("untrusted: /ssd is group-writable")],
+            id="untrusted-update-keeps-the-copy-made-before",
         ),
     ],
 )
@@ -194,6 +202,18 @@ def copy_failed(model: Model, error: BaseException, exists: bool = True) -> list
             lambda m: copy_failed(m, ValueError("bad")),
             [Remember(NEW), Note(Why(Reason.ERROR, "bad")), Want(False), Answer("error: bad")],
             id="failed-update-keeps-the-previous-version",
+        ),
+        pytest.param(
+            record(),
+            lambda m: copy_failed(m, Untrusted("/ssd is group-writable")),
+            [
+                Remember(NEW),
+                Serve(SOURCE),
+                Note(UNTRUSTED),
+                Want(False),
+                Answer("untrusted: /ssd is group-writable"),
+            ],
+            id="untrusted-falls-back-with-why",
         ),
         pytest.param(
             record(),
@@ -259,7 +279,25 @@ def test_copy_outcomes(
             id="deleted-served-from-ram",
         ),
         pytest.param(
-            in_ram(), Listing(error="EACCES"), False, [Mark(None)], id="unlistable-looked-at-later"
+            in_ram(),
+            Listing(error=Why(Reason.ERROR, "EACCES")),
+            False,
+            [Mark(None)],
+            id="unlistable-looked-at-later",
+        ),
+        pytest.param(
+            record(want=False, why=UNTRUSTED),
+            Listing(error=UNTRUSTED),
+            False,
+            [Mark(None), Want(True)],
+            id="untrusted-refused-by-admission-with-why",
+        ),
+        pytest.param(
+            record(serving=NOTHING, want=False, why=MISSING),
+            Listing(error=UNTRUSTED),
+            False,
+            [Mark(None), Serve(SOURCE), Note(None), Want(True)],
+            id="untrusted-where-nothing-was",
         ),
     ],
 )
