@@ -127,6 +127,7 @@ class Daemon:
         except queue.Empty:
             return
         self._handle(event)
+        self._publish_snapshot()  # what the event changed, before the next turn's work
 
     def _every(self, name: str, seconds: float) -> bool:
         """Whether periodic work `name` is due now; if so, it is due again in `seconds`."""

@@ -193,7 +193,8 @@ def test_a_memory_hog_crossing_the_floor_gets_the_lowest_priority_copy_back_then
             timeout=2.0,
             interval=0.02,
         )
-        model = daemon.model("low")
+        # status follows once the loop is done with the event (its snapshot), within the bar.
+        model = wait_for(lambda: (m := daemon.model("low"))["state"] != "staged" and m, timeout=2.0)
         assert (model["state"], model["reason"]) == ("fallback", "pressure")
         evictions = [line for line in daemon.log().splitlines() if "evicted for memory" in line]
         assert "low: evicted for memory pressure (floor)" in evictions[0]

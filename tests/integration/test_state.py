@@ -15,19 +15,26 @@ G = 1 << 30
 
 
 @pytest.mark.root
+@pytest.mark.torch
 def test_a_model_in_ram_stays_staged_and_evictable_while_another_copies_1gib(tmp_path, make_daemon):
-    a = write_random(tmp_path / "src" / "a.ckpt", G, seed=1)
+    import torch
+
+    # a: a 1 GiB torch checkpoint, checked with torch after its copy (validate: torch), so its
+    # staging lasts the copy and a torch.load in a subprocess: long enough for every step below
+    # even on a loaded machine, and every step checks that it still runs.
+    a = tmp_path / "src" / "a.pt"
+    a.parent.mkdir()
+    torch.save({"weight": torch.zeros(G // 4)}, a)
     b = write_random(tmp_path / "src" / "b.ckpt", 4 << 20, seed=2)
     daemon = make_daemon(
         [
-            {"name": "a", "source": str(a)},
+            {"name": "a", "source": str(a), "validate": "torch"},
             {"name": "b", "source": str(b), "priority": 10},  # staged first
         ],
         mount=True,
         store={"size": "3G"},
         watch={"settle": "100ms"},
     )
-    # Both sources are in the page cache now: only the copy itself paces a's staging.
     daemon.start()
     wait_for(lambda: daemon.model("a")["state"] == "staging", context=daemon.log)
     assert daemon.model("b")["state"] == "staged"
