@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import mmap
 import os
 import stat
 import time
@@ -16,6 +17,8 @@ from functools import partial
 from pathlib import Path
 from threading import Event, Lock
 from typing import Callable
+
+import xxhash
 
 from ramstage.access import NO_TRUST, Owner, Trust, Untrusted
 from ramstage.digest import Hasher, combine, new_hasher
@@ -89,14 +92,31 @@ class _Copier:
     ) -> None:
         self.algorithm, self.on_bytes, self.cancel, self.abort = algorithm, on_bytes, cancel, abort
         self.buffers = [bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)]
-        self.check = bytearray(CHUNK_BYTES)  # used by one thread only, as check_in_worker says
+        self.mapped: mmap.mmap | None = None  # the copy being written, to check it
         self.check_in_worker = algorithm in ("xxh3", "blake3")
 
     def copy(self, source: SourceFile, dst_fd: int, src_fd: int) -> str:
         hasher = new_hasher(self.algorithm)
         hashing: list[Future[None]] = []
-        offset = dropped = 0
         os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
+        if source.size_bytes:
+            self.mapped = mmap.mmap(dst_fd, source.size_bytes, prot=mmap.PROT_READ)
+        try:
+            return self._copy(source, dst_fd, src_fd, hasher, hashing)
+        finally:
+            if self.mapped is not None:
+                self.mapped.close()
+                self.mapped = None
+
+    def _copy(
+        self,
+        source: SourceFile,
+        dst_fd: int,
+        src_fd: int,
+        hasher: Hasher,
+        hashing: list[Future[None]],
+    ) -> str:
+        offset = dropped = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramstage-hash") as pool:
             for index in itertools.count():
                 if self.cancel.is_set():
@@ -112,6 +132,8 @@ class _Copier:
                 count = os.readv(src_fd, [buffer])
                 if count == 0:
                     break
+                if offset + count > source.size_bytes:
+                    raise SourceChanged(f"{source.path}: grew while it was read")
                 data = memoryview(buffer)[:count]
                 if self.check_in_worker:
                     _write_all(dst_fd, data)
@@ -147,12 +169,18 @@ class _Copier:
     def _check(
         self, source: SourceFile, dst_fd: int, offset: int, buffer: bytearray, count: int
     ) -> None:
-        # Comparing whole bytearrays is a memcmp; slicing copies, so only the last chunk does.
-        read_back = os.preadv(dst_fd, [memoryview(self.check)[:count]], offset)
-        same = (
-            self.check == buffer if count == CHUNK_BYTES else self.check[:count] == buffer[:count]
-        )
-        if read_back != count or not same:
+        """The chunk as it now is in the store against the bytes read, while both are still in
+        the CPU caches: xxh3 of each, straight from the store's pages (mmap, no copy) at tens of
+        GB/s with the GIL released, where a read-back and memcmp took three times as long."""
+        assert self.mapped is not None
+        written = memoryview(self.mapped)[offset : offset + count]
+        try:
+            same = xxhash.xxh3_128_digest(written) == xxhash.xxh3_128_digest(
+                memoryview(buffer)[:count]
+            )
+        finally:
+            written.release()
+        if not same:
             raise RamstageError(f"{source.path}: the RAM copy differs from the bytes read")
 
 
@@ -231,8 +259,8 @@ def _copy_all(
     """Copies every file of a listing, `workers` at a time (the shards of a directory model),
     then gives the directories their owners and the generation its gate."""
     base = generation / listing.name if listing.kind == "dir" else generation
-    for directory in [base, *(base / d.relpath for d in listing.dirs)]:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in [base, *(base / d.relpath for d in listing.dirs)]:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
     abort = Event()
     copies = [source for source in listing.files if source.same_as is None]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ramstage-copy") as pool:
@@ -242,10 +270,10 @@ def _copy_all(
         ]
         wait(futures, return_when=FIRST_EXCEPTION)
         abort.set()  # when one failed, the others stop at their next chunk
-    errors = [f.exception() for f in futures if f.exception() is not None]
-    real = [error for error in errors if not isinstance(error, _Aborted)]
-    if real:
-        raise real[0]
+    for future in futures:
+        error = future.exception()
+        if error is not None and not isinstance(error, _Aborted):
+            raise error
     staged = {file.relpath: file for file in (f.result() for f in futures)}
     for source in listing.files:
         if source.same_as is not None:
