@@ -43,6 +43,9 @@ ATTEMPTS = 3
 # DONTNEED): the RAM copy replaces them, and a second copy in the cache is exactly the memory
 # pressure ramstage exists to avoid. Every this many bytes, so no large model piles up first.
 DROP_EVERY_BYTES = 64 << 20
+# Reads are asked for this far ahead (posix_fadvise(2) WILLNEED starts them without waiting),
+# so a slow disk keeps reading while a chunk is written and checked.
+READ_AHEAD_BYTES = 32 << 20
 
 
 class NoSpace(RamstageError):
@@ -99,6 +102,7 @@ class _Copier:
         hasher = new_hasher(self.algorithm)
         hashing: list[Future[None]] = []
         os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
+        os.posix_fadvise(src_fd, 0, READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)
         if source.size_bytes:
             self.mapped = mmap.mmap(dst_fd, source.size_bytes, prot=mmap.PROT_READ)
         try:
@@ -128,6 +132,8 @@ class _Copier:
                     dropped = offset
                 if len(hashing) == 2:
                     hashing.pop(0).result()  # the buffer about to be refilled is done with
+                ahead = offset + READ_AHEAD_BYTES
+                os.posix_fadvise(src_fd, ahead, CHUNK_BYTES, os.POSIX_FADV_WILLNEED)
                 buffer = self.buffers[index % 2]
                 count = os.readv(src_fd, [buffer])
                 if count == 0:
