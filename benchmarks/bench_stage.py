@@ -118,15 +118,22 @@ def dir_case(work: Path, store: Path, rounds: int) -> dict[str, list[Sample]]:
     return times
 
 
-def cache_case(work: Path, store: Path) -> float:
-    """Growth of Cached - Shmem by staging the 4 GiB directory from a cold cache, as a
-    fraction of its size."""
+def cache_case(work: Path, store: Path) -> tuple[float, float]:
+    """Staging the 4 GiB directory from a cold cache: how much Cached - Shmem grew, and how
+    much of the sources stayed in the page cache (fincore), each as a fraction of its size.
+    The first counts every process on the machine; the second is ramstage's own part."""
     drop_caches()
     before = meminfo_bytes("Cached") - meminfo_bytes("Shmem")
     stage_into(store, work / "shards", "xxh3", workers=2)()
     growth = meminfo_bytes("Cached") - meminfo_bytes("Shmem") - before
+    shards = sorted(str(p) for p in (work / "shards").iterdir())
+    resident = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", *shards],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
     empty(store)
-    return growth / (SHARDS * (256 << 20))
+    size = SHARDS * (256 << 20)
+    return growth / size, sum(map(int, resident)) / size
 
 
 STAGE_IN_CHILD = """
@@ -218,10 +225,11 @@ def main() -> int:
                 {"xxh3, 2 workers": DIR_TARGET},
             )
             if "cache" in cases:
-                growth = cache_case(work, store)
-                verdict = "ok" if growth <= CACHE_TARGET else "MISSED"
+                growth, resident = cache_case(work, store)
+                verdict = "ok" if max(growth, resident) <= CACHE_TARGET else "MISSED"
                 print(
-                    f"\npage cache growth after staging 4 GiB cold: {growth:.1%} (target <= 5%) {verdict}"
+                    f"\nstaging 4 GiB from a cold cache: Cached - Shmem grew {growth:.1%}, the "
+                    f"sources left {resident:.1%} in the page cache (target <= 5%) {verdict}"
                 )
         if "throttled" in cases:
             times = throttled_case(work, store, args.rounds)
