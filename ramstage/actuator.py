@@ -51,7 +51,7 @@ _FIELDS: dict[type, str] = {
 }
 
 
-def copy_source(settings: Settings, job: Job, checksum: str) -> Manifest:
+def copy_source(settings: Settings, job: Job, checksum: str, workers: int) -> Manifest:
     """Runs in the copy worker and writes nothing but the job's partial directory; the loop
     publishes it. A torn or truncated checkpoint hashes fine, so its format is checked too."""
     algorithm = settings.digest.partition(":")[0] if settings.digest else checksum
@@ -65,6 +65,7 @@ def copy_source(settings: Settings, job: Job, checksum: str) -> Manifest:
         job.partial,
         algorithm,
         trust=settings.trust,
+        workers=workers,
         on_progress=progress,
         cancel=job.cancel,
         expected_digest=settings.digest,
@@ -76,9 +77,10 @@ def copy_source(settings: Settings, job: Job, checksum: str) -> Manifest:
 
 class Actuator:
     def __init__(
-        self, generations: Generations, post: Callable[[Event], None], checksum: str
+        self, generations: Generations, post: Callable[[Event], None], checksum: str, workers: int
     ) -> None:
-        self.generations, self.post, self.checksum = generations, post, checksum
+        self.generations, self.post = generations, post
+        self.checksum, self.workers = checksum, workers  # config.checksum, staging.workers
         self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramstage-copy")
 
     def apply(self, model: Model, actions: Iterable[Action]) -> None:
@@ -134,7 +136,7 @@ class Actuator:
 
     def _start(self, model: Model, action: StartCopy) -> None:
         job = Job(self.generations.new_partial(model.name), identities=action.identities)
-        future = self.copier.submit(copy_source, model.settings, job, self.checksum)
+        future = self.copier.submit(copy_source, model.settings, job, self.checksum, self.workers)
         job.future = future
         name = model.name
         future.add_done_callback(lambda _: self.post(JobDone(name, job)))

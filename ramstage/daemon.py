@@ -55,7 +55,7 @@ class Daemon:
         post = self.events.put
         store = Store(config.store, system)
         generations = Generations(store, system)
-        actuator = Actuator(generations, post, config.checksum)
+        actuator = Actuator(generations, post, config.checksum, config.staging.workers)
         models: dict[str, Model] = {}
         relief = Relief(config.memory, system, generations, actuator.apply, post)
         updates = SourceUpdates(
