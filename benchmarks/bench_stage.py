@@ -33,8 +33,8 @@ from pathlib import Path
 
 from testbed import drop_caches, loop_filesystem, meminfo_bytes, throttles
 
+from ramstage.copier import stage_source
 from ramstage.digest import available_algorithms
-from ramstage.stager import stage_source
 from ramstage.store import remove_tree
 
 FILE_TARGETS = {"xxh3": 1.1, "sha256": 1.3, "blake3": 1.1}
@@ -139,7 +139,7 @@ def cache_case(work: Path, store: Path) -> tuple[float, float]:
 STAGE_IN_CHILD = """
 import resource, sys, time
 from pathlib import Path
-from ramstage.stager import stage_source
+from ramstage.copier import stage_source
 start = time.perf_counter()
 stage_source("bench", Path(sys.argv[1]), Path(sys.argv[2]), "xxh3")
 usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -152,7 +152,7 @@ def _locked_bytes(pid: int) -> int:
 
 
 def copy_preallocated(source: Path, target: Path) -> None:
-    """Copies as ramstage's stager does: the whole size reserved first. On a tmpfs with
+    """Copies as ramstage's copier does: the whole size reserved first. On a tmpfs with
     huge=within_size that is what gets huge pages; appending (cp) stays on 4 KiB pages,
     because each new page lies beyond i_size when it is allocated."""
     with open(source, "rb") as src, open(target, "wb") as dst:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ramstage import links
 from ramstage.checkpoint import check_generation
+from ramstage.copier import stage_source
 from ramstage.generations import Generations
 from ramstage.manifest import Manifest
 from ramstage.model import (
@@ -37,7 +38,6 @@ from ramstage.model import (
     StartCopy,
     Want,
 )
-from ramstage.stager import stage_source
 
 log = logging.getLogger("ramstage")
 _FIELDS: dict[type, str] = {

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ramstage import policy
 from ramstage.access import Untrusted
+from ramstage.copier import Cancelled, NoSpace
 from ramstage.model import (
     Action,
     Answer,
@@ -41,7 +42,6 @@ from ramstage.model import (
     Want,
     Why,
 )
-from ramstage.stager import Cancelled, NoSpace
 
 INFO, WARNING, ERROR = logging.INFO, logging.WARNING, logging.ERROR
 

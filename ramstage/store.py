@@ -128,7 +128,7 @@ class Store:
         base = f"{size_option},mode=0755,nosuid,nodev,noexec"
         # Optional options, best first, each dropped where the kernel refuses it:
         # noswap (Linux 6.4+): a staged copy that is swapped out is slower than the SSD it
-        # mirrors; huge= (store.huge, default within_size): the stager preallocates each file,
+        # mirrors; huge= (store.huge, default within_size): the copier preallocates each file,
         # so it gets 2 MiB pages, which made torch.load through the link 13% faster and mmap
         # first touch 6x faster (docs/benchmarks.md).
         huge = f",huge={self.config.huge}" if self.config.huge != "never" else ""
@@ -231,7 +231,7 @@ class Store:
 
     def publish(self, partial: Path, manifest: Manifest) -> Generation:
         """Makes a verified partial copy, already read-only and owned as its source
-        (stager.py), a generation (invariant 3), then writes its manifest, which is what makes
+        (copier.py), a generation (invariant 3), then writes its manifest, which is what makes
         it count. The manifest names the files and their digests: root's eyes only."""
         final = partial.parent / manifest.generation_id
         if final.exists():

@@ -331,7 +331,7 @@ WRITER = textwrap.dedent(
     import os, sys, time
     path, mode = sys.argv[1], sys.argv[2]
     fd = os.open(path, os.O_WRONLY)
-    deadline = time.monotonic() + 0.3  # shorter than the stager's first back-off (0.4 s)
+    deadline = time.monotonic() + 0.3  # shorter than the copier's first back-off (0.4 s)
     offset = 0
     while time.monotonic() < deadline:
         if mode == "rewrite":

@@ -13,8 +13,8 @@ import pytest
 import xxhash
 from conftest import sha256_file, wait_for, write_random
 
+from ramstage.copier import Cancelled, stage_source
 from ramstage.digest import default_algorithm, hash_file, new_hasher
-from ramstage.stager import Cancelled, stage_source
 
 
 def test_xxh3_digests_are_xxhashs_own(tmp_path):

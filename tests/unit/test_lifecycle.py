@@ -14,6 +14,7 @@ import pytest
 
 from ramstage import lifecycle
 from ramstage.access import Untrusted
+from ramstage.copier import Cancelled, NoSpace
 from ramstage.lifecycle import Budget, Listing
 from ramstage.model import (
     Action,
@@ -37,7 +38,6 @@ from ramstage.model import (
     Why,
     phase,
 )
-from ramstage.stager import Cancelled, NoSpace
 
 OLD = (("m.ckpt", (1, 10, 100, 5, 5)),)
 NEW = (("m.ckpt", (1, 11, 120, 6, 6)),)
