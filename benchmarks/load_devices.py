@@ -25,7 +25,7 @@ from pathlib import Path
 import testbed
 
 from ramstage.bench import save_state_dict
-from ramstage.config import parse_size
+from ramstage.converters import parse_size
 
 WORKER = Path(__file__).with_name("load_once.py")
 MODEL = "lama"

@@ -90,7 +90,7 @@ def staged_by_daemon(workdir: Path, name: str, source: Path, options: str) -> It
     it adopts its own mount after a restart (same source name, FS_NAME); without, the daemon
     mounts it as it does by default. The daemon unmounts it when it stops."""
     from ramstage import client
-    from ramstage.store import FS_NAME
+    from ramstage.tmpfs import FS_NAME
 
     workdir.mkdir()
     store = workdir / "store"

@@ -38,6 +38,7 @@ from ramstage.model import (
     StartCopy,
     Want,
 )
+from ramstage.system import System
 
 log = logging.getLogger("ramstage")
 _FIELDS: dict[type, str] = {
@@ -51,7 +52,9 @@ _FIELDS: dict[type, str] = {
 }
 
 
-def copy_source(settings: Settings, job: Job, checksum: str, workers: int) -> Manifest:
+def copy_source(
+    settings: Settings, job: Job, checksum: str, workers: int, system: System
+) -> Manifest:
     """Runs in the copy worker and writes nothing but the job's partial directory; the loop
     publishes it. A torn or truncated checkpoint hashes fine, so its format is checked too."""
     algorithm = settings.digest.partition(":")[0] if settings.digest else checksum
@@ -69,6 +72,7 @@ def copy_source(settings: Settings, job: Job, checksum: str, workers: int) -> Ma
         on_progress=progress,
         cancel=job.cancel,
         expected_digest=settings.digest,
+        sleep=system.sleep,
     )
     relpaths = [f.relpath for f in manifest.files]
     check_generation(job.partial / manifest.root, relpaths, settings.validate)
@@ -79,7 +83,7 @@ class Actuator:
     def __init__(
         self, generations: Generations, post: Callable[[Event], None], checksum: str, workers: int
     ) -> None:
-        self.generations, self.post = generations, post
+        self.generations, self.post, self.system = generations, post, generations.system
         self.checksum, self.workers = checksum, workers  # config.checksum, staging.workers
         self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramstage-copy")
 
@@ -136,7 +140,9 @@ class Actuator:
 
     def _start(self, model: Model, action: StartCopy) -> None:
         job = Job(self.generations.new_partial(model.name), identities=action.identities)
-        future = self.copier.submit(copy_source, model.settings, job, self.checksum, self.workers)
+        future = self.copier.submit(
+            copy_source, model.settings, job, self.checksum, self.workers, self.system
+        )
         job.future = future
         name = model.name
         future.add_done_callback(lambda _: self.post(JobDone(name, job)))

@@ -13,7 +13,8 @@ from typing import Any, Callable
 import yaml
 
 from ramstage import __version__, bench
-from ramstage.config import Config, config_path, load_config, parse_size
+from ramstage.config import Config, config_path, load_config
+from ramstage.converters import Invalid, parse_size
 from ramstage.errors import ConfigError, NotFound, RamstageError, UsageError
 from ramstage.protocol import request
 from ramstage.store import Store
@@ -61,7 +62,6 @@ def _socket(args: argparse.Namespace) -> Path:
 def cmd_daemon(args: argparse.Namespace) -> int:
     from ramstage.daemon import run_daemon
     from ramstage.service import setup_logging
-    from ramstage.system import System
 
     system = System()
     setup_logging(system, args.debug)
@@ -160,21 +160,21 @@ def _store(args: argparse.Namespace) -> Store:
 def cmd_mount(args: argparse.Namespace) -> int:
     store = _store(args)
     store.open()
-    size, used = store.usage()
-    kind = "tmpfs" if store.mounted else "plain directory"
+    size, used = store.fs.usage()
+    kind = "tmpfs" if store.fs.mounted else "plain directory"
     print(f"store {store.path}: {kind}, {_human(used)} used of {_human(size)}")
     return 0
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
     store = _store(args)
-    if not (store.config.mount and store.mounted):
+    if not (store.config.mount and store.fs.mounted):
         print(f"store {store.path}: not mounted")
     elif store.holds_generations():
         # After a crash links still point into the store; the next start adopts it.
         print(f"store {store.path}: left mounted, it holds generations (not stopped cleanly)")
     else:
-        store.unmount()
+        store.fs.unmount()
         print(f"store {store.path}: unmounted")
     return 0
 
@@ -219,8 +219,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _size_argument(text: str) -> int:
     try:
-        return parse_size(text)
-    except Exception as error:  # noqa: BLE001 - parse_size's error class is private to config
+        return parse_size(text, total_bytes=System().meminfo_bytes("MemTotal"))
+    except Invalid as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 import yaml
 
+from ramstage import converters as convert
 from ramstage.access import Trust, group_name, user_name
 from ramstage.digest import INSTALL, available_algorithms, default_algorithm
 from ramstage.errors import ConfigError
+from ramstage.system import System
 
 DEFAULT_CONFIG = Path("/etc/ramstage/ramstage.yaml")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _PSI_RE = re.compile(r"^(some|full)\s+(\S+)\s+(\S+)$")
 CHECKSUMS = ("xxh3", "sha256", "blake3")
-_DIGEST_RE = re.compile(r"(xxh3:[0-9a-f]{32}|(sha256|blake3):[0-9a-f]{64})")
 HUGE_MODES = ("within_size", "never", "always", "advise")  # tmpfs huge= (tmpfs.rst)
 READY_MODES = ("links", "staged")
 VALIDATE_MODES = ("format", "torch", "none")
@@ -103,189 +98,17 @@ class Config:
         return next((m for m in self.models if m.name == name), None)
 
 
-class _Problems:
-    """Collects every problem in one pass, so check-config can list them all at once."""
-
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, key: str, message: str, value: Any) -> None:
-        self.items.append(f"{key}: {message}: {value!r}")
-
-
-class _Invalid(Exception):
-    pass
-
-
-def parse_size(text: Any) -> int:
-    """`512M`, `8G`, `1.5GiB`, `25%` (of RAM) or a plain number of bytes; units are powers of
-    1024."""
-    if isinstance(text, bool):
-        raise _Invalid("expected a size such as 512M, 8G, 1.5GiB or 25%")
-    if isinstance(text, int):
-        if text < 0:
-            raise _Invalid("a size cannot be negative")
-        return text
-    if isinstance(text, str) and text.strip().endswith("%"):
-        try:
-            percent = float(text.strip()[:-1])
-        except ValueError:
-            raise _Invalid("expected a percentage such as 25%") from None
-        if not 0 < percent <= 100:
-            raise _Invalid("a percentage must be above 0 and at most 100")
-        return int(psutil.virtual_memory().total * percent / 100)
-    match = _SIZE_RE.match(text) if isinstance(text, str) else None
-    if not match or (match.group(3) and not match.group(2) and match.group(3).lower() != "b"):
-        raise _Invalid("expected a size such as 512M, 8G, 1.5GiB or 25%")
-    power = " KMGT".index(match.group(2).upper() or " ")
-    return int(float(match.group(1)) * 1024**power)
-
-
-def parse_duration(text: Any) -> float:
-    """`500ms`, `2s`, `1m`, `1h`, or a plain number of seconds."""
-    if isinstance(text, bool):
-        raise _Invalid("expected a duration such as 500ms, 2s or 1m")
-    if isinstance(text, (int, float)):
-        if text < 0:
-            raise _Invalid("a duration cannot be negative")
-        return float(text)
-    match = _DURATION_RE.match(text) if isinstance(text, str) else None
-    if not match:
-        raise _Invalid("expected a duration such as 500ms, 2s or 1m")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
 def parse_psi(text: Any) -> PsiTrigger:
     """`some 150ms 1s`: the kernel takes windows from 500ms to 10s (psi.rst)."""
     match = _PSI_RE.match(text.strip()) if isinstance(text, str) else None
     if not match:
-        raise _Invalid("expected 'some|full STALL WINDOW', such as 'some 150ms 1s'")
-    stall, window = parse_duration(match.group(2)), parse_duration(match.group(3))
+        raise convert.Invalid("expected 'some|full STALL WINDOW', such as 'some 150ms 1s'")
+    stall, window = convert.parse_duration(match.group(2)), convert.parse_duration(match.group(3))
     if not 0.5 <= window <= 10:
-        raise _Invalid("the window must be from 500ms to 10s")
+        raise convert.Invalid("the window must be from 500ms to 10s")
     if not 0 < stall <= window:
-        raise _Invalid("the stall must be above 0 and at most the window")
+        raise convert.Invalid("the stall must be above 0 and at most the window")
     return PsiTrigger(match.group(1), stall, window)
-
-
-def _absolute_path(value: Any) -> Path:
-    if not isinstance(value, str) or not value:
-        raise _Invalid("expected a path")
-    if "\0" in value:
-        raise _Invalid("a path cannot contain NUL")
-    if not os.path.isabs(value):
-        raise _Invalid("must be an absolute path")
-    return Path(os.path.normpath(value))
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        if value not in options:
-            raise _Invalid("expected one of " + ", ".join(options))
-        return str(value)
-
-    return convert
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid("expected true or false")
-    return value
-
-
-def _integer(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid("expected a whole number")
-    return value
-
-
-def _workers(value: Any) -> int:
-    workers = _integer(value)
-    if not 1 <= workers <= 64:
-        raise _Invalid("expected 1 to 64")
-    return workers
-
-
-def _name(value: Any) -> str:
-    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
-        raise _Invalid(
-            "a name is 1 to 64 of A-Z a-z 0-9 . _ - starting with a letter or digit, not . or .."
-        )
-    return value
-
-
-def _digest(value: Any) -> str:
-    if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
-        raise _Invalid(
-            "expected sha256:<64 hex digits>, xxh3:<32 hex digits> or blake3:<64 hex digits>"
-        )
-    return value
-
-
-def _ids(lookup: Callable[[str], int], what: str) -> Callable[[Any], frozenset[int]]:
-    def convert(value: Any) -> frozenset[int]:
-        if not isinstance(value, list):
-            raise _Invalid(f"expected a list of {what} names or ids")
-        ids = set()
-        for item in value:
-            if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
-                ids.add(item)
-                continue
-            try:
-                ids.add(lookup(str(item)))
-            except KeyError:
-                raise _Invalid(f"no such {what}: {item}") from None
-        return frozenset(ids)
-
-    return convert
-
-
-_users = _ids(lambda name: pwd.getpwnam(name).pw_uid, "user")
-_groups = _ids(lambda name: grp.getgrnam(name).gr_gid, "group")
-
-
-def _trust(data: Any, key: str, problems: _Problems) -> Trust:
-    """trust: {users: [...], groups: [...]}: besides root and each source's owner, who may own
-    or write the directories on a source's path (docs/security.md)."""
-    if data is None:
-        return Trust()
-    section = _Section(data, key, problems, ("users", "groups"))
-    return Trust(
-        section.get("users", _users, frozenset()), section.get("groups", _groups, frozenset())
-    )
-
-
-class _Section:
-    """Reads one mapping of the file, converting each key and rejecting unknown ones."""
-
-    def __init__(self, data: Any, key: str, problems: _Problems, known: tuple[str, ...]) -> None:
-        self.key, self.problems = key, problems
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            problems.add(key or "(top level)", "expected a mapping", data)
-            data = {}
-        self.data = data
-        for unknown in sorted(set(map(str, data)) - set(known)):
-            problems.add(self._path(unknown), "unknown key", data[unknown])
-
-    def _path(self, name: str) -> str:
-        return f"{self.key}.{name}" if self.key else name
-
-    def get(self, name: str, convert: Callable[[Any], Any], default: Any) -> Any:
-        if name not in self.data:
-            return default
-        try:
-            return convert(self.data[name])
-        except _Invalid as error:
-            self.problems.add(self._path(name), str(error), self.data[name])
-            return default
-
-    def require(self, name: str, convert: Callable[[Any], Any]) -> Any:
-        if name not in self.data:
-            self.problems.add(self._path(name), "is required", None)
-            return None
-        return self.get(name, convert, None)
 
 
 def _source_problem(source: Path) -> str | None:
@@ -297,7 +120,7 @@ def _source_problem(source: Path) -> str | None:
 
 
 def _parse_models(
-    data: Any, problems: _Problems, check_sources: bool, trust: Trust
+    data: Any, problems: convert.Problems, check_sources: bool, trust: Trust
 ) -> tuple[ModelConfig, ...]:
     if data is None:
         return ()
@@ -308,16 +131,16 @@ def _parse_models(
     seen: set[str] = set()
     for index, item in enumerate(data):
         key = f"models[{index}]"
-        section = _Section(
+        section = convert.Section(
             item, key, problems, ("name", "source", "priority", "digest", "validate", "trust")
         )
-        name = section.require("name", _name)
-        source = section.require("source", _absolute_path)
+        name = section.require("name", convert.name)
+        source = section.require("source", convert.absolute_path)
         # Every key is converted even when name or source is bad, so all problems show at once.
-        priority = section.get("priority", _integer, 0)
-        digest = section.get("digest", _digest, None)
-        validate = section.get("validate", _choice(VALIDATE_MODES), "format")
-        own_trust = _trust(section.data.get("trust"), f"{key}.trust", problems)
+        priority = section.get("priority", convert.integer, 0)
+        digest = section.get("digest", convert.digest, None)
+        validate = section.get("validate", convert.choice(VALIDATE_MODES), "format")
+        own_trust = convert.trust(section.data.get("trust"), f"{key}.trust", problems)
         problem = _source_problem(source) if check_sources and source is not None else None
         if problem:
             problems.add(f"{key}.source", problem, str(source))
@@ -332,81 +155,59 @@ def _parse_models(
     return tuple(models)
 
 
-def parse_config(data: Any, *, check_sources: bool = False) -> Config:
+TOP_KEYS = (
+    "store",
+    "links_dir",
+    "socket",
+    "checksum",
+    "ready",
+    "memory",
+    "watch",
+    "staging",
+    "trust",
+    "models",
+)
+
+
+def parse_config(data: Any, *, check_sources: bool = False, system: System | None = None) -> Config:
     """Turns the loaded YAML into a Config, or raises ConfigError listing every problem.
     With check_sources, sources that are missing now are problems too (check-config); the
-    daemon takes them as models to serve once they appear."""
-    problems = _Problems()
-    top = _Section(
-        data,
-        "",
-        problems,
-        (
-            "store",
-            "links_dir",
-            "socket",
-            "checksum",
-            "ready",
-            "memory",
-            "watch",
-            "staging",
-            "trust",
-            "models",
-        ),
-    )
-    store = _Section(top.data.get("store"), "store", problems, ("path", "size", "mount", "huge"))
-    memory = _Section(
-        top.data.get("memory"),
-        "memory",
-        problems,
-        ("min_available", "resume_available", "psi", "cooldown"),
-    )
-    watch = _Section(top.data.get("watch"), "watch", problems, ("settle", "rescan"))
-    staging = _Section(top.data.get("staging"), "staging", problems, ("workers",))
+    daemon takes them as models to serve once they appear. Percentages of RAM are of the
+    MemTotal that `system` reads."""
+    problems = convert.Problems()
+    top = convert.Section(data, "", problems, TOP_KEYS)
+    total = (system or System()).meminfo_bytes("MemTotal")
+    size = partial(convert.parse_size, total_bytes=total)
+    section = partial(_section, top, problems)
+    store = section("store", ("path", "size", "mount", "huge"))
+    watch = section("watch", ("settle", "rescan"))
     defaults = Config()
-    trust = _trust(top.data.get("trust"), "trust", problems)
-    min_available = memory.get("min_available", parse_size, defaults.memory.min_available_bytes)
-    resume_available = memory.get(
-        "resume_available", parse_size, max(defaults.memory.resume_available_bytes, min_available)
-    )
-    if resume_available < min_available:
-        problems.add(
-            "memory.resume_available",
-            f"must be at least memory.min_available ({min_available} bytes)",
-            memory.data.get("resume_available"),
-        )
+    trust = convert.trust(top.data.get("trust"), "trust", problems)
     config = Config(
         store=StoreConfig(
-            path=store.get("path", _absolute_path, defaults.store.path),
-            size_bytes=store.get("size", parse_size, defaults.store.size_bytes),
-            mount=store.get("mount", _boolean, defaults.store.mount),
-            huge=store.get("huge", _choice(HUGE_MODES), defaults.store.huge),
+            path=store.get("path", convert.absolute_path, defaults.store.path),
+            size_bytes=store.get("size", size, defaults.store.size_bytes),
+            mount=store.get("mount", convert.boolean, defaults.store.mount),
+            huge=store.get("huge", convert.choice(HUGE_MODES), defaults.store.huge),
         ),
-        links_dir=top.get("links_dir", _absolute_path, defaults.links_dir),
-        socket=top.get("socket", _absolute_path, defaults.socket),
-        checksum=top.get("checksum", _choice(CHECKSUMS), defaults.checksum),
-        ready=top.get("ready", _choice(READY_MODES), defaults.ready),
-        memory=MemoryConfig(
-            min_available_bytes=min_available,
-            resume_available_bytes=resume_available,
-            psi=memory.get("psi", parse_psi, defaults.memory.psi),
-            cooldown_seconds=memory.get("cooldown", parse_duration, 0.0),
-        ),
+        links_dir=top.get("links_dir", convert.absolute_path, defaults.links_dir),
+        socket=top.get("socket", convert.absolute_path, defaults.socket),
+        checksum=top.get("checksum", convert.choice(CHECKSUMS), defaults.checksum),
+        ready=top.get("ready", convert.choice(READY_MODES), defaults.ready),
+        memory=_memory(section("memory", MEMORY_KEYS), problems, size),
         watch=WatchConfig(
-            settle_seconds=watch.get("settle", parse_duration, defaults.watch.settle_seconds),
-            rescan_seconds=watch.get("rescan", parse_duration, defaults.watch.rescan_seconds),
+            settle_seconds=watch.get("settle", convert.parse_duration, WatchConfig.settle_seconds),
+            rescan_seconds=watch.get("rescan", convert.parse_duration, WatchConfig.rescan_seconds),
         ),
-        staging=StagingConfig(workers=staging.get("workers", _workers, defaults.staging.workers)),
+        staging=StagingConfig(
+            workers=section("staging", ("workers",)).get(
+                "workers", convert.workers, StagingConfig.workers
+            )
+        ),
         trust=trust,
         models=_parse_models(top.data.get("models"), problems, check_sources, trust),
     )
-    for key, algorithm in [("checksum", config.checksum)] + [
-        (f"models[{i}].digest", m.digest.partition(":")[0])
-        for i, m in enumerate(config.models)
-        if m.digest
-    ]:
-        if algorithm not in available_algorithms():
-            problems.add(key, f"{algorithm} is not installed ({INSTALL[algorithm]})", algorithm)
+    _check_algorithms(config, problems)
     if config.store.size_bytes == 0:
         problems.add("store.size", "must be above 0", store.data.get("size"))
     if problems.items:
@@ -414,9 +215,51 @@ def parse_config(data: Any, *, check_sources: bool = False) -> Config:
     return config
 
 
+MEMORY_KEYS = ("min_available", "resume_available", "psi", "cooldown")
+
+
+def _section(
+    top: convert.Section, problems: convert.Problems, key: str, known: tuple[str, ...]
+) -> convert.Section:
+    return convert.Section(top.data.get(key), key, problems, known)
+
+
+def _memory(
+    memory: convert.Section, problems: convert.Problems, size: Callable[[Any], int]
+) -> MemoryConfig:
+    defaults = MemoryConfig()
+    min_available = memory.get("min_available", size, defaults.min_available_bytes)
+    resume_available = memory.get(
+        "resume_available", size, max(defaults.resume_available_bytes, min_available)
+    )
+    if resume_available < min_available:
+        problems.add(
+            "memory.resume_available",
+            f"must be at least memory.min_available ({min_available} bytes)",
+            memory.data.get("resume_available"),
+        )
+    return MemoryConfig(
+        min_available_bytes=min_available,
+        resume_available_bytes=resume_available,
+        psi=memory.get("psi", parse_psi, defaults.psi),
+        cooldown_seconds=memory.get("cooldown", convert.parse_duration, 0.0),
+    )
+
+
+def _check_algorithms(config: Config, problems: convert.Problems) -> None:
+    """The checksum, and the algorithm of each model's digest, must be installed."""
+    for key, algorithm in [("checksum", config.checksum)] + [
+        (f"models[{i}].digest", m.digest.partition(":")[0])
+        for i, m in enumerate(config.models)
+        if m.digest
+    ]:
+        if algorithm not in available_algorithms():
+            problems.add(key, f"{algorithm} is not installed ({INSTALL[algorithm]})", algorithm)
+
+
 def source_problems(config: Config) -> list[str]:
     """Sources that are missing now, for the daemon to log: it serves them once they appear."""
-    problems = _Problems()
+    problems = convert.Problems()
     for index, model in enumerate(config.models):
         problem = _source_problem(model.source)
         if problem:
@@ -438,12 +281,15 @@ def trust_warnings(config: Config) -> list[str]:
     return warnings
 
 
-def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+def config_path(
+    explicit: str | os.PathLike[str] | None = None, system: System | None = None
+) -> Path:
     """--config PATH, else $RAMSTAGE_CONFIG, else /etc/ramstage/ramstage.yaml."""
-    return Path(explicit or os.environ.get("RAMSTAGE_CONFIG") or DEFAULT_CONFIG)
+    environ = (system or System()).environ
+    return Path(explicit or environ.get("RAMSTAGE_CONFIG") or DEFAULT_CONFIG)
 
 
-def load_config(path: Path, *, check_sources: bool = False) -> Config:
+def load_config(path: Path, *, check_sources: bool = False, system: System | None = None) -> Config:
     try:
         text = path.read_text()
     except OSError as error:
@@ -452,4 +298,4 @@ def load_config(path: Path, *, check_sources: bool = False) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError([f"{path}: not valid YAML: {error}"]) from None
-    return parse_config(data, check_sources=check_sources)
+    return parse_config(data, check_sources=check_sources, system=system)

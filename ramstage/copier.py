@@ -335,6 +335,7 @@ def stage_source(
     on_progress: Callable[[float], None] = lambda fraction: None,
     cancel: Event | None = None,
     expected_digest: str | None = None,
+    sleep: Callable[[float], None] = time.sleep,  # System.sleep, in the daemon
 ) -> Manifest:
     """Fills the empty directory `generation` with a verified copy of `source` that no one
     can read who could not read the source, retrying a bounded number of times if the source
@@ -357,7 +358,7 @@ def stage_source(
             if attempt == ATTEMPTS:
                 raise SourceChanged(f"{source}: kept changing while it was copied") from None
             _clear(generation)
-            time.sleep(0.2 * 2**attempt)
+            sleep(0.2 * 2**attempt)
     if listing.kind == "file":
         digest = files[0].digest
     else:

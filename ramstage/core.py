@@ -96,7 +96,7 @@ class Core:
             return
         model = self.models[name]
         budget = lifecycle.Budget(
-            store_free_bytes=self.store.free_bytes(),
+            store_free_bytes=self.store.fs.free_bytes(),
             available_bytes=self.system.available_bytes(),
             floor_bytes=self.config.memory.min_available_bytes,
             paused=self.relief.paused(),

@@ -173,7 +173,7 @@ class Daemon:
         core.relief.stop()
         core.actuator.stop(core.models.values())
         core.release_all()
-        core.store.close()
+        core.store.fs.close()
         self._refuse_late_events()
 
     def _refuse_late_events(self) -> None:

@@ -114,7 +114,7 @@ def render(
     names = [m["name"] for m in models]
     wanted = {k for n in names for k in [*taken.current[n], *taken.unlinked[n]]}
     held = holders(system.proc, wanted)
-    size, used = store.usage()
+    size, used = store.fs.usage()
     result = []
     for entry in models:
         current, unlinked = taken.current[entry["name"]], taken.unlinked[entry["name"]]
@@ -129,10 +129,10 @@ def render(
         "pid": os.getpid(),
         "store": {
             "path": str(store.path),
-            "mounted": store.mounted,
+            "mounted": store.fs.mounted,
             "size_bytes": size,
             "used_bytes": used,
-            "swappable": store.swappable,
+            "swappable": store.fs.swappable,
         },
         "memory": memory_status(memory, system, since, sum(m["pinned_bytes"] for m in result)),
         "models": result,

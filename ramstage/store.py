@@ -1,4 +1,5 @@
-"""The store: the tmpfs (or, unprivileged, a plain directory) that holds generations.
+"""The store: the generation layout inside the tmpfs (or, unprivileged, a plain directory)
+that tmpfs.py mounts.
 
 Layout: STORE/NAME/GEN/… is a published generation and STORE/NAME/GEN.json its manifest;
 anything starting with "." inside STORE/NAME is work in progress. A generation counts only when
@@ -19,11 +20,11 @@ from pathlib import Path
 from ramstage.config import StoreConfig
 from ramstage.errors import RamstageError
 from ramstage.manifest import Manifest
-from ramstage.system import MountEntry, System
+from ramstage.system import System
+from ramstage.tmpfs import Tmpfs
 
 log = logging.getLogger(__name__)
 MARKER = ".ramstage-store"
-FS_NAME = "ramstage"  # the mount's source field: how an existing ramstage tmpfs is recognised
 
 
 @dataclass(frozen=True)
@@ -81,25 +82,12 @@ def _take_back(directory: Path) -> None:
 
 class Store:
     def __init__(self, config: StoreConfig, system: System) -> None:
-        self.config, self.system = config, system
-        self.path = config.path
-        self.swappable: bool | None = None  # None: unknown (a plain directory)
-        self.mounted_here = False  # mounted by this process rather than adopted
-
-    def _mount_entry(self) -> MountEntry | None:
-        return next((m for m in reversed(self.system.mounts()) if m.mountpoint == self.path), None)
-
-    @property
-    def mounted(self) -> bool:
-        entry = self._mount_entry()
-        return entry is not None and entry.fstype == "tmpfs"
+        self.config, self.path = config, config.path
+        self.fs = Tmpfs(config, system)
 
     def open(self) -> None:
         """Mounts (or adopts) the tmpfs, or checks the plain directory, and marks it ours."""
-        if self.config.mount:
-            self._mount()
-        else:
-            self.path.mkdir(parents=True, exist_ok=True)
+        self.fs.prepare()
         if not (self.path / MARKER).exists() and any(self.path.iterdir()):
             raise RamstageError(
                 f"store.path {self.path} is not empty and is not a ramstage store "
@@ -107,79 +95,9 @@ class Store:
             )
         (self.path / MARKER).touch()
 
-    def _mount(self) -> None:
-        entry = self._mount_entry()
-        size_option = f"size={self.config.size_bytes}"
-        if entry is not None:
-            if entry.fstype != "tmpfs" or entry.source != FS_NAME:
-                raise RamstageError(
-                    f"store.path {self.path}: something else is mounted there "
-                    f"({entry.fstype} from {entry.source}); unmount it or choose another path"
-                )
-            self.swappable = "noswap" not in entry.options
-            if self.usage()[0] != _page_rounded(self.config.size_bytes):
-                log.info("resizing the store to %d bytes", self.config.size_bytes)
-                self.system.run_in_init_namespace(
-                    ["mount", "-o", f"remount,{size_option}", str(self.path)]
-                )
-            log.info("adopted the tmpfs already mounted at %s", self.path)
-            return
-        self.system.run_in_init_namespace(["mkdir", "-p", str(self.path)])
-        base = f"{size_option},mode=0755,nosuid,nodev,noexec"
-        # Optional options, best first, each dropped where the kernel refuses it:
-        # noswap (Linux 6.4+): a staged copy that is swapped out is slower than the SSD it
-        # mirrors; huge= (store.huge, default within_size): the copier preallocates each file,
-        # so it gets 2 MiB pages, which made torch.load through the link 13% faster and mmap
-        # first touch 6x faster (docs/benchmarks.md).
-        huge = f",huge={self.config.huge}" if self.config.huge != "never" else ""
-        for extras in (huge + ",noswap", huge, ",noswap", ""):
-            try:
-                self.system.run_in_init_namespace(
-                    ["mount", "-t", "tmpfs", "-o", base + extras, FS_NAME, str(self.path)]
-                )
-                break
-            except OSError:
-                if not extras:
-                    raise
-        self.swappable = "noswap" not in extras
-        self.mounted_here = True
-        if not self.mounted:
-            raise RamstageError(
-                f"the tmpfs at {self.path} was mounted in PID 1's mount namespace but cannot be "
-                "seen from ramstage's own (a private namespace?); run ramstage without one"
-            )
-        log.info(
-            "mounted a %d-byte tmpfs at %s (%s)",
-            self.config.size_bytes,
-            self.path,
-            extras.strip(",") or "swappable, small pages",
-        )
-
-    def close(self) -> None:
-        """Unmounts the tmpfs we mounted, or one we may unmount ourselves (we run in PID 1's
-        mount namespace). A sandboxed daemon that adopted the tmpfs leaves it to the unit's
-        `ramstage unmount`."""
-        if self.mounted_here or self.system.in_init_mount_namespace():
-            self.unmount()
-
-    def unmount(self) -> None:
-        """Unmounts the tmpfs in PID 1's namespace. A lazy unmount lets a reader that still
-        holds a file finish; its pages are freed when it lets go."""
-        if self.config.mount and self.mounted:
-            self.system.run_in_init_namespace(["umount", "--lazy", str(self.path)])
-
     def holds_generations(self) -> bool:
         """Whether some published generation is left, which a link may still point at."""
         return any(self.path.glob("*/*.json"))
-
-    def usage(self) -> tuple[int, int]:
-        """(size_bytes, used_bytes) as statfs(2) reports them: df's view of a tmpfs."""
-        st = os.statvfs(self.path)
-        return st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
-
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.path)
-        return st.f_bavail * st.f_frsize
 
     def scan(self, names: set[str]) -> dict[str, list[Generation]]:
         """Removes partial and unknown entries and returns the published generations."""
@@ -252,8 +170,3 @@ class Store:
 
     def remove_model(self, name: str) -> None:
         remove_tree(self.path / name)
-
-
-def _page_rounded(size: int) -> int:
-    page = os.sysconf("SC_PAGE_SIZE")
-    return (size + page - 1) // page * page

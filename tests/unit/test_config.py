@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from ramstage.cli import main
-from ramstage.config import load_config, parse_duration, parse_size
+from ramstage.config import load_config
+from ramstage.converters import parse_duration, parse_size
+from ramstage.system import System
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD_DIGEST = "sha256:" + "ab" * 32
@@ -238,7 +240,8 @@ def test_sizes_parse(text, expected):
 
 
 def test_a_percentage_is_of_total_ram():
-    assert parse_size("25%") == int(psutil.virtual_memory().total * 0.25)
+    total = System().meminfo_bytes("MemTotal")
+    assert parse_size("25%", total_bytes=total) == int(psutil.virtual_memory().total * 0.25)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,194 @@
+"""The config's small converters, each turning one value of the file into what the schema
+holds or saying, in an Invalid, what was expected; a Section reads one mapping with them and
+collects every problem under its key path (config.py puts the schema together)."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from ramstage.access import Trust
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DIGEST_RE = re.compile(r"(xxh3:[0-9a-f]{32}|(sha256|blake3):[0-9a-f]{64})")
+
+
+class Problems:
+    """Collects every problem in one pass, so check-config can list them all at once."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, key: str, message: str, value: Any) -> None:
+        self.items.append(f"{key}: {message}: {value!r}")
+
+
+class Invalid(Exception):
+    pass
+
+
+def parse_size(text: Any, *, total_bytes: int | None = None) -> int:
+    """`512M`, `8G`, `1.5GiB`, `25%` (of total_bytes, the machine's RAM) or a plain number of
+    bytes; units are powers of 1024."""
+    if isinstance(text, bool):
+        raise Invalid("expected a size such as 512M, 8G, 1.5GiB or 25%")
+    if isinstance(text, int):
+        if text < 0:
+            raise Invalid("a size cannot be negative")
+        return text
+    if isinstance(text, str) and text.strip().endswith("%"):
+        try:
+            percent = float(text.strip()[:-1])
+        except ValueError:
+            raise Invalid("expected a percentage such as 25%") from None
+        if not 0 < percent <= 100:
+            raise Invalid("a percentage must be above 0 and at most 100")
+        if total_bytes is None:
+            raise Invalid("a percentage of RAM is not taken here")
+        return int(total_bytes * percent / 100)
+    match = _SIZE_RE.match(text) if isinstance(text, str) else None
+    if not match or (match.group(3) and not match.group(2) and match.group(3).lower() != "b"):
+        raise Invalid("expected a size such as 512M, 8G, 1.5GiB or 25%")
+    power = " KMGT".index(match.group(2).upper() or " ")
+    return int(float(match.group(1)) * 1024**power)
+
+
+def parse_duration(text: Any) -> float:
+    """`500ms`, `2s`, `1m`, `1h`, or a plain number of seconds."""
+    if isinstance(text, bool):
+        raise Invalid("expected a duration such as 500ms, 2s or 1m")
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise Invalid("a duration cannot be negative")
+        return float(text)
+    match = _DURATION_RE.match(text) if isinstance(text, str) else None
+    if not match:
+        raise Invalid("expected a duration such as 500ms, 2s or 1m")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def absolute_path(value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise Invalid("expected a path")
+    if "\0" in value:
+        raise Invalid("a path cannot contain NUL")
+    if not os.path.isabs(value):
+        raise Invalid("must be an absolute path")
+    return Path(os.path.normpath(value))
+
+
+def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in options:
+            raise Invalid("expected one of " + ", ".join(options))
+        return str(value)
+
+    return convert
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid("expected true or false")
+    return value
+
+
+def integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid("expected a whole number")
+    return value
+
+
+def workers(value: Any) -> int:
+    workers = integer(value)
+    if not 1 <= workers <= 64:
+        raise Invalid("expected 1 to 64")
+    return workers
+
+
+def name(value: Any) -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
+        raise Invalid(
+            "a name is 1 to 64 of A-Z a-z 0-9 . _ - starting with a letter or digit, not . or .."
+        )
+    return value
+
+
+def digest(value: Any) -> str:
+    if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
+        raise Invalid(
+            "expected sha256:<64 hex digits>, xxh3:<32 hex digits> or blake3:<64 hex digits>"
+        )
+    return value
+
+
+def _ids(lookup: Callable[[str], int], what: str) -> Callable[[Any], frozenset[int]]:
+    def convert(value: Any) -> frozenset[int]:
+        if not isinstance(value, list):
+            raise Invalid(f"expected a list of {what} names or ids")
+        ids = set()
+        for item in value:
+            if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+                ids.add(item)
+                continue
+            try:
+                ids.add(lookup(str(item)))
+            except KeyError:
+                raise Invalid(f"no such {what}: {item}") from None
+        return frozenset(ids)
+
+    return convert
+
+
+users = _ids(lambda name: pwd.getpwnam(name).pw_uid, "user")
+groups = _ids(lambda name: grp.getgrnam(name).gr_gid, "group")
+
+
+def trust(data: Any, key: str, problems: Problems) -> Trust:
+    """trust: {users: [...], groups: [...]}: besides root and each source's owner, who may own
+    or write the directories on a source's path (docs/security.md)."""
+    if data is None:
+        return Trust()
+    section = Section(data, key, problems, ("users", "groups"))
+    return Trust(
+        section.get("users", users, frozenset()), section.get("groups", groups, frozenset())
+    )
+
+
+class Section:
+    """Reads one mapping of the file, converting each key and rejecting unknown ones."""
+
+    def __init__(self, data: Any, key: str, problems: Problems, known: tuple[str, ...]) -> None:
+        self.key, self.problems = key, problems
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            problems.add(key or "(top level)", "expected a mapping", data)
+            data = {}
+        self.data = data
+        for unknown in sorted(set(map(str, data)) - set(known)):
+            problems.add(self._path(unknown), "unknown key", data[unknown])
+
+    def _path(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def get(self, name: str, convert: Callable[[Any], Any], default: Any) -> Any:
+        if name not in self.data:
+            return default
+        try:
+            return convert(self.data[name])
+        except Invalid as error:
+            self.problems.add(self._path(name), str(error), self.data[name])
+            return default
+
+    def require(self, name: str, convert: Callable[[Any], Any]) -> Any:
+        if name not in self.data:
+            self.problems.add(self._path(name), "is required", None)
+            return None
+        return self.get(name, convert, None)

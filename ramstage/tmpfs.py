@@ -1,0 +1,120 @@
+"""The store's file system: a size-bounded tmpfs mounted in PID 1's mount namespace (or one
+already there adopted, and resized to the configured size), or, with `store.mount: false`, a
+plain directory. store.py lays generations out inside it.
+
+Mounting in PID 1's namespace is what makes the store visible to every other service,
+sandboxed ones included (systemd.exec(5): a mount made in a service's private namespace is
+not); the unit's `ramstage mount` does it before the daemon starts, the daemon adopts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ramstage.config import StoreConfig
+from ramstage.errors import RamstageError
+from ramstage.system import MountEntry, System
+
+log = logging.getLogger(__name__)
+FS_NAME = "ramstage"  # the mount's source field: how an existing ramstage tmpfs is recognised
+
+
+class Tmpfs:
+    def __init__(self, config: StoreConfig, system: System) -> None:
+        self.config, self.system = config, system
+        self.path = config.path
+        self.swappable: bool | None = None  # None: unknown (a plain directory)
+        self.mounted_here = False  # mounted by this process rather than adopted
+
+    def _entry(self) -> MountEntry | None:
+        return next((m for m in reversed(self.system.mounts()) if m.mountpoint == self.path), None)
+
+    @property
+    def mounted(self) -> bool:
+        entry = self._entry()
+        return entry is not None and entry.fstype == "tmpfs"
+
+    def prepare(self) -> None:
+        """Mounts or adopts the tmpfs, or makes the plain directory."""
+        if not self.config.mount:
+            self.path.mkdir(parents=True, exist_ok=True)
+            return
+        entry = self._entry()
+        if entry is None:
+            self._mount()
+        else:
+            self._adopt(entry)
+
+    def _adopt(self, entry: MountEntry) -> None:
+        if entry.fstype != "tmpfs" or entry.source != FS_NAME:
+            raise RamstageError(
+                f"store.path {self.path}: something else is mounted there "
+                f"({entry.fstype} from {entry.source}); unmount it or choose another path"
+            )
+        self.swappable = "noswap" not in entry.options
+        if self.usage()[0] != _page_rounded(self.config.size_bytes):
+            log.info("resizing the store to %d bytes", self.config.size_bytes)
+            self.system.run_in_init_namespace(
+                ["mount", "-o", f"remount,size={self.config.size_bytes}", str(self.path)]
+            )
+        log.info("adopted the tmpfs already mounted at %s", self.path)
+
+    def _mount(self) -> None:
+        self.system.run_in_init_namespace(["mkdir", "-p", str(self.path)])
+        base = f"size={self.config.size_bytes},mode=0755,nosuid,nodev,noexec"
+        # Optional options, best first, each dropped where the kernel refuses it:
+        # noswap (Linux 6.4+): a staged copy that is swapped out is slower than the SSD it
+        # mirrors; huge= (store.huge, default within_size): the copier preallocates each file,
+        # so it gets 2 MiB pages, which made torch.load through the link 13% faster and mmap
+        # first touch 6x faster (docs/benchmarks.md).
+        huge = f",huge={self.config.huge}" if self.config.huge != "never" else ""
+        for extras in (huge + ",noswap", huge, ",noswap", ""):
+            try:
+                self.system.run_in_init_namespace(
+                    ["mount", "-t", "tmpfs", "-o", base + extras, FS_NAME, str(self.path)]
+                )
+                break
+            except OSError:
+                if not extras:
+                    raise
+        self.swappable = "noswap" not in extras
+        self.mounted_here = True
+        if not self.mounted:
+            raise RamstageError(
+                f"the tmpfs at {self.path} was mounted in PID 1's mount namespace but cannot be "
+                "seen from ramstage's own (a private namespace?); run ramstage without one"
+            )
+        log.info(
+            "mounted a %d-byte tmpfs at %s (%s)",
+            self.config.size_bytes,
+            self.path,
+            extras.strip(",") or "swappable, small pages",
+        )
+
+    def close(self) -> None:
+        """Unmounts the tmpfs we mounted, or one we may unmount ourselves (we run in PID 1's
+        mount namespace). A sandboxed daemon that adopted the tmpfs leaves it to the unit's
+        `ramstage unmount`."""
+        if self.mounted_here or self.system.in_init_mount_namespace():
+            self.unmount()
+
+    def unmount(self) -> None:
+        """Unmounts the tmpfs in PID 1's namespace. A lazy unmount lets a reader that still
+        holds a file finish; its pages are freed when it lets go."""
+        if self.config.mount and self.mounted:
+            self.system.run_in_init_namespace(["umount", "--lazy", str(self.path)])
+
+    def usage(self) -> tuple[int, int]:
+        """(size_bytes, used_bytes) as statfs(2) reports them: df's view of a tmpfs."""
+        st = os.statvfs(self.path)
+        return st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+
+def _page_rounded(size: int) -> int:
+    page = os.sysconf("SC_PAGE_SIZE")
+    return (size + page - 1) // page * page
