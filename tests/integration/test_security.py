@@ -110,11 +110,18 @@ def secret(path: Path, mode: int = 0o600) -> Path:
 
 
 def store_holds_marker(store: Path) -> list[str]:
-    return [
-        str(path)
-        for path in store.rglob("*")
-        if path.is_file() and not path.is_symlink() and MARKER in path.read_bytes()
-    ]
+    """The files in the store that hold the secret's marker. The daemon may delete a generation
+    (its grace period over) while this walks: os.walk skips what vanished."""
+    found = []
+    for directory, _, names in os.walk(store):
+        for name in names:
+            path = Path(directory, name)
+            try:
+                if not path.is_symlink() and MARKER in path.read_bytes():
+                    found.append(str(path))
+            except FileNotFoundError:
+                continue
+    return found
 
 
 def own(path: Path, user: User, *, group: int | None = None) -> Path:
