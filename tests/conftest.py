@@ -40,14 +40,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def no_thread_leaks() -> Iterator[None]:
     """Fails a test that leaves a thread running: a leaked watcher or worker outlives its
-    owner and makes later tests flaky. Threads get a moment to finish after the test. watchdog's
-    inotify reader is one shared instance per process by design (InotifyFD.get_instance)."""
+    owner and makes later tests flaky. Threads get a moment to finish after the test."""
     before = set(threading.enumerate())
     yield
     deadline = time.monotonic() + 2.0
-    leaked = [
-        t for t in threading.enumerate() if t not in before and type(t).__name__ != "InotifyFD"
-    ]
+    leaked = [t for t in threading.enumerate() if t not in before]
     for thread in leaked:
         thread.join(timeout=max(deadline - time.monotonic(), 0.0))
     alive = [t.name for t in leaked if t.is_alive()]
