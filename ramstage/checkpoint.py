@@ -1,6 +1,6 @@
 """What ramstage knows about checkpoint formats, torch-free: how a file's format is told
 (kind_of), the limits the formats set, and the checks run on a partial generation before it is
-published. The GPU loader (fastload) is to tell formats apart with kind_of too.
+published. The GPU loader (fastload) and the client tell formats apart with kind_of too.
 
 A checkpoint cut short (a writer still saving, a full disk, a torn copy) hashes fine: its digest
 is just the digest of a broken file. These checks catch what the digest cannot, so the link never

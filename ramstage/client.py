@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ramstage.checkpoint import Kind, kind_of
 from ramstage.config import config_path, load_config
 from ramstage.errors import ConfigError, NotFound, NotRunning, RamstageError
 from ramstage.protocol import request
@@ -107,7 +108,7 @@ def _target(
 def _maps_on_cpu(target: Path) -> bool:
     """Safetensors files and model directories, which torch.load cannot read, are mapped by
     ramstage.fastload on the CPU."""
-    return target.suffix == ".safetensors" or target.is_dir()
+    return target.is_dir() or kind_of(target) is Kind.SAFETENSORS
 
 
 def release() -> None:

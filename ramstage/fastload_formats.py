@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import sys
 import zipfile
@@ -20,7 +19,9 @@ from typing import Any, Callable, cast
 import torch
 from torch.types import Storage
 
+from ramstage.checkpoint import SAFETENSORS_MAX_HEADER_BYTES, TORCH_SUFFIXES, Kind, kind_of
 from ramstage.fastload_pipeline import Segment
+from ramstage.holders import mappings
 
 log = logging.getLogger("ramstage.fastload")
 
@@ -46,8 +47,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     }.items()
     if dtype is not None
 }
-# A header is a few MB even for large models; a huge length means a file that is not safetensors.
-MAX_HEADER_BYTES = 100 << 20
 
 
 class Unmappable(Exception):
@@ -65,7 +64,7 @@ def flat_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
 
 
 def is_safetensors(path: Path) -> bool:
-    return path.suffix == ".safetensors"
+    return kind_of(path) is Kind.SAFETENSORS
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ def read_safetensors_header(path: Path) -> list[SafetensorsEntry]:
     file_bytes = path.stat().st_size
     with open(path, "rb") as f:
         (header_bytes,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
-        if not 2 <= header_bytes <= min(MAX_HEADER_BYTES, file_bytes - 8):
+        if not 2 <= header_bytes <= min(SAFETENSORS_MAX_HEADER_BYTES, file_bytes - 8):
             raise Unmappable(f"not a safetensors file (header length {header_bytes})")
         header = json.loads(f.read(header_bytes))
     data_start = 8 + header_bytes
@@ -276,24 +275,18 @@ class _FileMappings:
 
     def _read_maps(self) -> list[tuple[int, int, int]]:
         stat = self._path.stat()
-        ranges = []
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) < 6 or int(fields[4]) != stat.st_ino:
-                    continue
-                major, minor = (int(x, 16) for x in fields[3].split(":"))
-                if os.makedev(major, minor) == stat.st_dev:
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    ranges.append((start, end, int(fields[2], 16)))
-        return ranges
+        return [
+            (m.start, m.end, m.offset)
+            for m in mappings(Path("/proc/self/maps"))
+            if m.key == (stat.st_dev, stat.st_ino)
+        ]
 
 
 def shard_files(directory: Path) -> list[Path]:
     """The weight files of a model directory: safetensors shards if any, else torch shards."""
     for index_name, suffixes in (
         ("model.safetensors.index.json", (".safetensors",)),
-        ("pytorch_model.bin.index.json", (".bin", ".pt", ".pth", ".ckpt")),
+        ("pytorch_model.bin.index.json", TORCH_SUFFIXES),
     ):
         files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in suffixes)
         index = directory / index_name
@@ -302,4 +295,5 @@ def shard_files(directory: Path) -> list[Path]:
             return sorted({directory / shard for shard in weight_map.values()})
         if files:
             return files
-    raise FileNotFoundError(f"no .safetensors, .bin, .pt, .pth or .ckpt files in {directory}")
+    names = ", ".join((".safetensors", *TORCH_SUFFIXES))
+    raise FileNotFoundError(f"no {names} files in {directory}")

@@ -10,18 +10,32 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 FileKey = tuple[int, int]  # (st_dev, st_ino)
 
 
-def _maps_keys(maps: Path) -> set[FileKey]:
-    keys = set()
+class Mapping(NamedTuple):
+    start: int  # the address range
+    end: int
+    offset: int  # into the file
+    key: FileKey
+
+
+def mappings(maps: Path) -> Iterator[Mapping]:
+    """The file-backed mappings a /proc/PID/maps lists (proc(5): address range, permissions,
+    offset, device major:minor, inode, path); the ramstage.fastload client reads its own."""
     for line in maps.read_text().splitlines():
         fields = line.split(maxsplit=5)
         if len(fields) >= 5 and fields[4] != "0":
+            start, _, end = fields[0].partition("-")
             major, _, minor = fields[3].partition(":")
-            keys.add((os.makedev(int(major, 16), int(minor, 16)), int(fields[4])))
-    return keys
+            key = (os.makedev(int(major, 16), int(minor, 16)), int(fields[4]))
+            yield Mapping(int(start, 16), int(end, 16), int(fields[2], 16), key)
+
+
+def _maps_keys(maps: Path) -> set[FileKey]:
+    return {mapping.key for mapping in mappings(maps)}
 
 
 def _descriptors(pid_dir: Path) -> Iterator[tuple[FileKey, str]]:
