@@ -411,3 +411,16 @@ def test_an_index_json_directory_slices_every_shard(target: Any, tmp_path: Path)
         assert_same(
             dict(sorted(got.items())), dict(sorted(expected(merged, shard, target[1]).items()))
         )
+
+
+def test_client_load_by_path_takes_a_shard(tmp_path: Path) -> None:
+    from ramstage import client
+
+    state = {"w": sample(torch.bfloat16, (6, 10)), "b": sample(torch.float32, (10,), seed=1)}
+    write_safetensors(tmp_path / "m.safetensors", state)
+    torch.save(state, tmp_path / "m.pt")
+    shard = Shard(1, 2, dims={"w": 1})
+    for name in ("m.safetensors", "m.pt"):
+        got = client.load(str(tmp_path / name), shard=shard, mmap=False)
+        for key, want in expected(state, shard, "cpu").items():
+            assert torch.equal(got[key], want), (name, key)
