@@ -24,13 +24,14 @@ torch = pytest.importorskip("torch")
 
 from test_fastload import DTYPES, assert_same, file_mapped, sample, write_safetensors
 
-from ramstage import fastload
+from ramstage import fastload, fastload_pipeline
 from ramstage.fastload import Shard
 from ramstage.fastload_pipeline import (
     MAX_GAP_BYTES,
     Chunk,
     Segment,
     Strided,
+    gather_rows,
     plan_reads,
     read_rows,
 )
@@ -214,18 +215,40 @@ def test_rows_are_gathered_a_slot_at_a_time_and_long_ones_read_alone() -> None:
     assert [p.target_offset for c in chunks[-3:] for p in c.pieces] == [0, 6000, 12000]
 
 
-def test_read_rows_puts_rows_side_by_side_and_many_rows_take_several_reads(
-    tmp_path: Path,
-) -> None:
+def test_rows_land_side_by_side_whether_read_or_gathered(tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
     data = bytes(range(256)) * 40
     (tmp_path / "f").write_bytes(data)
-    rows, memory, gap = 1000, memoryview(bytearray(3000)), memoryview(bytearray(64))
+    rows, chunk = 1000, Chunk("f", 5, 3000, (), 3, 10)  # 1000 rows: several preadv calls
+    want = b"".join(data[5 + 10 * i : 8 + 10 * i] for i in range(rows))
+    read, gathered = memoryview(bytearray(3000)), memoryview(bytearray(3000))
     fd = os.open(tmp_path / "f", os.O_RDONLY)
     try:
-        read_rows(fd, memory, Chunk("f", 5, 3 * rows, (), 3, 10), gap)
+        read_rows(fd, read, chunk, memoryview(bytearray(64)))
     finally:
         os.close(fd)
-    assert bytes(memory) == b"".join(data[5 + 10 * i : 8 + 10 * i] for i in range(rows))
+    gather_rows(np.frombuffer(data, np.uint8), gathered, chunk)
+    assert bytes(read) == want and bytes(gathered) == want
+
+
+@pytest.mark.parametrize("numpy_there", [True, False])
+def test_rows_are_gathered_from_the_mapping_or_read_by_their_covering_range(
+    target: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, numpy_there: bool
+) -> None:
+    pytest.importorskip("numpy")
+    state = {"w": sample(torch.bfloat16, (64, 40)), "b": sample(torch.int32, (3, 50, 7), seed=1)}
+    path = write_safetensors(tmp_path / "m.safetensors", state)
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("read_rows used although numpy is there")
+
+    if numpy_there:
+        monkeypatch.setattr(fastload_pipeline, "read_rows", refuse)
+    else:
+        monkeypatch.setattr(fastload_pipeline, "numpy", None)
+    for rank in range(3):
+        shard = Shard(rank, 3, dims=1)
+        assert_same(load(target, path, shard), expected(state, shard, target[1]))
 
 
 def test_long_rows_are_read_row_by_row_through_the_loader(target: Any, tmp_path: Path) -> None:
