@@ -323,6 +323,10 @@ def main() -> int:
         args.gib, args.gpus, args.reps = min(args.gib, 1 / 16), args.gpus or "2", min(args.reps, 2)
         args.work = Path(f"/dev/shm/ramstage-tp-dry-{os.getpid()}")
     loaders = [x for x in args.loaders.split(",") if x]
+    if not args.dry_run and "fastsafetensors" in loaders:
+        from bench_gpu_peers import ensure_cudart_link
+
+        ensure_cudart_link(args.work)  # may restart this process with LD_LIBRARY_PATH set
     if args.dry_run and "fastsafetensors" in loaders:
         try:
             import fastsafetensors  # noqa: F401

@@ -12,8 +12,12 @@ GiB = 1 << 30
 
 
 def write_model(directory: Path, nbytes: int, files: int) -> None:
-    """Layers of random bf16 bits (any bit pattern: the checks compare bytes) until nbytes."""
+    """Layers of random bf16 bits (any bit pattern: the checks compare bytes) until nbytes;
+    a model already written there is kept, so runs for other process counts reuse it."""
     from safetensors.torch import save_file
+
+    if (directory / "model.safetensors.index.json").exists():
+        return
 
     hidden, inner, vocab = (4096, 14336, 32768) if nbytes >= GiB else (256, 768, 1024)
 
