@@ -3,11 +3,11 @@
     ramstage.fastload.load(path, "cuda:0")  # what torch.load(path, map_location=...) returns
     ramstage.fastload.load(path, "cpu")     # tensors over the file's pages, no copy
     ramstage.fastload.release()             # frees the pinned ring and the reader threads
-    ramstage.fastload.load(path, "cuda:0", shard=Shard.from_env(dims={"*.o_proj.*": 1}))
+    ramstage.fastload.load(path, "cuda:1", shard=Shard.from_env(dims={"*.o_proj.*": 1, "*": 0}))
 
 One process per GPU (tensor parallelism) loads its part of the model with shard= (a Shard,
 fastload_shard): its slice of each tensor, read from the slice's own bytes, or only some of a
-directory's files.
+directory's files. Slices and the fallback's whole-then-slice give the same bytes.
 
 On a GPU, threads read the tensor bytes from the (tmpfs) file into a reused ring of pinned
 buffers, which the device copies from as each fills (fastload_pipeline). The formats are in
