@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 # Swept on one H100 (16 cores; docs/benchmarks.md, bench_gpu_peers.py --sweep-threads): 16
 # threads and 16 MiB reads (a 512 MiB ring) were the fastest and steadiest warm; smaller reads
 # lock less on the first load but vary up to 3x warm, as in the first sweeps of round one.
-# The ring follows the threads (two 16 MiB slots each), so N processes sharing the cores also
-# share that much pinned memory instead of locking N rings of 512 MiB.
+# The ring follows the threads (two 16 MiB slots each, at most 512 MiB), so N processes sharing
+# the cores also share that much pinned memory instead of locking N rings of 512 MiB.
 DEFAULT_THREADS = 16
 READ_BYTES = 16 << 20
 MAX_THREADS = 64
@@ -80,7 +80,8 @@ def default_threads() -> int:
 
 
 def default_ring_bytes(threads: int) -> int:
-    return 2 * threads * READ_BYTES
+    """Two reads per thread, at most the 512 MiB that 16 threads were measured with."""
+    return 2 * min(threads, DEFAULT_THREADS) * READ_BYTES
 
 
 class Loader:

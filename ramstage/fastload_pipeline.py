@@ -303,8 +303,9 @@ class Ring:
         if not chunks:
             return
         fds = {source: os.open(source, os.O_RDONLY) for source in {c.source for c in chunks}}
-        maps = _map_strided_sources(chunks, fds)
-        job = _Job(chunks, {source: numpy.frombuffer(m, numpy.uint8) for source, m in maps.items()})
+        # The views keep their mappings; both go with the job (an error's traceback may hold a
+        # view, so an explicit close could fail with BufferError over the real error).
+        job = _Job(chunks, _map_strided_sources(chunks, fds))
         try:
             workers = min(self.threads, len(chunks))
             futures: list[Future[None]] = [
@@ -317,9 +318,6 @@ class Ring:
         finally:
             if self._stream is not None:
                 self._stream.synchronize()
-            job.mapped.clear()  # the views go before their mappings
-            for mapping in maps.values():
-                mapping.close()
             for fd in fds.values():
                 os.close(fd)
 
@@ -369,12 +367,15 @@ class Ring:
         self._host.close()
 
 
-def _map_strided_sources(chunks: list[Chunk], fds: dict[str, int]) -> dict[str, mmap.mmap]:
-    """Read-only shared mappings of the files that strided chunks gather from (with numpy)."""
+def _map_strided_sources(chunks: list[Chunk], fds: dict[str, int]) -> dict[str, Any]:
+    """numpy views of read-only shared mappings of the files that strided chunks gather from."""
     if numpy is None:
         return {}
     sources = {chunk.source for chunk in chunks if chunk.row_stride}
-    return {source: mmap.mmap(fds[source], 0, prot=mmap.PROT_READ) for source in sources}
+    return {
+        source: numpy.frombuffer(mmap.mmap(fds[source], 0, prot=mmap.PROT_READ), numpy.uint8)
+        for source in sources
+    }
 
 
 class _Job:

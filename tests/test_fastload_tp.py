@@ -373,6 +373,7 @@ def test_the_ring_follows_the_threads_shared_by_the_processes_of_a_job(
     loader.release()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert fastload.default_ring_bytes(fastload.default_threads()) == 512 << 20
+    assert fastload.default_ring_bytes(64) == 512 << 20  # more threads share the measured ring
 
 
 RANK_SCRIPT = textwrap.dedent(
