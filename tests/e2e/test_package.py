@@ -100,8 +100,7 @@ def test_apt_installs_enables_and_starts_the_service(machine: Machine) -> None:
     machine.run("apt-get", "install", "-y", "-qq", f"/root/{deb.name}")
     assert machine.run("systemctl", "is-enabled", "ramstage").stdout.strip() == "enabled"
     assert machine.run("systemctl", "is-active", "ramstage").stdout.strip() == "active"
-    for dependency in ("python3-yaml", "python3-psutil", "python3-sdnotify",
-                       "python3-xxhash"):  # fmt: skip
+    for dependency in ("python3-yaml", "python3-sdnotify", "python3-xxhash"):
         assert "ok installed" in machine.run("dpkg-query", "-W", "-f=${Status}", dependency).stdout
     conffiles = machine.run("dpkg-query", "-W", "-f=${Conffiles}", "ramstage").stdout
     assert "/etc/ramstage/ramstage.yaml" in conffiles

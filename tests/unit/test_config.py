@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import yaml
 
 from ramstage.cli import main
-from ramstage.config import load_config
+from ramstage.config import load_config, parse_config
 from ramstage.converters import parse_duration, parse_size
 from ramstage.system import System
 
@@ -241,7 +241,18 @@ def test_sizes_parse(text, expected):
 
 def test_a_percentage_is_of_total_ram():
     total = System().meminfo_bytes("MemTotal")
-    assert parse_size("25%", total_bytes=total) == int(psutil.virtual_memory().total * 0.25)
+    # MemTotal, as sysinfo(2) counts it too.
+    assert total == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert parse_size("25%", total_bytes=total) == total // 4
+
+
+def test_a_percentage_in_the_config_is_of_the_ram_the_system_reports(tmp_path):
+    class Machine(System):
+        def meminfo_bytes(self, field: str) -> int:
+            return 8 << 30 if field == "MemTotal" else super().meminfo_bytes(field)
+
+    config = parse_config({"store": {"size": "25%"}}, system=Machine())
+    assert config.store.size_bytes == 2 << 30
 
 
 @pytest.mark.parametrize(
