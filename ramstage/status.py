@@ -49,7 +49,10 @@ def model_entry(model: Model, generations: Generations) -> dict[str, Any]:
         "digest": manifest.digest if manifest else None,
         "generation": generation.id if generation else None,
         "reason": None if model.why is None else str(model.why),
-        "progress": model.job.progress if model.job else (1.0 if in_ram else 0.0),
+        # The copy's progress: 1 once it is done, 0 while a copy is wanted and not started.
+        "progress": model.job.progress
+        if model.job
+        else (1.0 if in_ram and not model.want else 0.0),
         "priority": model.settings.priority,
         "pressure_evictions": model.backoff.count if model.backoff else 0,
         "backoff_seconds": model.backoff.delay_seconds if model.backoff else None,

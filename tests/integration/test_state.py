@@ -43,17 +43,20 @@ def test_a_model_in_ram_stays_staged_and_evictable_while_another_copies_1gib(tmp
     # A new version of b while a copies: its copy has to wait for a's, and meanwhile b's link
     # still serves the verified previous version, which is what its state says.
     write_random(b, 4 << 20, seed=3)
-    seen: list[tuple[str, str, str | None]] = []
+    seen: list[tuple[str, str, str | None, float]] = []
 
     def taken_up() -> bool:
         status = {m["name"]: m for m in daemon.request("status")["models"]}
-        seen.append((status["a"]["state"], status["b"]["state"], status["b"]["reason"]))
+        b_model = status["b"]
+        seen.append(
+            (status["a"]["state"], b_model["state"], b_model["reason"], b_model["progress"])
+        )
         return status["b"]["state"] != "staged" or status["b"]["reason"] == "source_changed"
 
     wait_for(taken_up, interval=0.01, context=daemon.log)
     assert seen[-1][0] == "staging", "a's copy ended before b's update was seen"
-    assert {b_state for _, b_state, _ in seen} == {"staged"}
-    assert seen[-1][2] == "source_changed"
+    assert {b_state for _, b_state, _, _ in seen} == {"staged"}
+    assert seen[-1][2:] == ("source_changed", 0.0)  # b's own copy waits for a's
 
     started = time.monotonic()
     entry = client.wait_staged("b", timeout=30, config=daemon.config_path)
