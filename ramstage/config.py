@@ -6,6 +6,7 @@ import grp
 import os
 import pwd
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,14 @@ CHECKSUMS = ("sha256", "blake3")
 HUGE_MODES = ("within_size", "never", "always", "advise")  # tmpfs huge= (tmpfs.rst)
 READY_MODES = ("links", "staged")
 VALIDATE_MODES = ("format", "torch", "none")
+# Bounds on what the loader takes, so that any file is refused in little time and memory: a
+# config is a few kilobytes, nested 5 deep.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 64
+MAX_NODES = 100_000  # counting every use of an alias in full ("billion laughs")
+MAX_SIZE_BYTES = 1 << 60
+MAX_SECONDS = 366 * 86400.0
+SHOWN_CHARS = 120
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,16 @@ class _Problems:
         self.items: list[str] = []
 
     def add(self, key: str, message: str, value: Any) -> None:
-        self.items.append(f"{key}: {message}: {value!r}")
+        self.items.append(f"{key}: {message}: {shown(value)}")
+
+
+def shown(value: Any) -> str:
+    """repr(), cut short: a value may be a megabyte of text, or aliases that expand to gigabytes
+    (reprlib looks at the first few items of each container, a few levels deep)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = SHOWN_CHARS
+    short.maxlevel, short.maxlist, short.maxdict, short.maxlong = 3, 8, 8, 40
+    return short.repr(value)
 
 
 class _Invalid(Exception):
@@ -109,13 +127,14 @@ class _Invalid(Exception):
 
 
 def parse_size(text: Any) -> int:
-    """`512M`, `8G`, `1.5GiB`, `25%` (of RAM) or a plain number of bytes; units are powers of 1024."""
+    """`512M`, `8G`, `1.5GiB`, `25%` (of RAM) or a plain number of bytes; units are powers of
+    1024."""
     if isinstance(text, bool):
         raise _Invalid("expected a size such as 512M, 8G, 1.5GiB or 25%")
     if isinstance(text, int):
         if text < 0:
             raise _Invalid("a size cannot be negative")
-        return text
+        return _bounded_size(text)
     if isinstance(text, str) and text.strip().endswith("%"):
         try:
             percent = float(text.strip()[:-1])
@@ -128,7 +147,14 @@ def parse_size(text: Any) -> int:
     if not match or (match.group(3) and not match.group(2) and match.group(3).lower() != "b"):
         raise _Invalid("expected a size such as 512M, 8G, 1.5GiB or 25%")
     power = " KMGT".index(match.group(2).upper() or " ")
-    return int(float(match.group(1)) * 1024**power)
+    return _bounded_size(float(match.group(1)) * 1024**power)
+
+
+def _bounded_size(size: float) -> int:
+    # float("9" * 400) is inf, and int(inf) raises OverflowError.
+    if not size <= MAX_SIZE_BYTES:
+        raise _Invalid("a size must be at most 1 EiB")
+    return int(size)
 
 
 def parse_duration(text: Any) -> float:
@@ -138,11 +164,19 @@ def parse_duration(text: Any) -> float:
     if isinstance(text, (int, float)):
         if text < 0:
             raise _Invalid("a duration cannot be negative")
-        return float(text)
+        return _bounded_seconds(text)
     match = _DURATION_RE.match(text) if isinstance(text, str) else None
     if not match:
         raise _Invalid("expected a duration such as 500ms, 2s or 1m")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return _bounded_seconds(float(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+
+def _bounded_seconds(seconds: float) -> float:
+    # NaN fails every comparison, so asking for what is wanted refuses it, and inf; Python
+    # compares an int of any size with a float exactly.
+    if not seconds <= MAX_SECONDS:
+        raise _Invalid("a duration must be finite and at most a year")
+    return float(seconds)
 
 
 def parse_psi(text: Any) -> PsiTrigger:
@@ -213,10 +247,12 @@ def _ids(lookup: Callable[[str], int], what: str) -> Callable[[Any], frozenset[i
             if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
                 ids.add(item)
                 continue
+            if not isinstance(item, str):
+                raise _Invalid(f"expected {what} names or ids, not {shown(item)}")
             try:
-                ids.add(lookup(str(item)))
-            except KeyError:
-                raise _Invalid(f"no such {what}: {item}") from None
+                ids.add(lookup(item))
+            except (KeyError, ValueError):  # ValueError: a NUL in the name
+                raise _Invalid(f"no such {what}: {shown(item)}") from None
         return frozenset(ids)
 
     return convert
@@ -248,8 +284,10 @@ class _Section:
             problems.add(key or "(top level)", "expected a mapping", data)
             data = {}
         self.data = data
-        for unknown in sorted(set(map(str, data)) - set(known)):
-            problems.add(self._path(unknown), "unknown key", data[unknown])
+        # Keys may be numbers, dates or null as well as strings; each is named as written.
+        for unknown in sorted((k for k in data if k not in known), key=shown):
+            name = unknown if isinstance(unknown, str) else shown(unknown)
+            problems.add(self._path(name), "unknown key", data[unknown])
 
     def _path(self, name: str) -> str:
         return f"{self.key}.{name}" if self.key else name
@@ -418,12 +456,77 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def load_config(path: Path, *, check_sources: bool = False) -> Config:
+    """The config in the file, or ConfigError for whatever the file holds."""
+    return parse_config(read_yaml(path), check_sources=check_sources)
+
+
+class _TooComplex(yaml.YAMLError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses, while it composes and before anything is built, nesting deeper
+    than MAX_DEPTH (PyYAML composes recursively: RecursionError) and aliases that expand to
+    more than MAX_NODES nodes. PyYAML builds an alias as a shared object, cheap to hold, but
+    anything that walks the result (repr in an error message, the converters) expands it."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0  # composed so far, each alias counted as the nodes it stands for
+        self._sizes: dict[int, int] = {}  # id(node) -> its nodes, aliases expanded
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            anchored = self.anchors.get(event.anchor)
+            if anchored is not None:
+                size = self._sizes.get(id(anchored))
+                if size is None:
+                    raise _TooComplex(f"alias *{event.anchor} within its own anchor{_at(event)}")
+                self._count(size, event)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _TooComplex(f"nested deeper than {MAX_DEPTH} levels{_at(event)}")
+        before = self._nodes
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        self._count(1, event)
+        self._sizes[id(node)] = self._nodes - before
+        return node
+
+    def _count(self, nodes: int, event: yaml.Event) -> None:
+        self._nodes += nodes
+        if self._nodes > MAX_NODES:
+            raise _TooComplex(f"more than {MAX_NODES} values with every alias expanded{_at(event)}")
+
+
+def _at(event: yaml.Event) -> str:
+    mark = event.start_mark
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+
+
+def read_yaml(path: Path) -> Any:
+    """The file's YAML, bounded in size, depth and alias expansion; ConfigError otherwise."""
     try:
-        text = path.read_text()
+        with open(path, "rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError([f"{path}: cannot read the config file: {error.strerror}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES} bytes; is it the config?"])
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode()
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{path}: not UTF-8 (byte {error.start})"]) from None
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: plain data only
+    except _TooComplex as error:
+        raise ConfigError([f"{path}: {error}"]) from None
     except yaml.YAMLError as error:
         raise ConfigError([f"{path}: not valid YAML: {error}"]) from None
-    return parse_config(data, check_sources=check_sources)
+    except ValueError as error:
+        # Values YAML parses but Python refuses to build: an integer of more than 4300 digits
+        # (sys.get_int_max_str_digits), a timestamp such as 2001-02-30.
+        raise ConfigError([f"{path}: a value that cannot be loaded: {error}"]) from None
