@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -120,6 +122,10 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1000, help="idle processes to start")
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     args = parser.parse_args()
+    # Stopped early, it still cleans up (the idle processes, the daemon, the tmpfs) on the way
+    # out; a shell's background job starts with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     sleepers = [subprocess.Popen(["sleep", "3600"]) for _ in range(args.processes)]
     root = Path(tempfile.mkdtemp(prefix="ramstage-flood-", dir="/var/tmp"))
     root.chmod(0o755)  # the flood runs as nobody and must reach the socket
@@ -147,6 +153,7 @@ def main() -> None:
                     rates.append(flood.stop())
     finally:
         bench.stop()
+        shutil.rmtree(root, ignore_errors=True)
         for process in sleepers:
             process.kill()
             process.wait()

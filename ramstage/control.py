@@ -12,7 +12,8 @@ of connect(2)), before the connection counts against anything:
 - every other uid may hold CONNECTIONS_PER_UID connections (all of them together
   PUBLIC_CONNECTIONS); more are told Busy at once, and clients try again later. Their requests
   (status is all they may ask) run one at a time, taking turns between uids, with rests that
-  keep them under PUBLIC_SHARE of the time however often they ask: each status walks /proc.
+  keep them under PUBLIC_SHARE of a core however often they ask: each status walks /proc.
+  Identical requests waiting together get one answer.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import Any, Callable, Generic, TypeVar
@@ -45,6 +47,7 @@ ADMIN_CONNECTIONS = 64
 CONNECTIONS_PER_UID = 8
 PUBLIC_CONNECTIONS = 128
 PUBLIC_SHARE = 0.05
+MAX_REST_SECONDS = 2.0
 PUBLIC_WAIT_SECONDS = 10.0  # the client's default timeout: after that nobody waits for it
 ADMIN_GROUP_SECONDS = 10.0
 ACCEPTS_PER_ROUND = 64  # then reads and writes get their turn
@@ -123,6 +126,19 @@ class Turns(Generic[T]):
             else:
                 del self._queues[uid]
             return item
+
+    def take_alike(self, key: Callable[[T], object], value: object) -> list[T]:
+        """Removes and returns, without waiting, every item whose key is value."""
+        with self._changed:
+            taken = []
+            for uid, queue in list(self._queues.items()):
+                taken += [item for item in queue if key(item) == value]
+                kept = deque(item for item in queue if key(item) != value)
+                if kept:
+                    self._queues[uid] = kept
+                else:
+                    del self._queues[uid]
+            return taken
 
     def close(self) -> None:
         with self._changed:
@@ -265,7 +281,7 @@ class ControlServer:
         if len(conn.inbox) > MAX_REQUEST_BYTES:
             self._selector.unregister(conn.sock)
             too_long = UsageError(f"message longer than {MAX_REQUEST_BYTES} bytes")
-            self._answer(conn, encode(_error(too_long)))
+            self._start_writing(conn, encode(_error(too_long)))
         elif chunk and b"\n" not in chunk:
             return
         elif not conn.inbox:
@@ -279,7 +295,7 @@ class ControlServer:
             else:
                 self._turns.put(conn.peer.uid, (time.monotonic(), conn, request))
 
-    def _answer(self, conn: _Connection, answer: bytes) -> None:
+    def _start_writing(self, conn: _Connection, answer: bytes) -> None:
         """Starts writing an answer to a connection no longer in the selector."""
         conn.outbox = memoryview(answer)
         self._set_deadline(conn, ANSWER_SECONDS)
@@ -303,7 +319,7 @@ class ControlServer:
                 conn, answer = self._answers.get_nowait()
             except Empty:
                 return
-            self._answer(conn, answer)
+            self._start_writing(conn, answer)
 
     def _set_deadline(self, conn: _Connection, seconds: float) -> None:
         conn.deadline = time.monotonic() + seconds
@@ -341,28 +357,41 @@ class ControlServer:
 
     def _serve_public(self) -> None:
         while (item := self._turns.take()) is not None:
-            queued_at, conn, request = item
-            if time.monotonic() - queued_at > PUBLIC_WAIT_SECONDS:
+            request = item[2]
+            # Requests alike get one answer, computed after all of them came: a flood of status
+            # requests costs one walk of /proc, and none gets an answer older than itself.
+            batch = [item, *self._turns.take_alike(itemgetter(2), request)]
+            now = time.monotonic()
+            late = [conn for queued_at, conn, _ in batch if now - queued_at > PUBLIC_WAIT_SECONDS]
+            for conn in late:
                 gone = Busy(f"waited over {PUBLIC_WAIT_SECONDS:g}s for its turn")
                 self._send(conn, encode(_error(gone)))
+            waiting = [conn for _, conn, _ in batch if conn not in late]
+            if not waiting:
                 continue
-            started = time.monotonic()
-            self._run(conn, request)
-            # Rest for as long as that took, scaled so that these requests use at most
-            # PUBLIC_SHARE of the time: the cost follows the machine (a /proc walk takes longer
-            # with more processes), not a guess.
-            if self._closing.wait((time.monotonic() - started) * (1 / PUBLIC_SHARE - 1)):
+            cpu = time.thread_time()
+            answer = self._reply(waiting[0], request)
+            for conn in waiting:
+                self._send(conn, answer)
+            # Rest in proportion to the CPU time that took, so that these requests use at most
+            # PUBLIC_SHARE of a core: the cost follows the machine (a /proc walk takes longer
+            # with more processes), not a guess. Where one walk is very slow (thousands of
+            # processes), the cap keeps users' wait short and the share grows to c / (c + cap).
+            rest = (time.thread_time() - cpu) * (1 / PUBLIC_SHARE - 1)
+            if self._closing.wait(min(rest, MAX_REST_SECONDS)):
                 return
 
     def _run(self, conn: _Connection, request: bytes) -> None:
+        self._send(conn, self._reply(conn, request))
+
+    def _reply(self, conn: _Connection, request: bytes) -> bytes:
         try:
-            answer = encode({"ok": True, "result": self._dispatch(conn, request)})
+            return encode({"ok": True, "result": self._dispatch(conn, request)})
         except RamstageError as error:
-            answer = encode(_error(error))
+            return encode(_error(error))
         except Exception as error:  # a bug must not take the server down
             log.exception("control request failed")
-            answer = encode(_error(RamstageError(f"internal error: {error}")))
-        self._send(conn, answer)
+            return encode(_error(RamstageError(f"internal error: {error}")))
 
     def _send(self, conn: _Connection, answer: bytes) -> None:
         self._answers.put((conn, answer))

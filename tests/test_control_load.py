@@ -5,6 +5,7 @@ daemon or says plainly that it gave up."""
 from __future__ import annotations
 
 import json
+import pwd
 import secrets
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import yaml
 from conftest import wait_for, write_random
 
-from ramstage.control import CONNECTIONS_PER_UID, REQUEST_SECONDS, Turns
+from ramstage.control import ADMIN_GROUP, CONNECTIONS_PER_UID, REQUEST_SECONDS, Turns
 from ramstage.protocol import encode
 
 NOBODY = 65534
@@ -27,7 +28,8 @@ NOBODY = 65534
 # when cut off, then a burst of concurrent one-shot status clients; prints what each saw.
 FLOOD = r"""
 import json, socket, sys, threading, time
-path, slow_count, burst, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+path, slow_count, burst = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+seconds = float(sys.argv[4])
 stop = time.monotonic() + seconds
 cut_after, burst_outcomes, lock = [], [], threading.Lock()
 
@@ -96,18 +98,38 @@ print(json.dumps({"burst": outcomes, "cut_after": cut_after}), flush=True)
 
 
 def as_user(uid: int, *argv: str) -> list[str]:
-    # setpriv, not subprocess's user=: the interpreter may sit below /root (tests/test_security.py).
-    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+    """argv run as uid, with its primary and supplementary groups. setpriv, not subprocess's
+    user=: the interpreter may sit below /root (tests/test_security.py)."""
+    gid = pwd.getpwuid(uid).pw_gid
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", *argv]
+
+
+def add_user(*options: str) -> tuple[str, int]:
+    name = f"rs-load-{secrets.token_hex(3)}"
+    subprocess.run(["useradd", "--system", "--no-create-home", *options, name], check=True)
+    return name, pwd.getpwnam(name).pw_uid
 
 
 @pytest.fixture
 def user() -> Iterator[int]:
     """A second unprivileged user, made for the test."""
-    name = f"rs-load-{secrets.token_hex(3)}"
-    subprocess.run(["useradd", "--system", "--no-create-home", name], check=True)
-    uid = int(subprocess.run(["id", "-u", name], capture_output=True, text=True, check=True).stdout)
+    name, uid = add_user()
     yield uid
     subprocess.run(["userdel", name], check=False)
+
+
+@pytest.fixture
+def admin() -> Iterator[int]:
+    """A user in the group ramstage, which is made for the test where the system has none."""
+    found = subprocess.run(["getent", "group", ADMIN_GROUP], capture_output=True, check=False)
+    make_group = found.returncode != 0
+    if make_group:
+        subprocess.run(["groupadd", "--system", ADMIN_GROUP], check=True)
+    name, uid = add_user("--groups", ADMIN_GROUP)
+    yield uid
+    subprocess.run(["userdel", name], check=False)
+    if make_group:
+        subprocess.run(["groupdel", ADMIN_GROUP], check=False)
 
 
 def timed_cli(daemon, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
@@ -159,8 +181,8 @@ def test_root_is_served_while_a_user_floods_the_socket(public_dir, make_daemon):
     assert result.returncode == 0, result.stderr
 
 
-# As a user: holds argv[2] idle connections, then asks for status on one more; prints "ok" or
-# the error type.
+# As a user: holds argv[2] idle connections, then sends the request argv[3] (status if none) on
+# one more; prints "ok" or the error type.
 PROBE = r"""
 import json, socket, sys
 held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(int(sys.argv[2]))]
@@ -169,7 +191,7 @@ for s in held:
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.settimeout(10)
 s.connect(sys.argv[1])
-s.sendall(b'{"v": 1, "cmd": "status"}\n')
+s.sendall((sys.argv[3] if len(sys.argv) > 3 else '{"v": 1, "cmd": "status"}').encode() + b"\n")
 reply = json.loads(s.makefile().readline())
 print("ok" if reply["ok"] else reply["error"]["type"])
 """
@@ -184,6 +206,13 @@ sys.stdin.read()
 """
 
 
+def run_probe(path: Path, uid: int, holding: int, *request: str) -> str:
+    command = as_user(uid, sys.executable, "-c", PROBE, str(path), str(holding), *request)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 @pytest.mark.root
 def test_one_user_at_its_limit_does_not_lock_out_another(public_dir, make_daemon, user):
     source = write_random(public_dir / "m.ckpt", 4096)
@@ -191,10 +220,7 @@ def test_one_user_at_its_limit_does_not_lock_out_another(public_dir, make_daemon
     daemon.wait_state("m", "staged")
 
     def probe(uid: int, holding: int) -> str:
-        command = as_user(uid, sys.executable, "-c", PROBE, str(daemon.socket), str(holding))
-        result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
-        assert result.returncode == 0, result.stderr
-        return result.stdout.strip()
+        return run_probe(daemon.socket, uid, holding)
 
     holder = subprocess.Popen(
         as_user(NOBODY, sys.executable, "-c", HOLD, str(daemon.socket), str(CONNECTIONS_PER_UID)),
@@ -216,6 +242,18 @@ def test_one_user_at_its_limit_does_not_lock_out_another(public_dir, make_daemon
     wait_for(lambda: probe(NOBODY, 0) == "ok", timeout=REQUEST_SECONDS + 5)
 
 
+@pytest.mark.root
+def test_the_group_ramstage_is_served_as_root_is(public_dir, make_daemon, admin, user):
+    source = write_random(public_dir / "m.ckpt", 4096)
+    daemon = make_daemon([{"name": "m", "source": str(source)}], root=public_dir).start()
+    daemon.wait_state("m", "staged")
+    evict = json.dumps({"v": 1, "cmd": "evict", "names": ["m"]})
+    # Past a user's limit, and allowed what only admins are: its budget is the admins' own.
+    assert run_probe(daemon.socket, admin, CONNECTIONS_PER_UID, evict) == "ok"
+    assert daemon.model("m")["state"] == "fallback"
+    assert run_probe(daemon.socket, user, 0, evict) == "PermissionDenied"
+
+
 @pytest.mark.parametrize(
     ("turns", "order"),
     [
@@ -231,6 +269,15 @@ def test_users_take_turns(turns, order):
     assert [queue.take() for _ in order] == order
     queue.close()
     assert queue.take() is None
+
+
+def test_alike_requests_leave_their_turns_together():
+    queue: Turns[tuple[str, str]] = Turns()
+    for uid, item in [(1, ("a1", "status")), (1, ("a2", "stage")), (2, ("b1", "status"))]:
+        queue.put(uid, item)
+    assert queue.take() == ("a1", "status")
+    assert queue.take_alike(lambda item: item[1], "status") == [("b1", "status")]
+    assert queue.take() == ("a2", "stage")
 
 
 class FakeDaemon:
