@@ -205,7 +205,8 @@ class ControlServer:
         self._wake()
         if self._io.is_alive():
             self._io.join(timeout=2)
-        self._sock.close()
+        for sock in (self._sock, self._wake_in, self._wake_out):
+            sock.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -350,7 +351,8 @@ class ControlServer:
                 del self._public_open[conn.peer.uid]
 
     def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+        # Full: a wake-up is pending anyway. Closed: the server is shutting down.
+        with contextlib.suppress(OSError):
             self._wake_out.send(b"\0")
 
     # ---- request threads ------------------------------------------------------------------
