@@ -218,21 +218,29 @@ class ControlServer:
                 max(0.0, self._deadlines[0][0] - time.monotonic()) if self._deadlines else None
             )
             for key, events in self._selector.select(timeout):
-                if key.data == _ACCEPT:
-                    self._accept()
-                elif key.data == _WAKE:
-                    with contextlib.suppress(BlockingIOError):
-                        self._wake_in.recv(4096)
-                    self._take_answers()
-                elif events & selectors.EVENT_READ:
-                    self._read(key.data)
-                else:
-                    self._write(key.data)
+                try:
+                    self._ready(key.data, events)
+                except Exception:  # a bug must not take the server down for everyone
+                    log.exception("control socket: unexpected error")
+                    if isinstance(key.data, _Connection):
+                        self._drop(key.data)
             self._expire()
         for key in list(self._selector.get_map().values()):
             if isinstance(key.data, _Connection):
                 self._drop(key.data)
         self._selector.close()
+
+    def _ready(self, what: object, events: int) -> None:
+        if what == _ACCEPT:
+            self._accept()
+        elif what == _WAKE:
+            with contextlib.suppress(BlockingIOError):
+                self._wake_in.recv(4096)
+            self._take_answers()
+        elif isinstance(what, _Connection) and events & selectors.EVENT_READ:
+            self._read(what)
+        elif isinstance(what, _Connection):
+            self._write(what)
 
     def _accept(self) -> None:
         for _ in range(ACCEPTS_PER_ROUND):
@@ -244,7 +252,12 @@ class ControlServer:
                 log.warning("control socket: cannot accept: %s", error)
                 return
             sock.setblocking(False)
-            self._admit(sock, peer_of(sock))
+            try:
+                peer = peer_of(sock)
+            except OSError:
+                sock.close()
+                continue
+            self._admit(sock, peer)
 
     def _admit(self, sock: socket.socket, peer: Peer) -> None:
         admin = self._admins.admits(peer)
@@ -339,6 +352,8 @@ class ControlServer:
             self._drop(conn)
 
     def _drop(self, conn: _Connection) -> None:
+        if conn.closed:
+            return
         with contextlib.suppress(KeyError):
             self._selector.unregister(conn.sock)
         conn.sock.close()
