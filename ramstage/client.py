@@ -5,6 +5,7 @@ processes without torch, and importing ramstage never pulls torch in.
 
     from ramstage import client
     state_dict = client.load("lama")          # through /run/ramstage/models/lama, mmap=True
+    state_dict = client.load("/run/ramstage/models/sd15/unet.safetensors", device="cuda:0")
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ramstage.config import config_path, load_config
-from ramstage.errors import NotFound, NotRunning, RamstageError
+from ramstage.errors import ConfigError, NotFound, NotRunning, RamstageError
 from ramstage.protocol import request
 
 POLL_SECONDS = 0.2
@@ -36,15 +37,8 @@ def resolve(name: str, *, config: str | os.PathLike[str] | None = None) -> Path:
     return loaded.links_dir / name
 
 
-def _target(link: Path, file: str | None) -> str:
-    """The file behind the link, resolved once. torch.load(mmap=True) opens the path twice
-    (the zip reader, then the storage mapping); if the link flipped between the two opens they
-    would read different generations. A generation never changes, so its real path is safe."""
-    return os.path.realpath(link / file if file else link)
-
-
 def load(
-    name: str,
+    model: str | os.PathLike[str],
     *,
     map_location: Any = "cpu",
     mmap: bool = True,
@@ -53,27 +47,67 @@ def load(
     file: str | None = None,
     config: str | os.PathLike[str] | None = None,
 ) -> Any:
-    """torch.load through the link. With mmap=True (the default) the tensors map the tmpfs
-    pages, so every process loading the model shares one copy instead of holding its own.
-    `device="cuda:N"` goes to ramstage.fastload, which streams the file into GPU memory.
-    `file` picks a file inside a directory model (`unet/diffusion_pytorch_model.bin`)."""
-    link = resolve(name, config=config)
-    if device is not None and device != "cpu":
-        from ramstage.fastload import load as fast_load
+    """Loads a model by name (through its link) or by path: a torch checkpoint, a .safetensors
+    file or a model directory (one dict of every shard's tensors).
 
-        return fast_load(Path(_target(link, file)), device)
-    import torch
+    On the CPU (no `device`, or "cpu") the tensors map the file's pages instead of copying
+    them (mmap=True, the default), so every process loading the model shares one copy; this
+    holds for .safetensors and directories too. `map_location` and `weights_only` are
+    torch.load's, for torch files. `device="cuda:N"` goes to ramstage.fastload, which streams
+    the file into GPU memory. `file` picks a file inside a directory model
+    (`unet/diffusion_pytorch_model.bin`)."""
 
     def load_target() -> Any:
-        return torch.load(
-            _target(link, file), map_location=map_location, mmap=mmap, weights_only=weights_only
-        )
+        target = _target(model, file, config)
+        if device is not None and device != "cpu":
+            from ramstage.fastload import load as fast_load
+
+            return fast_load(target, device)
+        if _maps_on_cpu(target):
+            from ramstage.fastload import load as fast_load
+
+            if map_location != "cpu":
+                raise ValueError(f"{target}: map_location is torch.load's; use device= for GPUs")
+            mapped = fast_load(target, "cpu")
+            return mapped if mmap else {name: t.clone() for name, t in mapped.items()}
+        import torch
+
+        return torch.load(target, map_location=map_location, mmap=mmap, weights_only=weights_only)
 
     try:
         return load_target()
     except FileNotFoundError:
         # The generation was replaced and deleted between resolving and opening: once more.
         return load_target()
+
+
+def _target(
+    model: str | os.PathLike[str], file: str | None, config: str | os.PathLike[str] | None
+) -> Path:
+    """The file behind a model name's link or a path, resolved once. torch.load(mmap=True)
+    opens the path twice (the zip reader, then the storage mapping); if the link flipped
+    between the two opens they would read different generations. A generation never changes,
+    so its real path is safe.
+
+    A str without a slash is a model name when the config has one by that name, else a path
+    if one exists there; anything with a slash, and any os.PathLike, is a path."""
+    base: Path
+    if isinstance(model, str) and os.sep not in model:
+        try:
+            base = resolve(model, config=config)
+        except (NotFound, ConfigError) as error:
+            if not os.path.exists(model):
+                raise NotFound(f"{error.message}, and there is no file {model!r} either") from None
+            base = Path(model)
+    else:
+        base = Path(model)
+    return Path(os.path.realpath(base / file if file else base))
+
+
+def _maps_on_cpu(target: Path) -> bool:
+    """Safetensors files and model directories, which torch.load cannot read, are mapped by
+    ramstage.fastload on the CPU."""
+    return target.suffix == ".safetensors" or target.is_dir()
 
 
 def release() -> None:

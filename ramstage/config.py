@@ -15,7 +15,7 @@ import psutil
 import yaml
 
 from ramstage.access import Trust, group_name, user_name
-from ramstage.digest import available_algorithms
+from ramstage.digest import INSTALL, available_algorithms, default_algorithm
 from ramstage.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/ramstage/ramstage.yaml")
@@ -24,7 +24,8 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECAS
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _PSI_RE = re.compile(r"^(some|full)\s+(\S+)\s+(\S+)$")
-CHECKSUMS = ("sha256", "blake3")
+CHECKSUMS = ("xxh3", "sha256", "blake3")
+_DIGEST_RE = re.compile(r"(xxh3:[0-9a-f]{32}|(sha256|blake3):[0-9a-f]{64})")
 HUGE_MODES = ("within_size", "never", "always", "advise")  # tmpfs huge= (tmpfs.rst)
 READY_MODES = ("links", "staged")
 VALIDATE_MODES = ("format", "torch", "none")
@@ -76,11 +77,18 @@ class WatchConfig:
 
 
 @dataclass(frozen=True)
+class StagingConfig:
+    # Files of one model copied at once. Two: on these 2-core machines a second stream
+    # overlaps one file's reads with another's writes and checks (docs/benchmarks.md).
+    workers: int = 2
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     source: Path
     priority: int = 0
-    digest: str | None = None  # "sha256:<hex>" or "blake3:<hex>"
+    digest: str | None = None  # "sha256:<hex>", "xxh3:<hex>" or "blake3:<hex>"
     validate: str = "format"
     trust: Trust = field(
         default_factory=Trust
@@ -92,10 +100,11 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     links_dir: Path = Path("/run/ramstage/models")
     socket: Path = Path("/run/ramstage/control.sock")
-    checksum: str = "sha256"
+    checksum: str = field(default_factory=default_algorithm)
     ready: str = "links"
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
+    staging: StagingConfig = field(default_factory=StagingConfig)
     trust: Trust = field(default_factory=Trust)
     models: tuple[ModelConfig, ...] = ()
 
@@ -223,6 +232,13 @@ def _integer(value: Any) -> int:
     return value
 
 
+def _workers(value: Any) -> int:
+    workers = _integer(value)
+    if not 1 <= workers <= 64:
+        raise _Invalid("expected 1 to 64")
+    return workers
+
+
 def _name(value: Any) -> str:
     if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
         raise _Invalid(
@@ -232,10 +248,11 @@ def _name(value: Any) -> str:
 
 
 def _digest(value: Any) -> str:
-    algorithm, _, hexdigest = value.partition(":") if isinstance(value, str) else ("", "", "")
-    if algorithm not in CHECKSUMS or not re.fullmatch(r"[0-9a-f]{64}", hexdigest):
-        raise _Invalid("expected sha256:<64 hex digits> or blake3:<64 hex digits>")
-    return str(value)
+    if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
+        raise _Invalid(
+            "expected sha256:<64 hex digits>, xxh3:<32 hex digits> or blake3:<64 hex digits>"
+        )
+    return value
 
 
 def _ids(lookup: Callable[[str], int], what: str) -> Callable[[Any], frozenset[int]]:
@@ -369,6 +386,7 @@ def parse_config(data: Any, *, check_sources: bool = False) -> Config:
             "ready",
             "memory",
             "watch",
+            "staging",
             "trust",
             "models",
         ),
@@ -381,6 +399,7 @@ def parse_config(data: Any, *, check_sources: bool = False) -> Config:
         ("min_available", "resume_available", "psi", "cooldown"),
     )
     watch = _Section(top.data.get("watch"), "watch", problems, ("settle", "rescan"))
+    staging = _Section(top.data.get("staging"), "staging", problems, ("workers",))
     defaults = Config()
     trust = _trust(top.data.get("trust"), "trust", problems)
     min_available = memory.get("min_available", parse_size, defaults.memory.min_available_bytes)
@@ -414,11 +433,17 @@ def parse_config(data: Any, *, check_sources: bool = False) -> Config:
             settle_seconds=watch.get("settle", parse_duration, defaults.watch.settle_seconds),
             rescan_seconds=watch.get("rescan", parse_duration, defaults.watch.rescan_seconds),
         ),
+        staging=StagingConfig(workers=staging.get("workers", _workers, defaults.staging.workers)),
         trust=trust,
         models=_parse_models(top.data.get("models"), problems, check_sources, trust),
     )
-    if config.checksum not in available_algorithms():
-        problems.add("checksum", "not installed (pip install 'ramstage[blake3]')", config.checksum)
+    for key, algorithm in [("checksum", config.checksum)] + [
+        (f"models[{i}].digest", m.digest.partition(":")[0])
+        for i, m in enumerate(config.models)
+        if m.digest
+    ]:
+        if algorithm not in available_algorithms():
+            problems.add(key, f"{algorithm} is not installed ({INSTALL[algorithm]})", algorithm)
     if config.store.size_bytes == 0:
         problems.add("store.size", "must be above 0", store.data.get("size"))
     if problems.items:

@@ -321,6 +321,7 @@ class Daemon:
                 algorithm,
                 on_progress=progress,
                 trust=config.trust,
+                workers=self.config.staging.workers,
                 cancel=job.cancel,
                 expected_digest=config.digest,
             )

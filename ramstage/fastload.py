@@ -1,15 +1,17 @@
 """Loads a staged checkpoint straight into GPU memory at close to PCIe speed.
 
     ramstage.fastload.load(path, "cuda:0")  # what torch.load(path, map_location=...) returns
+    ramstage.fastload.load(path, "cpu")     # tensors over the file's pages, no copy
     ramstage.fastload.release()             # frees the pinned ring and the reader threads
 
-Tensor bytes go from the (tmpfs) file through a small reused ring of pinned buffers to the device
-(see fastload_pipeline); the formats are in fastload_formats: safetensors files, torch.save zip
-files (.pt/.pth/.ckpt/.bin, any pickled object torch.load can load), and model directories of
-such shards (the result is one dict of every shard's tensors). Whatever the fast path cannot do
-(a non-CUDA device, a pickle whose storages it cannot map, a legacy or foreign-endian file)
-goes through plain torch.load (safetensors: safetensors.torch.load_file) with the reason
-logged, so the result is always what the plain loader gives.
+On a GPU, threads read the tensor bytes from the (tmpfs) file into a reused ring of pinned
+buffers, which the device copies from as each fills (fastload_pipeline). The formats are in
+fastload_formats: safetensors files, torch.save zip files (.pt/.pth/.ckpt/.bin, any pickled
+object torch.load can load), and model directories of such shards (the result is one dict of
+every shard's tensors). Whatever the fast path cannot do (a
+device that is neither CUDA nor the CPU, a pickle whose storages it cannot map, a legacy or
+foreign-endian file) goes through plain torch.load (safetensors: safetensors.torch.load_file)
+with the reason logged, so the result is always what the plain loader gives.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -26,6 +29,7 @@ from ramstage.fastload_formats import (
     Plan,
     Unmappable,
     is_safetensors,
+    map_safetensors,
     plan_safetensors,
     plan_torch_zip,
     shard_files,
@@ -34,10 +38,9 @@ from ramstage.fastload_pipeline import Ring
 
 log = logging.getLogger(__name__)
 
-# Measured on one H100 (16 cores), docs/benchmarks.md: 16 threads and a 512 MiB ring were the
-# fastest and steadiest in both sweeps (4 GiB: 21-34 GB/s through the link), where 8 threads and
-# 256 MiB gave 15-24 GB/s; smaller rings with many threads varied up to 3x. Threads are capped at
-# the CPU count; the ring is allocated on the first load (about 0.3 s) and kept until release().
+# Swept on one H100 (16 cores; docs/benchmarks.md, bench_gpu_peers.py --sweep-threads): 16
+# threads and 16 MiB reads (a 512 MiB ring) were the fastest and steadiest warm; smaller reads
+# lock less on the first load but vary up to 3x warm, as in the first sweeps of round one.
 DEFAULT_THREADS = 16
 DEFAULT_RING_BYTES = 512 << 20
 MAX_THREADS = 64
@@ -47,12 +50,26 @@ MAX_RING_BYTES = 8 << 30
 Device = Union[str, int, torch.device]
 
 
+def default_threads() -> int:
+    """The CPUs this process may run on, shared among the processes of one job on this machine
+    (LOCAL_WORLD_SIZE, else WORLD_SIZE, as torchrun sets them): workers that load at once
+    then do not run more threads together than there are cores."""
+    cpus = len(os.sched_getaffinity(0))
+    processes = 1
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            processes = int(value)
+            break
+    return max(1, min(DEFAULT_THREADS, cpus // processes))
+
+
 class Loader:
     """Keeps one ring (host buffers, threads, copy stream) between loads, until release().
 
-    pipeline_on_cpu=True runs the whole pipeline with the CPU as the target (plain host buffers,
-    no stream): what the tests use where there is no GPU. Without it, device="cpu" is left to
-    torch.load, which is already a single copy there.
+    pipeline_on_cpu=True runs the whole pipeline with the CPU as the target (no page-locking,
+    no stream): what the tests use where there is no GPU. Without it, device="cpu" maps the
+    file instead, as torch.load(mmap=True) does.
     """
 
     def __init__(self, *, pipeline_on_cpu: bool = False) -> None:
@@ -69,14 +86,14 @@ class Loader:
         ring_bytes: int | None = None,
     ) -> Any:
         path, device = Path(path), torch.device(device)
-        threads = _bounded(
-            "threads", threads, min(DEFAULT_THREADS, os.cpu_count() or 1), 1, MAX_THREADS
-        )
+        threads = _bounded("threads", threads, default_threads(), 1, MAX_THREADS)
         ring_bytes = _bounded(
             "ring_bytes", ring_bytes, DEFAULT_RING_BYTES, MIN_RING_BYTES, MAX_RING_BYTES
         )
         files = shard_files(path) if path.is_dir() else [path]
-        why_not = self._why_not_fast(device)
+        if device.type == "cpu" and not self._pipeline_on_cpu:
+            return _merge(path, [_map_on_cpu(f) for f in files])
+        why_not = _why_not_fast(device)
         if why_not is not None:
             return _merge(path, [_fallback(f, device, why_not) for f in files])
         plans: list[Plan | None] = []
@@ -90,9 +107,9 @@ class Loader:
             except Unmappable as error:
                 plans.append(None)
                 log.warning("fastload: %s: %s", file, error)
+        segments = [s for plan in plans if plan is not None for s in plan.segments]
         with self._lock:
-            ring = self._ring_for(device, threads, ring_bytes)
-            ring.run([s for plan in plans if plan is not None for s in plan.segments])
+            self._ring_for(device, threads, ring_bytes).run(segments)
         return _merge(path, [_finish(f, plan, device) for f, plan in zip(files, plans)])
 
     def release(self) -> None:
@@ -101,15 +118,6 @@ class Loader:
                 self._ring.close()
                 self._ring = None
 
-    def _why_not_fast(self, device: torch.device) -> str | None:
-        if device.type == "cpu":
-            return None if self._pipeline_on_cpu else "device cpu: torch.load copies once there"
-        if device.type != "cuda":
-            return f"device {device}: the fast path targets CUDA devices"
-        if not torch.cuda.is_available():
-            return "torch reports no usable CUDA (not built with CUDA, or no GPU)"
-        return None
-
     def _ring_for(self, device: torch.device, threads: int, ring_bytes: int) -> Ring:
         if self._ring is not None and not self._ring.matches(device, threads, ring_bytes):
             self._ring.close()
@@ -117,6 +125,26 @@ class Loader:
         if self._ring is None:
             self._ring = Ring(device, threads=threads, ring_bytes=ring_bytes)
         return self._ring
+
+
+def _why_not_fast(device: torch.device) -> str | None:
+    if device.type not in ("cuda", "cpu"):
+        return f"device {device}: the fast path targets CUDA devices"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "torch reports no usable CUDA (not built with CUDA, or no GPU)"
+    return None
+
+
+def _map_on_cpu(file: Path) -> Any:
+    """Tensors over the file's pages (copy-on-write): what torch.load(mmap=True) gives."""
+    if is_safetensors(file):
+        try:
+            return map_safetensors(file)
+        except Unmappable as error:
+            return _fallback(file, torch.device("cpu"), str(error))
+    if zipfile.is_zipfile(file):
+        return torch.load(file, map_location="cpu", mmap=True)
+    return _fallback(file, torch.device("cpu"), "a legacy (non-zip) file cannot be mapped")
 
 
 def _bounded(name: str, value: int | None, default: int, low: int, high: int) -> int:
@@ -188,11 +216,12 @@ def load(
     threads: int | None = None,
     ring_bytes: int | None = None,
 ) -> Any:
-    """What torch.load(path, map_location=device) returns, every tensor on device, fast."""
+    """What torch.load(path, map_location=device) returns, every tensor on device, fast; on
+    the CPU, tensors over the file's pages (as with mmap=True), also for .safetensors."""
     return _default_loader().load(path, device, threads=threads, ring_bytes=ring_bytes)
 
 
 def release() -> None:
-    """Frees the pinned ring and the reader threads; the next load allocates them again."""
+    """Frees the pinned ring and the reader threads; the next load makes them again."""
     if _default is not None:
         _default.release()

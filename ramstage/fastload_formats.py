@@ -68,7 +68,16 @@ def is_safetensors(path: Path) -> bool:
     return path.suffix == ".safetensors"
 
 
-def plan_safetensors(path: Path, device: torch.device) -> Plan:
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+    file_offset: int
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> list[SafetensorsEntry]:
     """Header: 8-byte little-endian length, then JSON {name: {dtype, shape, data_offsets}}."""
     if sys.byteorder != "little":
         raise Unmappable("safetensors data is little-endian and this machine is not")
@@ -79,8 +88,7 @@ def plan_safetensors(path: Path, device: torch.device) -> Plan:
             raise Unmappable(f"not a safetensors file (header length {header_bytes})")
         header = json.loads(f.read(header_bytes))
     data_start = 8 + header_bytes
-    tensors: dict[str, torch.Tensor] = {}
-    segments: list[Segment] = []
+    entries = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -88,15 +96,43 @@ def plan_safetensors(path: Path, device: torch.device) -> Plan:
         if dtype is None:
             raise Unmappable(f"tensor {name!r} has dtype {entry['dtype']}, unknown here")
         begin, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=dtype, device=device)
-        nbytes = tensor.numel() * tensor.element_size()
+        count = 1
+        for dim in entry["shape"]:
+            count *= dim
+        nbytes = count * dtype.itemsize
         if end - begin != nbytes or data_start + end > file_bytes or begin < 0:
             raise Unmappable(f"tensor {name!r}: data_offsets {begin}..{end} do not fit its shape")
-        if nbytes:
+        entries.append(SafetensorsEntry(name, dtype, entry["shape"], data_start + begin, nbytes))
+    return entries
+
+
+def plan_safetensors(path: Path, device: torch.device) -> Plan:
+    tensors: dict[str, torch.Tensor] = {}
+    segments: list[Segment] = []
+    for entry in read_safetensors_header(path):
+        tensor = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+        if entry.nbytes:
             target = flat_bytes(tensor.untyped_storage())
-            segments.append(Segment(str(path), data_start + begin, nbytes, target, 0))
-        tensors[name] = tensor
+            segments.append(Segment(str(path), entry.file_offset, entry.nbytes, target, 0))
+        tensors[entry.name] = tensor
     return Plan(segments, lambda: tensors)
+
+
+def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """CPU tensors over a private mapping of the file, as torch.load(mmap=True) makes them: on
+    tmpfs they are the staged pages themselves, shared by every process, copied only if written
+    (MAP_PRIVATE). A tensor whose offset its dtype cannot address is copied out instead."""
+    entries = read_safetensors_header(path)
+    whole = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        # A slice of the mapping per tensor, as torch.load(mmap=True) gives each its storage:
+        # re-saving one tensor then writes its bytes, not the whole file.
+        storage = whole[entry.file_offset : entry.file_offset + entry.nbytes]
+        if entry.file_offset % entry.dtype.itemsize:
+            storage = storage.clone()
+        tensors[entry.name] = torch.empty(0, dtype=entry.dtype).set_(storage).view(entry.shape)
+    return tensors
 
 
 def plan_torch_zip(path: Path, device: torch.device) -> Plan:

@@ -1,15 +1,25 @@
 """The copy pipeline of the fast loader: file bytes -> reused host ring -> device storages.
 
-Several threads read file chunks with os.preadv into slots of one host buffer that is allocated
-once and reused (pinned for CUDA: allocating pinned memory costs ~0.6 s per GiB, so it must not
-happen per load). Each slot's bytes are copied to the device on one CUDA stream without blocking
-the thread; an event recorded after the copy guards the slot, so it is read into again only after
-the device has taken its bytes.
+Several threads read file chunks with os.preadv into slots of one host ring that is kept between
+loads. Each slot's bytes are copied to the device on one CUDA stream without blocking the thread;
+an event recorded after the copy guards the slot, so it is read into again only after the device
+has taken its bytes.
+
+The ring is page-locked lazily, one slot at its first use, so that the first copies of a fresh
+process start once one slot is locked rather than the whole ring (cudaHostAlloc of the ring took
+~0.3 s per 512 MiB). The slot's own thread first faults its pages in (the kernel zeroes them, in
+parallel across threads), then registers them; the ring is an anonymous mapping aligned to and
+advised for huge pages (MADV_HUGEPAGE), which the driver locks faster where the kernel grants
+them. Registering takes a driver lock that also stalls other threads' copies, which is why
+copying straight from the file's pages (cudaHostRegister of the mapped tmpfs file) was measured
+slower and left out (docs/gpu.md, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
+import mmap
 import os
 import queue
 import threading
@@ -23,7 +33,24 @@ import torch
 # Small gaps between segments (zip headers, alignment padding) are read along rather than
 # starting a new read: one larger preadv is cheaper than two.
 MAX_GAP_BYTES = 1 << 20
-MIN_CHUNK_BYTES = 4096
+PAGE_BYTES = mmap.PAGESIZE
+HUGE_PAGE_BYTES = 2 << 20
+MADV_HUGEPAGE = 14  # linux/mman.h; a no-op where transparent huge pages are off
+
+log = logging.getLogger("ramstage.fastload")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 @dataclass(frozen=True)
@@ -96,12 +123,55 @@ def read_exact(fd: int, buffer: memoryview, offset: int) -> None:
 
 
 class _Slot:
-    """One ring slot: a host tensor, a writable view of its memory, and (CUDA) its copy event."""
+    """One ring slot: its memory as a tensor and a writable view, and (CUDA) its copy event."""
 
-    def __init__(self, tensor: torch.Tensor, event: Any) -> None:
-        self.tensor = tensor
-        self.memory = memoryview((ctypes.c_ubyte * tensor.numel()).from_address(tensor.data_ptr()))
+    def __init__(self, address: int, nbytes: int, event: Any) -> None:
+        array = (ctypes.c_ubyte * nbytes).from_address(address)
+        self.tensor = torch.frombuffer(array, dtype=torch.uint8)
+        self.memory = memoryview(array).cast("B")
         self.event = event
+        self.prepared = False  # faulted in and (CUDA) page-locked, on first use
+        self.locked = False
+
+
+class _HostRing:
+    """An anonymous mapping cut into slots; (CUDA) each slot is page-locked on its first use."""
+
+    def __init__(self, slots: int, chunk_bytes: int, cuda: bool) -> None:
+        self._cudart = torch.cuda.cudart() if cuda else None
+        self._nbytes = slots * chunk_bytes + HUGE_PAGE_BYTES
+        prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        address = _libc.mmap(None, self._nbytes, prot, flags, -1, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            error = ctypes.get_errno()
+            raise OSError(error, f"mmap of the {self._nbytes}-byte ring: {os.strerror(error)}")
+        self._address: int = address
+        start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+        _libc.madvise(start, slots * chunk_bytes, MADV_HUGEPAGE)
+        self.slots = [
+            _Slot(start + i * chunk_bytes, chunk_bytes, torch.cuda.Event() if cuda else None)
+            for i in range(slots)
+        ]
+
+    def prepare(self, slot: _Slot) -> None:
+        slot.memory[::PAGE_BYTES] = bytes(len(slot.memory[::PAGE_BYTES]))  # fault in, here
+        slot.prepared = True
+        if self._cudart is None:
+            return
+        error = self._cudart.cudaHostRegister(slot.tensor.data_ptr(), slot.tensor.numel(), 0)
+        if error != self._cudart.cudaError.success:
+            # Copies from pageable memory are still right, only slower (the driver stages them).
+            reason = self._cudart.cudaGetErrorString(error)
+            log.warning("fastload: cannot page-lock a ring slot (%s); copying unlocked", reason)
+            return
+        slot.locked = True
+
+    def close(self) -> None:
+        for slot in self.slots:
+            if slot.locked and self._cudart is not None:
+                self._cudart.cudaHostUnregister(slot.tensor.data_ptr())
+        self.slots.clear()
+        _libc.munmap(self._address, self._nbytes)
 
 
 class Ring:
@@ -112,14 +182,13 @@ class Ring:
         self.threads = threads
         self.ring_bytes = ring_bytes
         slots = 2 * threads  # one being read by each thread, one whose copy is in flight
-        self.chunk_bytes = max(ring_bytes // slots, MIN_CHUNK_BYTES)
+        self.chunk_bytes = max(ring_bytes // slots // PAGE_BYTES * PAGE_BYTES, PAGE_BYTES)
         cuda = device.type == "cuda"
-        self._host = torch.empty(slots * self.chunk_bytes, dtype=torch.uint8, pin_memory=cuda)
+        self._host = _HostRing(slots, self.chunk_bytes, cuda)
         self._stream = torch.cuda.Stream(device) if cuda else None
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
-        for i in range(slots):
-            part = self._host[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
-            self._free.put(_Slot(part, torch.cuda.Event() if cuda else None))
+        for slot in self._host.slots:
+            self._free.put(slot)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ramstage-fastload")
 
     def matches(self, device: torch.device, threads: int, ring_bytes: int) -> bool:
@@ -158,6 +227,8 @@ class Ring:
         while (chunk := job.take()) is not None:
             slot = self._free.get()
             try:
+                if not slot.prepared:
+                    self._host.prepare(slot)
                 if slot.event is not None:
                     slot.event.synchronize()  # the slot's previous copy has left it
                 read_exact(fds[chunk.source], slot.memory[: chunk.nbytes], chunk.file_offset)
@@ -177,6 +248,7 @@ class Ring:
         self._pool.shutdown(wait=True)
         if self._stream is not None:
             self._stream.synchronize()
+        self._host.close()
 
 
 class _Job:

@@ -49,7 +49,9 @@ class Manifest:
 
     @property
     def size_bytes(self) -> int:
-        return sum(f.size_bytes for f in self.files)
+        """The bytes the copy takes: files that were one inode in the source (hard links, one
+        Hugging Face blob behind two names) are one inode in the copy too."""
+        return sum({f.identity[:2]: f.size_bytes for f in self.files}.values())
 
     def identities(self) -> tuple[tuple[str, Identity], ...]:
         return tuple((f.relpath, f.identity) for f in self.files)

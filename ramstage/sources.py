@@ -147,6 +147,20 @@ class _Walk:
         self.stack.clear()
 
 
+def _once(files: list[SourceFile]) -> tuple[SourceFile, ...]:
+    """Files by relpath. A file whose inode came first at another path (a hard link, or a
+    second symlink to one Hugging Face blob) is copied once: its later paths become hard links
+    to that copy, where both get the same permissions."""
+    first: dict[tuple[Key, Owner], str] = {}
+    listed = []
+    for file in sorted(files, key=lambda f: f.relpath):
+        earlier = first.setdefault((file.identity[:2], file.owner), file.relpath)
+        if earlier != file.relpath:
+            file = SourceFile(file.relpath, file.path, file.identity, file.owner, same_as=earlier)
+        listed.append(file)
+    return tuple(listed)
+
+
 def _components(path: str) -> list[str]:
     return [part for part in path.split("/") if part]
 
@@ -183,6 +197,7 @@ class SourceFile:
     path: Path  # the real path, opened again to copy it
     identity: Identity
     owner: Owner  # what its copy gets
+    same_as: str | None = None  # a hard link (or a second symlink) to this earlier file
 
     @property
     def size_bytes(self) -> int:
@@ -207,7 +222,8 @@ class SourceListing:
 
     @property
     def size_bytes(self) -> int:
-        return sum(f.size_bytes for f in self.files)
+        """The bytes the copy takes: a file listed twice (hard links) is copied once."""
+        return sum(f.size_bytes for f in self.files if f.same_as is None)
 
     def identities(self) -> tuple[tuple[str, Identity], ...]:
         """What tells one version of a source from another without reading it (restic's rule:
@@ -218,7 +234,9 @@ class SourceListing:
 def list_source(source: Path, trust: Trust = NO_TRUST) -> SourceListing:
     """A file source, or every regular file below a directory source. A symlink inside a
     directory is followed only by the trust rule and while it stays inside the source (rsync's
-    rule for modules); a symlink that breaks the trust rule refuses the whole source."""
+    rule for modules) or, for a Hugging Face snapshot, in its cache repo's blobs/; a symlink
+    that breaks the trust rule refuses the whole source. A directory whose every entry had to
+    be skipped is refused too: an empty copy would break the application it serves."""
     opened = open_source(source, trust)
     try:
         owner = owner_of(opened.fd, opened.st)
@@ -227,10 +245,35 @@ def list_source(source: Path, trust: Trust = NO_TRUST) -> SourceListing:
         if stat.S_ISREG(opened.st.st_mode):
             file = SourceFile(name, Path(opened.path), identity(opened.st), owner.read_only())
             return SourceListing("file", name, opened.st.st_uid, entrance, (file,))
-        files, dirs, skipped = _Tree(opened, trust).walk()
+        files, dirs, skipped = _Tree(opened, trust, _hub_blobs(opened, trust)).walk()
+        if skipped and not files:
+            raise RamstageError(
+                f"{source}: nothing to stage, every entry was skipped: {skipped[0]}"
+            )
         return SourceListing("dir", name, opened.st.st_uid, entrance, files, dirs, skipped)
     finally:
         os.close(opened.fd)
+
+
+HUB_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
+
+
+def _hub_blobs(snapshot: Opened, trust: Trust) -> Key | None:
+    """The blobs/ directory that a Hugging Face hub snapshot's files lead to, where the source
+    is one (CACHE/models--ORG--NAME/snapshots/REVISION, as huggingface_hub lays it out): each
+    file there is a relative symlink into ../../blobs/."""
+    snapshots = os.path.dirname(snapshot.path)
+    repo = os.path.dirname(snapshots)
+    if os.path.basename(snapshots) != "snapshots" or not os.path.basename(repo).startswith(
+        HUB_REPO_PREFIXES
+    ):
+        return None
+    try:
+        blobs = open_source(os.path.join(repo, "blobs"), trust, snapshot.st.st_uid)
+    except FileNotFoundError:
+        return None
+    os.close(blobs.fd)
+    return _key(blobs.st)
 
 
 @dataclass
@@ -247,8 +290,9 @@ class _Tree:
     """Lists a directory source through descriptors, so a subdirectory swapped for a symlink
     while it is listed is never followed by mistake."""
 
-    def __init__(self, root: Opened, trust: Trust) -> None:
+    def __init__(self, root: Opened, trust: Trust, blobs: Key | None) -> None:
         self.root, self.trust, self.uid = root, trust, root.st.st_uid
+        self.inside = {_key(root.st)} | ({blobs} if blobs else set())
         self.files: list[SourceFile] = []
         self.dirs: list[SourceDir] = []
         self.skipped: list[str] = []
@@ -267,9 +311,8 @@ class _Tree:
                 pending.extend(self._entries(directory))
             finally:
                 os.close(directory.fd)
-        self.files.sort(key=lambda f: f.relpath)
         self.dirs.sort(key=lambda d: d.relpath)
-        return tuple(self.files), tuple(self.dirs), tuple(self.skipped)
+        return _once(self.files), tuple(self.dirs), tuple(self.skipped)
 
     def _entries(self, directory: _Dir) -> list[_Dir]:
         subdirs: list[_Dir] = []
@@ -310,7 +353,7 @@ class _Tree:
         target = open_source(here, self.trust, self.uid)
         keep = False
         try:
-            inside = _key(self.root.st) in target.ancestors
+            inside = not self.inside.isdisjoint(target.ancestors)
             if not inside or _key(target.st) in self.seen:
                 why = "directory loop" if inside else "symlink leads outside the source"
                 self.skipped.append(f"{relpath}: {why}")

@@ -1,4 +1,4 @@
-"""Source watching: inotify (through the watchdog library) turned into events for the loop.
+"""Source watching: inotify (inotify.py) turned into events for the loop.
 
 Each source is watched from its parent and grandparent directories (non-recursive), and a
 directory source also recursively, so in-place writers, rename-into-place writers, deletions
@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
+from ramstage.inotify import IN_IGNORED, IN_ISDIR, IN_Q_OVERFLOW, Inotify
 
 log = logging.getLogger(__name__)
-
-# Opening and reading a source (our own copies included) says nothing about its content.
-_IGNORED_EVENTS = {"opened", "closed_no_write"}
 
 
 @dataclass(frozen=True)
@@ -47,75 +44,124 @@ def affects(event_path: str, source: str, event_type: str) -> bool:
     return event_type != "modified" and source.startswith(event_path.rstrip("/") + "/")
 
 
-class _OverflowSignal(logging.Handler):
-    """watchdog rebuilds its own watches after an inotify queue overflow but does not tell
-    event handlers; its log record is the one signal it gives (IN_Q_OVERFLOW, inotify(7))."""
-
-    def __init__(self, on_overflow: Callable[[], None]) -> None:
-        super().__init__(logging.WARNING)
-        self.on_overflow = on_overflow
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self.on_overflow()
-
-
-class SourceWatcher(FileSystemEventHandler):
-    """Posts on_change(name) for every model whose source an event concerns, from the observer's
+class SourceWatcher:
+    """Posts on_change(name) for every model whose source an event concerns, from its reader
     thread; on_rescan() when events may have been lost (queue overflow, watch limit)."""
 
     def __init__(self, on_change: Callable[[str], None], on_rescan: Callable[[str], None]) -> None:
         self.on_change, self.on_rescan = on_change, on_rescan
         self.sources: dict[str, str] = {}  # name -> source path; replaced whole, never mutated
-        self.observer = Observer()
-        self.observer.daemon = True
-        self._scheduled: dict[Watch, tuple[object, tuple[int, int]]] = {}
-        self._failed: set[Watch] = set()  # said once; the periodic rescan tries them again
-        self._overflow = _OverflowSignal(lambda: on_rescan("inotify queue overflow"))
-        logging.getLogger("watchdog").addHandler(self._overflow)
+        self.inotify: Inotify | None = None  # watches may be added before start()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()  # watch() runs on the loop's thread, events on the reader's
+        self._watched: dict[str, tuple[int, tuple[int, int]]] = {}  # directory -> wd, inode
+        self._paths: dict[int, set[str]] = {}  # wd -> the directories it stands for
+        self._trees: set[str] = set()  # directory sources: new subdirectories are watched too
+        self._failed: set[str] = set()  # said once; the periodic rescan tries them again
 
     def start(self) -> None:
-        self.observer.start()
+        if self._instance() is None:
+            return
+        self.thread = threading.Thread(target=self._read, name="ramstage-inotify", daemon=True)
+        self.thread.start()
+
+    def _instance(self) -> Inotify | None:
+        if self.inotify is None:
+            try:
+                self.inotify = Inotify()
+            except OSError as error:
+                # EMFILE: fs.inotify.max_user_instances is reached by other programs of root's.
+                log.warning("cannot watch sources (%s); relying on rescans", error)
+                self.on_rescan(f"inotify unavailable: {error}")
+        return self.inotify
 
     def stop(self) -> None:
-        logging.getLogger("watchdog").removeHandler(self._overflow)
-        self.observer.stop()
-        self.observer.join(timeout=5)
+        if self.inotify:
+            self.inotify.close()
+            if self.thread:
+                self.thread.join(timeout=5)
+            self.inotify.release()
+        self.inotify, self.thread = None, None
 
     def watch(self, sources: dict[str, Path]) -> None:
         """Makes the watches match these sources; called again whenever a watched directory
-        may have been replaced, it moves a watch to the directory now at that path."""
+        may have been replaced, it moves a watch to the directory now at that path, and after
+        a queue overflow it catches up with subdirectories made meanwhile."""
         self.sources = {name: str(path) for name, path in sources.items()}
         wanted: set[Watch] = set().union(*(watches_for(p) for p in sources.values()))
-        for watch in list(self._scheduled):
-            if watch not in wanted or _inode(watch.path) != self._scheduled[watch][1]:
-                self.observer.unschedule(self._scheduled.pop(watch)[0])  # type: ignore[arg-type]
-        for watch in wanted - self._scheduled.keys():
-            inode = _inode(watch.path)
-            if inode is None:
-                continue  # appears later: the watch on the directory above it sees that
-            try:
-                handle = self.observer.schedule(self, watch.path, recursive=watch.recursive)
-            except OSError as error:
-                # ENOSPC here is fs.inotify.max_user_watches: rely on rescans until it fits. One
-                # rescan per failure, not per attempt: a rescan calls watch() again.
-                if watch not in self._failed:
-                    self._failed.add(watch)
-                    log.warning("cannot watch %s (%s); relying on rescans", watch.path, error)
-                    self.on_rescan(f"watch failed: {error}")
-                continue
-            self._failed.discard(watch)
-            self._scheduled[watch] = (handle, inode)
+        with self.lock:
+            self._trees = {w.path for w in wanted if w.recursive}
+            directories = {w.path for w in wanted} | set().union(
+                *(_subdirectories(tree) for tree in self._trees)
+            )
+            for directory in list(self._watched):
+                if directory not in directories or _inode(directory) != self._watched[directory][1]:
+                    self._unwatch(directory)
+            for directory in sorted(directories - self._watched.keys()):
+                self._add(directory)
 
-    def dispatch(self, event: FileSystemEvent) -> None:
-        if event.event_type in _IGNORED_EVENTS:
+    def _add(self, directory: str) -> None:
+        inode, inotify = _inode(directory), self._instance()
+        if inode is None or inotify is None:
+            return  # appears later: the watch on the directory above it sees that
+        try:
+            wd = inotify.add_watch(directory)
+        except OSError as error:
+            # ENOSPC is fs.inotify.max_user_watches: rely on rescans until it fits. One rescan
+            # per failure, not per attempt: a rescan calls watch() again.
+            if directory not in self._failed:
+                self._failed.add(directory)
+                log.warning("cannot watch %s (%s); relying on rescans", directory, error)
+                self.on_rescan(f"watch failed: {error}")
             return
-        paths = [os.fsdecode(event.src_path)]
-        if getattr(event, "dest_path", None):
-            paths.append(os.fsdecode(event.dest_path))
+        self._failed.discard(directory)
+        self._watched[directory] = (wd, inode)
+        self._paths.setdefault(wd, set()).add(directory)
+
+    def _unwatch(self, directory: str) -> None:
+        wd, _ = self._watched.pop(directory)
+        paths = self._paths.get(wd, set())
+        paths.discard(directory)
+        if not paths and self.inotify:
+            self._paths.pop(wd, None)
+            self.inotify.rm_watch(wd)
+
+    def _read(self) -> None:
+        assert self.inotify is not None
+        for event in self.inotify.events():
+            if event.mask & IN_Q_OVERFLOW:
+                self.on_rescan("inotify queue overflow")
+                continue
+            with self.lock:
+                directories = sorted(self._paths.get(event.wd, ()))
+                if event.mask & IN_IGNORED:  # the directory is gone, and its watch with it
+                    for directory in directories:
+                        self._watched.pop(directory, None)
+                    self._paths.pop(event.wd, None)
+                    continue
+                paths = [
+                    os.path.join(d, os.fsdecode(event.name)) if event.name else d
+                    for d in directories
+                ]
+                if event.mask & IN_ISDIR and event.kind == "created":
+                    for path in paths:
+                        if any(path.startswith(tree + "/") for tree in self._trees):
+                            for directory in sorted(_subdirectories(path)):
+                                self._add(directory)
+            self._dispatch(paths, event.kind)
+
+    def _dispatch(self, paths: list[str], kind: str) -> None:
         for name, source in self.sources.items():
-            if any(affects(path, source, event.event_type) for path in paths):
+            if any(affects(path, source, kind) for path in paths):
                 self.on_change(name)
+
+
+def _subdirectories(tree: str) -> set[str]:
+    """A directory and every directory below it, not through symlinks."""
+    found = {tree}
+    for directory, subdirs, _ in os.walk(tree):
+        found.update(os.path.join(directory, name) for name in subdirs)
+    return found if os.path.isdir(tree) else set()
 
 
 def _inode(path: str) -> tuple[int, int] | None:

@@ -97,6 +97,8 @@ class Daemon:
             "links_dir": str(self.links),
             "socket": str(self.socket),
             "memory": {"min_available": "512M", "resume_available": "1G"},
+            # The tests check digests against sha256sum; xxh3, the default, has its own tests.
+            "checksum": "sha256",
             "watch": {"settle": "300ms"},
             "models": models,
         }

@@ -132,3 +132,100 @@ def test_load_follows_the_link_to_the_source_in_fallback(tmp_path, make_daemon):
     daemon.cli("evict", "m", check=True)
     loaded = client.load("m", mmap=False, config=daemon.config_path)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def save_safetensors(path: Path, seed: int = 0) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {
+        "w": torch.randn(128, 64, generator=generator).to(torch.bfloat16),
+        "norm": torch.randn(64, generator=generator),
+        "step": torch.tensor(7),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, path)
+    return state
+
+
+def maps_file(tensor, path: Path) -> bool:
+    """Whether the tensor's bytes lie in a mapping of path: its pages, not a private copy."""
+    address, inode = tensor.untyped_storage().data_ptr(), path.stat().st_ino
+    with open("/proc/self/maps") as maps:
+        for fields in (line.split() for line in maps):
+            if len(fields) >= 6 and int(fields[4]) == inode:
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                if low <= address < high:
+                    return True
+    return False
+
+
+def assert_bits_equal(got: dict, want: dict) -> None:
+    import torch
+
+    assert got.keys() == want.keys()
+    for key, expected in want.items():
+        assert (got[key].dtype, got[key].shape) == (expected.dtype, expected.shape), key
+        bits = [t.reshape(-1).view(torch.uint8) for t in (got[key], expected)]
+        assert torch.equal(*bits), key
+
+
+@pytest.mark.torch
+def test_load_takes_a_path_and_maps_it_without_a_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAMSTAGE_CONFIG", str(tmp_path / "absent.yaml"))
+    expected = save_state_dict(tmp_path / "m.pt")
+    loaded = client.load(tmp_path / "m.pt")
+    assert_bits_equal(loaded, expected)
+    assert all(maps_file(t, tmp_path / "m.pt") for t in loaded.values())
+    del loaded
+    monkeypatch.chdir(tmp_path)  # a bare file name: no model by that name, a file by it
+    assert_bits_equal(client.load("m.pt", mmap=False), expected)
+
+
+@pytest.mark.torch
+def test_load_of_a_name_that_is_neither_model_nor_file_says_both(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAMSTAGE_CONFIG", str(tmp_path / "absent.yaml"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NotFound, match="no file 'lama' either"):
+        client.load("lama")
+
+
+@pytest.mark.torch
+def test_load_maps_a_safetensors_file_on_the_cpu(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+
+    expected = save_safetensors(tmp_path / "m.safetensors")
+    loaded = client.load(str(tmp_path / "m.safetensors"))
+    assert all(maps_file(t, tmp_path / "m.safetensors") for t in loaded.values())
+    assert_bits_equal(loaded, load_file(tmp_path / "m.safetensors"))
+    assert_bits_equal(loaded, expected)
+    with pytest.raises(ValueError, match="use device="):
+        client.load(tmp_path / "m.safetensors", map_location="cuda:0")
+
+
+@pytest.mark.torch
+def test_load_copies_a_safetensors_file_when_mmap_is_off(tmp_path):
+    pytest.importorskip("safetensors")
+    expected = save_safetensors(tmp_path / "m.safetensors", seed=3)
+    copied = client.load(tmp_path / "m.safetensors", mmap=False)
+    assert_bits_equal(copied, expected)
+    assert not any(maps_file(t, tmp_path / "m.safetensors") for t in copied.values())
+
+
+@pytest.mark.torch
+def test_load_of_a_directory_model_maps_every_staged_shard(tmp_path, make_daemon):
+    pytest.importorskip("safetensors")
+    one = save_safetensors(tmp_path / "llm" / "model-00001.safetensors", seed=4)
+    two = save_safetensors(tmp_path / "llm" / "model-00002.safetensors", seed=5)
+    two = {f"b.{k}": v for k, v in two.items()}
+    from safetensors.torch import save_file
+
+    save_file(two, tmp_path / "llm" / "model-00002.safetensors")
+    daemon = make_daemon([{"name": "llm", "source": str(tmp_path / "llm")}]).start()
+    target = client.wait_staged("llm", 30, config=daemon.config_path)["target"]
+    loaded = client.load("llm", config=daemon.config_path)
+    assert_bits_equal(loaded, {**one, **two})
+    assert maps_file(loaded["w"], Path(target) / "model-00001.safetensors")
+    assert maps_file(loaded["b.w"], Path(target) / "model-00002.safetensors")

@@ -1,8 +1,9 @@
 """fastload gives what the plain loaders give, bit for bit, through its threaded ring pipeline.
 
-Without a GPU the pipeline runs with the CPU as its target (plain host slots, no stream); with
-one, every test runs on CUDA too. A tiny ring (48 KiB: six 8 KiB slots for three threads) makes
-every checkpoint here span many chunks, split tensors across slots and wrap the ring many times.
+Without a GPU the pipeline runs with the CPU as its target (no page-locking, no stream); with
+one, every test runs on CUDA too. A tiny ring (48 KiB: six 8 KiB slots for three threads)
+makes every checkpoint here span many chunks, split tensors across slots and wrap the ring
+many times.
 """
 
 from __future__ import annotations
@@ -263,21 +264,67 @@ def test_the_ring_is_reused_across_loads_and_released(tmp_path: Path) -> None:
     loader.release()
 
 
-@pytest.mark.parametrize("option", [{"threads": 0}, {"threads": 65}, {"ring_bytes": 1024}])
+@pytest.mark.parametrize(
+    "option",
+    [{"threads": 0}, {"threads": 65}, {"ring_bytes": 1024}],
+)
 def test_thread_count_and_ring_size_are_bounded(tmp_path: Path, option: dict[str, int]) -> None:
     torch.save({"a": torch.ones(3)}, tmp_path / "a.pt")
     with pytest.raises(ValueError, match="must be between"):
         fastload.load(tmp_path / "a.pt", "cpu", **option)
 
 
-def test_cpu_device_without_the_flag_falls_back_and_says_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    torch.save({"a": torch.randn(10)}, tmp_path / "a.pt")
-    with caplog.at_level(logging.INFO, logger="ramstage.fastload"):
-        got = fastload.load(tmp_path / "a.pt", "cpu")
+def file_mapped(tensor: Any, path: Path) -> bool:
+    """Whether tensor's bytes lie in a mapping of path: the file's pages, not a private copy."""
+    start = tensor.untyped_storage().data_ptr()
+    inode = path.stat().st_ino
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and int(fields[4]) == inode:
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                if low <= start < high:
+                    return True
+    return False
+
+
+def test_cpu_device_maps_a_torch_checkpoint(tmp_path: Path) -> None:
+    torch.save({"a": torch.randn(1000)}, tmp_path / "a.pt")
+    got = fastload.load(tmp_path / "a.pt", "cpu")
     assert_same(got, torch.load(tmp_path / "a.pt"))
-    assert "device cpu" in caplog.text and "plain loader" in caplog.text
+    assert file_mapped(got["a"], tmp_path / "a.pt")
+
+
+def test_cpu_device_maps_safetensors_without_copying(tmp_path: Path) -> None:
+    st = pytest.importorskip("safetensors.torch")
+    state = {f"w{i}": sample(dtype, (64, 33 + i), seed=i) for i, dtype in enumerate(DTYPES)}
+    state["empty"] = torch.empty(0, 3)
+    st.save_file(state, tmp_path / "m.safetensors")
+    got = fastload.load(tmp_path / "m.safetensors", "cpu")
+    assert_same(
+        dict(sorted(got.items())), dict(sorted(st.load_file(tmp_path / "m.safetensors").items()))
+    )
+    assert all(file_mapped(t, tmp_path / "m.safetensors") for t in got.values() if t.numel())
+    # Private (copy-on-write) pages: a write stays in this process, the staged file keeps its bytes.
+    got["w0"].zero_()
+    assert_same(st.load_file(tmp_path / "m.safetensors")["w0"], state["w0"])
+
+
+def test_cpu_device_maps_a_misaligned_safetensors_tensor_by_copying_it(tmp_path: Path) -> None:
+    state = {"odd": torch.arange(3, dtype=torch.uint8), "f": sample(torch.float32, (5,))}
+    got = fastload.load(write_safetensors(tmp_path / "odd.safetensors", state), "cpu")
+    assert_same(got, state)
+    assert got["f"].data_ptr() % 4 == 0 and not file_mapped(got["f"], tmp_path / "odd.safetensors")
+
+
+def test_cpu_device_maps_every_shard_of_a_directory(tmp_path: Path) -> None:
+    one = {"a": sample(torch.float16, (8, 8))}
+    two = {"b": sample(torch.int32, (3,), seed=1)}
+    write_safetensors(tmp_path / "model-1.safetensors", one)
+    write_safetensors(tmp_path / "model-2.safetensors", two)
+    got = fastload.load(tmp_path, "cpu")
+    assert_same(got, {**one, **two})
+    assert file_mapped(got["b"], tmp_path / "model-2.safetensors")
 
 
 def test_meta_device_falls_back_to_torch_load(

@@ -325,3 +325,24 @@ def test_an_inotify_queue_overflow_still_converges(tmp_path, make_daemon):
     finally:
         limit.write_text(original)
     assert "rescanning every source (inotify queue overflow)" in daemon.log()
+
+
+def test_500_models_in_500_directories_share_one_inotify_instance(tmp_path, make_daemon):
+    """fs.inotify.max_user_instances is 128: a watcher with an instance per directory (Debian's
+    python3-watchdog 2.2.1) died at start with 150 models. One instance, one reader thread."""
+    sources = [
+        write_random(tmp_path / "ssd" / f"d{i}" / "m.ckpt", 4096, seed=i) for i in range(500)
+    ]
+    daemon = make_daemon([{"name": f"m{i}", "source": str(s)} for i, s in enumerate(sources)])
+    daemon.start()
+    wait_for(
+        lambda: all(m["state"] == "staged" for m in daemon.request("status")["models"]),
+        timeout=120,
+        context=daemon.log,
+    )
+    pid = daemon.process.pid
+    fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    assert fds.count("anon_inode:inotify") == 1
+    assert len(os.listdir(f"/proc/{pid}/task")) <= 12  # loop, socket, memory, inotify, copies
+    replace(sources[321], b"new version")
+    wait_for(lambda: daemon.model("m321")["size_bytes"] == len(b"new version"), context=daemon.log)

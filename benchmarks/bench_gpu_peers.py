@@ -1,0 +1,351 @@
+"""ramstage.fastload against its peers, every cell of issue 16 in one process tree.
+
+Run on purpose, as root on a machine with a GPU, with the peers' wheels installed
+(benchmarks/fetch_peer_wheels.sh; the exact command is in docs/benchmarks.md):
+
+    python3 benchmarks/bench_gpu_peers.py --out "$OUT"
+
+Checkpoints like a mid-sized transformer (bf16 matrices, fp32 norms; the .pth ties its output
+layer to the embedding) of 512 MiB and 4 GiB are staged with the daemon's own copier
+(ramstage.stager.stage_source) into two tmpfs mounts, huge=never and huge=within_size. Each
+loader then runs in fresh processes forked from a server that imported only torch (and peers.py):
+the first load of each process is a first-call sample (CUDA context creation timed apart), and
+one of them goes on to time --reps warm loads and to compare fastload's result with the plain
+loader's, bit for bit. Last, 2 and 4 processes load one model at once, rounds started together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from peers import DEVICE, LOADERS, same, sync
+
+MiB = 1 << 20
+SIZES = {"512 MiB": 512 * MiB, "4 GiB": 4096 * MiB}
+STORES = ("never", "within_size")
+SAFETENSORS_LOADERS = ("fastload", "fsst-new", "runai", "load_file")
+PTH_LOADERS = ("fastload", "torch.load")
+KEPT_BUFFERS_MIB = (16, 256, 512)
+
+
+def ensure_cudart_link(work: Path) -> None:
+    """fastsafetensors dlopens plain libcudart.so, which only torch's versioned copy provides;
+    the loader reads LD_LIBRARY_PATH at start, so the process restarts itself with a link."""
+    link_dir = work / "cudart"
+    if str(link_dir) in os.environ.get("LD_LIBRARY_PATH", ""):
+        return
+    spec = importlib.util.find_spec("torch")
+    assert spec is not None and spec.origin is not None
+    site = Path(spec.origin).parent.parent
+    found = sorted(glob.glob(f"{site}/nvidia/**/libcudart.so.*", recursive=True))
+    found += sorted(glob.glob(f"{site}/torch/lib/libcudart*.so*"))
+    if not found:
+        raise SystemExit("no libcudart.so.* next to torch")
+    link_dir.mkdir(parents=True, exist_ok=True)
+    (link_dir / "libcudart.so").unlink(missing_ok=True)
+    (link_dir / "libcudart.so").symlink_to(found[0])
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = f"{link_dir}:{env.get('LD_LIBRARY_PATH', '')}"
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def make_checkpoint(nbytes: int) -> dict[str, torch.Tensor]:
+    """Layers of bf16 attention and MLP matrices and fp32 norms until about nbytes."""
+    hidden, inner = (3072, 8192) if nbytes > 1 << 30 else (1536, 4096)
+    state = {"embed.weight": torch.randn(16384, hidden, dtype=torch.bfloat16)}
+    layer = 0
+    while sum(t.nbytes for t in state.values()) < nbytes - 4 * hidden * hidden * 2:
+        p = f"layers.{layer}."
+        for name in ("q", "k", "v", "o"):
+            state[p + f"attn.{name}.weight"] = torch.randn(hidden, hidden, dtype=torch.bfloat16)
+        state[p + "mlp.up.weight"] = torch.randn(inner, hidden, dtype=torch.bfloat16)
+        state[p + "mlp.gate.weight"] = torch.randn(inner, hidden, dtype=torch.bfloat16)
+        state[p + "mlp.down.weight"] = torch.randn(hidden, inner, dtype=torch.bfloat16)
+        state[p + "norm1.weight"] = torch.randn(hidden)
+        state[p + "norm2.weight"] = torch.randn(hidden)
+        layer += 1
+    state["norm.weight"] = torch.randn(hidden)
+    return state
+
+
+def write_sources(disk: Path) -> dict[tuple[str, str], Path]:
+    from safetensors.torch import save_file
+
+    sources = {}
+    for label, nbytes in SIZES.items():
+        state = make_checkpoint(nbytes)
+        stem = label.replace(" ", "")
+        save_file(state, disk / f"{stem}.safetensors")
+        torch.save({**state, "lm_head.weight": state["embed.weight"]}, disk / f"{stem}.pth")
+        sources[(label, "safetensors")] = disk / f"{stem}.safetensors"
+        sources[(label, "pth")] = disk / f"{stem}.pth"
+    return sources
+
+
+def stage_all(sources: dict[tuple[str, str], Path], work: Path) -> dict[tuple, Path]:
+    """Mounts the two stores and stages every source into each with the daemon's copier."""
+    from ramstage.stager import stage_source
+
+    total = sum(p.stat().st_size for p in sources.values())
+    staged: dict[tuple, Path] = {}
+    jobs = []
+    for huge in STORES:
+        mount = work / f"store-{huge}"
+        mount.mkdir(parents=True, exist_ok=True)
+        options = f"size={int(total * 1.1)},huge={huge}"
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "ramstage", mount], check=True)
+        for (label, fmt), source in sources.items():
+            generation = mount / f"{source.name}.gen"
+            generation.mkdir()
+            jobs.append((source, generation))
+            staged[(huge, label, fmt)] = generation / source.name
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda job: stage_source(job[0].name, job[0], job[1], "sha256"), jobs))
+    return staged
+
+
+def meminfo() -> dict[str, str]:
+    keep = ("Shmem", "ShmemHugePages", "ShmemPmdMapped")
+    lines = Path("/proc/meminfo").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines) if k in keep}
+
+
+def cell(loader: str, path: str, warm_reps: int, check: bool, env: dict[str, str]) -> dict:
+    """One fresh process: CUDA context, first load, then maybe warm loads and the bit check."""
+    os.environ.update(env)
+    load = LOADERS[loader]()
+    start = time.perf_counter()
+    torch.empty(1, device=DEVICE)
+    sync()
+    context_s = time.perf_counter() - start
+    runs = []
+    for _ in range(1 + warm_reps):
+        start = time.perf_counter()
+        result = load(path)
+        sync()
+        runs.append(time.perf_counter() - start)
+        del result
+    identical = None
+    if check:
+        reference = "load_file" if path.endswith(".safetensors") else "torch.load"
+        identical = same(load(path), LOADERS[reference]()(path))
+    return {"context_s": context_s, "first_s": runs[0], "warm_s": runs[1:], "identical": identical}
+
+
+def sweep(path: str, threads: list[int], rings_mib: list[int], reps: int) -> list[dict]:
+    """fastload's settings on one file: the first load of a new Loader (its ring is locked
+    then), and warm loads after it."""
+    from ramstage import fastload
+
+    torch.empty(1, device=DEVICE)
+    results = []
+    for n in threads:
+        for ring in rings_mib:
+            loader = fastload.Loader()
+            runs = []
+            for _ in range(reps + 1):
+                start = time.perf_counter()
+                result = loader.load(path, DEVICE, threads=n, ring_bytes=ring * MiB)
+                sync()
+                runs.append(time.perf_counter() - start)
+                del result
+            loader.release()
+            results.append({"threads": n, "ring_mib": ring, "first_s": runs[0], "runs_s": runs[1:]})
+    return results
+
+
+def ceiling(nbytes: int, reps: int) -> list[float]:
+    """A pinned host-to-device copy of nbytes alone: the PCIe ceiling."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
+    target = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    runs = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        target.copy_(host, non_blocking=True)
+        sync()
+        runs.append(time.perf_counter() - start)
+    return runs
+
+
+def worker(path: str, rounds: int, env: dict[str, str], barrier: Any, results: Any) -> None:
+    os.environ.update(env)
+    load = LOADERS["fastload"]()
+    load(path)  # warm: context, threads and device memory in the caching allocator
+    sync()
+    for index in range(rounds):
+        barrier.wait()
+        start = time.monotonic()
+        result = load(path)
+        sync()
+        results.put((index, start, time.monotonic()))
+        del result
+
+
+def concurrent(ctx: Any, path: str, processes: int, rounds: int, env: dict) -> list[float]:
+    """Seconds from the first process's start to the last one's end, per round."""
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [
+        ctx.Process(target=worker, args=(path, rounds, env, barrier, results))
+        for _ in range(processes)
+    ]
+    for proc in procs:
+        proc.start()
+    ends: dict[int, list[tuple[float, float]]] = {}
+    for _ in range(processes * rounds):
+        index, start, end = results.get(timeout=300)
+        ends.setdefault(index, []).append((start, end))
+    for proc in procs:
+        proc.join()
+    return [max(e for _, e in v) - min(s for s, _ in v) for _, v in sorted(ends.items())]
+
+
+def fresh(pool_factory: Callable[[], ProcessPoolExecutor], fn: Callable, *args: Any) -> Any:
+    with pool_factory() as pool:
+        return pool.submit(fn, *args).result()
+
+
+def run_cells(
+    new_pool: Callable, staged: dict, reps: int, log: Callable, only: set[str]
+) -> list[dict]:
+    rows = []
+    for (huge, label, fmt), path in staged.items():
+        names = SAFETENSORS_LOADERS if fmt == "safetensors" else PTH_LOADERS
+        for name in (n for n in names if not only or n in only):
+            check = name.startswith("fastload")
+            samples = [fresh(new_pool, cell, name, str(path), reps, check, {})]
+            samples += [
+                fresh(new_pool, cell, name, str(path), 0, False, {}) for _ in range(reps - 1)
+            ]
+            rows.append(summarize(huge, label, fmt, name, path, samples))
+            log(rows[-1])
+        if fmt == "safetensors" and (not only or "fsst-kept" in only):
+            for mib in KEPT_BUFFERS_MIB:
+                env = {"BENCH_FSST_BBUF_MIB": str(mib)}
+                sample = fresh(new_pool, cell, "fsst-kept", str(path), reps, False, env)
+                rows.append(summarize(huge, label, fmt, f"fsst-kept-{mib}MiB", path, [sample]))
+                log(rows[-1])
+    return rows
+
+
+def summarize(huge: str, label: str, fmt: str, name: str, path: Path, samples: list) -> dict:
+    nbytes = path.stat().st_size
+    first = statistics.median(s["first_s"] for s in samples)
+    warm = statistics.median(samples[0]["warm_s"])
+    return {
+        "store": huge,
+        "size": label,
+        "format": fmt,
+        "loader": name,
+        "bytes": nbytes,
+        "first_s": first,
+        "first_runs_s": [s["first_s"] for s in samples],
+        "warm_s": warm,
+        "warm_runs_s": samples[0]["warm_s"],
+        "context_s": statistics.median(s["context_s"] for s in samples),
+        "identical": samples[0]["identical"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--work", type=Path, default=Path("/var/tmp/ramstage-peers"))
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--sweep-threads", default="", help="e.g. 8,12,16 (default: no sweep)")
+    parser.add_argument("--sweep-rings-mib", default="256,512")
+    parser.add_argument("--loaders", default="", help="only these loaders (default: all)")
+    parser.add_argument("--workers", default="2,4", help="process counts loading at once")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    ensure_cudart_link(args.work)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "peers"])
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1)
+
+    report: dict[str, Any] = {"argv": sys.argv, "started": time.time()}
+    logfile = open(args.out / "bench_gpu_peers.log", "a")  # noqa: SIM115
+
+    def log(item: Any) -> None:
+        line = json.dumps(item)
+        print(line, flush=True)
+        logfile.write(line + "\n")
+        logfile.flush()
+
+    disk = args.work / "disk"
+    disk.mkdir(exist_ok=True)
+    staged = stage_all(write_sources(disk), args.work)
+    try:
+        report["meminfo_after_staging"] = meminfo()
+        log(report["meminfo_after_staging"])
+        report["env"] = fresh(new_pool, environment)
+        log(report["env"])
+        report["ceiling"] = {
+            label: fresh(new_pool, ceiling, nbytes, args.reps) for label, nbytes in SIZES.items()
+        }
+        log(report["ceiling"])
+        if args.sweep_threads:
+            threads = [int(t) for t in args.sweep_threads.split(",")]
+            rings = [int(r) for r in args.sweep_rings_mib.split(",")]
+            report["sweep"] = {
+                (f"{huge} {label}"): fresh(
+                    new_pool, sweep, str(staged[(huge, label, "safetensors")]), threads, rings, 3
+                )
+                for huge in STORES
+                for label in SIZES
+            }
+            log(report["sweep"])
+        only = set(args.loaders.split(",")) - {""}
+        report["rows"] = run_cells(new_pool, staged, args.reps, log, only)
+        report["workers"] = []
+        for huge in STORES:
+            path = str(staged[(huge, "4 GiB", "safetensors")])
+            for n in (int(w) for w in args.workers.split(",") if w):
+                # As torchrun would set it; fastload sizes its threads by it.
+                rounds = concurrent(ctx, path, n, args.reps, {"LOCAL_WORLD_SIZE": str(n)})
+                entry = {"store": huge, "processes": n, "sized": True, "rounds_s": rounds}
+                report["workers"].append(entry)
+                log(entry)
+    finally:
+        for huge in STORES:
+            subprocess.run(["umount", str(args.work / f"store-{huge}")], check=False)
+    (args.out / "bench_gpu_peers.json").write_text(json.dumps(report, indent=1))
+    from peers_report import markdown
+
+    text = markdown(report)
+    (args.out / "bench_gpu_peers.md").write_text(text)
+    print(text)
+    return 0 if all(r["identical"] is not False for r in report["rows"]) else 1
+
+
+def environment() -> dict[str, Any]:
+    thp = Path("/sys/kernel/mm/transparent_hugepage")
+    return {
+        "gpu": torch.cuda.get_device_name(DEVICE),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpus": len(os.sched_getaffinity(0)),
+        "kernel": os.uname().release,
+        "thp_enabled": (thp / "enabled").read_text().strip(),
+        "thp_shmem_enabled": (thp / "shmem_enabled").read_text().strip(),
+        "python": sys.version.split()[0],
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

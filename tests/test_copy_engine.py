@@ -1,0 +1,81 @@
+"""The copy engine on real files: xxh3, several files of a model at once, cancellation, and
+the page cache the source leaves behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import xxhash
+from conftest import sha256_file, wait_for, write_random
+
+from ramstage.digest import default_algorithm, hash_file, new_hasher
+from ramstage.stager import Cancelled, stage_source
+
+
+def test_xxh3_digests_are_xxhashs_own(tmp_path):
+    # The 128-bit XXH3 of nothing, as xxHash's reference implementation gives it.
+    empty = new_hasher("xxh3")
+    assert empty.hexdigest() == "99aa06d3014798d86001c324468d497f"
+    data = write_random(tmp_path / "f.bin", (3 << 20) + 17)
+    assert hash_file(data, "xxh3") == "xxh3:" + xxhash.xxh3_128(data.read_bytes()).hexdigest()
+    assert default_algorithm() == "xxh3"  # installed with ramstage, so the default
+
+
+def test_shards_copied_two_at_a_time_are_the_same_copy(tmp_path):
+    source = tmp_path / "ssd" / "model"
+    for index in range(16):
+        write_random(source / f"model-{index:05d}-of-00016.safetensors", 1 << 20, seed=index)
+    copies = {}
+    for workers in (1, 2):
+        generation = tmp_path / f"gen{workers}"
+        generation.mkdir(mode=0o700)
+        copies[workers] = stage_source("m", source, generation, "xxh3", workers=workers)
+        for shard in source.iterdir():
+            assert sha256_file(generation / "model" / shard.name) == sha256_file(shard)
+    assert copies[1] == copies[2]  # the same digest, files, owners and generation
+
+
+def test_a_copy_cancelled_on_two_workers_stops(tmp_path):
+    source = tmp_path / "ssd" / "model"
+    for index in range(4):
+        write_random(source / f"shard-{index}.bin", 64 << 20, seed=index)
+    generation = tmp_path / "gen"
+    generation.mkdir(mode=0o700)
+    cancel = threading.Event()
+    progress: list[float] = []
+
+    def on_progress(fraction: float) -> None:
+        progress.append(fraction)
+        if fraction > 0.1:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        stage_source("m", source, generation, "sha256", workers=2, cancel=cancel,
+                     on_progress=on_progress)  # fmt: skip
+    assert 0.1 < max(progress) < 0.9
+    assert not [t for t in threading.enumerate() if t.name.startswith("ramstage-")]
+
+
+def _resident_bytes(path: Path) -> int:
+    result = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    return int(result.stdout.strip())
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
+def test_the_source_leaves_no_second_copy_in_the_page_cache(tmp_path):
+    source = write_random(tmp_path / "ssd" / "big.bin", 256 << 20)
+    os.sync()  # dirty pages cannot be dropped; written back ones can
+    with open(source, "rb") as f:
+        while f.read(8 << 20):
+            pass
+    wait_for(lambda: _resident_bytes(source) > 200 << 20)  # hot in the cache before
+    generation = tmp_path / "gen"
+    generation.mkdir(mode=0o700)
+    stage_source("m", source, generation, "xxh3")
+    assert _resident_bytes(source) < (256 << 20) // 20  # at most 5% left behind
