@@ -19,7 +19,8 @@ import pytest
 import yaml
 from conftest import wait_for, write_random
 
-from ramstage.control import ADMIN_GROUP, CONNECTIONS_PER_UID, REQUEST_SECONDS, Turns
+from ramstage.control import CONNECTIONS_PER_UID, REQUEST_SECONDS
+from ramstage.peers import ADMIN_GROUP, Turns
 from ramstage.protocol import encode
 
 NOBODY = 65534
