@@ -4,6 +4,7 @@ again, with backoff, while the daemon says it is busy."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import socket
@@ -98,10 +99,9 @@ def _request_once(path: Path, cmd: str, timeout: float, args: dict[str, Any]) ->
             # A socket with a timeout is non-blocking, and connect(2) to a Unix socket whose
             # listen backlog is full then fails with EAGAIN instead of waiting (unix(7)).
             raise Busy(f"its listen queue at {path} is full") from None
-        try:
+        # Turned away before it read the request, the answer is still there to read.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(encode({"v": VERSION, "cmd": cmd, **args}))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # turned away before it read the request: its answer is still there to read
         try:
             reply = read_message(sock)
         except socket.timeout:
