@@ -192,7 +192,10 @@ for s in held:
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.settimeout(10)
 s.connect(sys.argv[1])
-s.sendall((sys.argv[3] if len(sys.argv) > 3 else '{"v": 1, "cmd": "status"}').encode() + b"\n")
+try:
+    s.sendall((sys.argv[3] if len(sys.argv) > 3 else '{"v": 1, "cmd": "status"}').encode() + b"\n")
+except (BrokenPipeError, ConnectionResetError):
+    pass  # told Busy and closed before it read this: the answer is still there to read
 reply = json.loads(s.makefile().readline())
 print("ok" if reply["ok"] else reply["error"]["type"])
 """
