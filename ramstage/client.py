@@ -13,11 +13,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ramstage.config import config_path, load_config
 from ramstage.errors import ConfigError, NotFound, NotRunning, RamstageError
 from ramstage.protocol import request
+
+if TYPE_CHECKING:
+    from ramstage.fastload_shard import Shard
 
 POLL_SECONDS = 0.2
 STATUS_TIMEOUT_SECONDS = 10.0
@@ -46,6 +49,7 @@ def load(
     device: str | None = None,
     file: str | None = None,
     config: str | os.PathLike[str] | None = None,
+    shard: Shard | None = None,
 ) -> Any:
     """Loads a model by name (through its link) or by path: a torch checkpoint, a .safetensors
     file or a model directory (one dict of every shard's tensors).
@@ -55,20 +59,21 @@ def load(
     holds for .safetensors and directories too. `map_location` and `weights_only` are
     torch.load's, for torch files. `device="cuda:N"` goes to ramstage.fastload, which streams
     the file into GPU memory. `file` picks a file inside a directory model
-    (`unet/diffusion_pytorch_model.bin`)."""
+    (`unet/diffusion_pytorch_model.bin`). `shard` (ramstage.fastload.Shard) loads one
+    process's part of the model: its slice of each tensor, or its share of the files."""
 
     def load_target() -> Any:
         target = _target(model, file, config)
         if device is not None and device != "cpu":
             from ramstage.fastload import load as fast_load
 
-            return fast_load(target, device)
-        if _maps_on_cpu(target):
+            return fast_load(target, device, shard=shard)
+        if _maps_on_cpu(target) or shard is not None:
             from ramstage.fastload import load as fast_load
 
             if map_location != "cpu":
                 raise ValueError(f"{target}: map_location is torch.load's; use device= for GPUs")
-            mapped = fast_load(target, "cpu")
+            mapped = fast_load(target, "cpu", shard=shard)
             return mapped if mmap else {name: t.clone() for name, t in mapped.items()}
         import torch
 

@@ -3,6 +3,11 @@
     ramstage.fastload.load(path, "cuda:0")  # what torch.load(path, map_location=...) returns
     ramstage.fastload.load(path, "cpu")     # tensors over the file's pages, no copy
     ramstage.fastload.release()             # frees the pinned ring and the reader threads
+    ramstage.fastload.load(path, "cuda:1", shard=Shard.from_env(dims={"*.o_proj.*": 1, "*": 0}))
+
+One process per GPU (tensor parallelism) loads its part of the model with shard= (a Shard,
+fastload_shard): its slice of each tensor, read from the slice's own bytes, or only some of a
+directory's files. Slices and the fallback's whole-then-slice give the same bytes.
 
 On a GPU, threads read the tensor bytes from the (tmpfs) file into a reused ring of pinned
 buffers, which the device copies from as each fills (fastload_pipeline). The formats are in
@@ -35,14 +40,24 @@ from ramstage.fastload_formats import (
     shard_files,
 )
 from ramstage.fastload_pipeline import Ring
+from ramstage.fastload_shard import (
+    Shard,
+    plan_safetensors_slices,
+    plan_torch_zip_slices,
+    slice_loaded,
+)
+
+__all__ = ["Loader", "Shard", "default_ring_bytes", "default_threads", "load", "release"]
 
 log = logging.getLogger(__name__)
 
 # Swept on one H100 (16 cores; docs/benchmarks.md, bench_gpu_peers.py --sweep-threads): 16
 # threads and 16 MiB reads (a 512 MiB ring) were the fastest and steadiest warm; smaller reads
 # lock less on the first load but vary up to 3x warm, as in the first sweeps of round one.
+# The ring follows the threads (two 16 MiB slots each, at most 512 MiB), so N processes sharing
+# the cores also share that much pinned memory instead of locking N rings of 512 MiB.
 DEFAULT_THREADS = 16
-DEFAULT_RING_BYTES = 512 << 20
+READ_BYTES = 16 << 20
 MAX_THREADS = 64
 MIN_RING_BYTES = 16 << 10
 MAX_RING_BYTES = 8 << 30
@@ -62,6 +77,11 @@ def default_threads() -> int:
             processes = int(value)
             break
     return max(1, min(DEFAULT_THREADS, cpus // processes))
+
+
+def default_ring_bytes(threads: int) -> int:
+    """Two reads per thread, at most the 512 MiB that 16 threads were measured with."""
+    return 2 * min(threads, DEFAULT_THREADS) * READ_BYTES
 
 
 class Loader:
@@ -84,33 +104,25 @@ class Loader:
         *,
         threads: int | None = None,
         ring_bytes: int | None = None,
+        shard: Shard | None = None,
     ) -> Any:
         path, device = Path(path), torch.device(device)
         threads = _bounded("threads", threads, default_threads(), 1, MAX_THREADS)
         ring_bytes = _bounded(
-            "ring_bytes", ring_bytes, DEFAULT_RING_BYTES, MIN_RING_BYTES, MAX_RING_BYTES
+            "ring_bytes", ring_bytes, default_ring_bytes(threads), MIN_RING_BYTES, MAX_RING_BYTES
         )
-        files = shard_files(path) if path.is_dir() else [path]
+        files = _files(path, shard)
+        slices = shard if shard is not None and shard.dims is not None else None
         if device.type == "cpu" and not self._pipeline_on_cpu:
-            return _merge(path, [_map_on_cpu(f) for f in files])
+            return _merge(path, [_sliced(_map_on_cpu(f), slices, copy=False) for f in files])
         why_not = _why_not_fast(device)
         if why_not is not None:
-            return _merge(path, [_fallback(f, device, why_not) for f in files])
-        plans: list[Plan | None] = []
-        for file in files:
-            try:
-                plans.append(
-                    plan_safetensors(file, device)
-                    if is_safetensors(file)
-                    else plan_torch_zip(file, device)
-                )
-            except Unmappable as error:
-                plans.append(None)
-                log.warning("fastload: %s: %s", file, error)
+            return _merge(path, [_fallback(f, device, why_not, slices) for f in files])
+        plans = [_plan(file, device, slices) for file in files]
         segments = [s for plan in plans if plan is not None for s in plan.segments]
         with self._lock:
             self._ring_for(device, threads, ring_bytes).run(segments)
-        return _merge(path, [_finish(f, plan, device) for f, plan in zip(files, plans)])
+        return _merge(path, [_finish(f, plan, device, slices) for f, plan in zip(files, plans)])
 
     def release(self) -> None:
         with self._lock:
@@ -127,6 +139,33 @@ class Loader:
         return self._ring
 
 
+def _files(path: Path, shard: Shard | None) -> list[Path]:
+    if not path.is_dir():
+        if shard is not None and shard.files is not None:
+            raise ValueError(f"{path}: Shard(files=...) picks files of a model directory")
+        return [path]
+    files = shard_files(path)
+    return shard.pick_files(files) if shard is not None and shard.files is not None else files
+
+
+def _plan(file: Path, device: torch.device, slices: Shard | None) -> Plan | None:
+    try:
+        if slices is not None:
+            if is_safetensors(file):
+                return plan_safetensors_slices(file, device, slices)
+            return plan_torch_zip_slices(file, device, slices)
+        return (
+            plan_safetensors(file, device) if is_safetensors(file) else plan_torch_zip(file, device)
+        )
+    except Unmappable as error:
+        log.warning("fastload: %s: %s", file, error)
+        return None
+
+
+def _sliced(result: Any, slices: Shard | None, *, copy: bool) -> Any:
+    return result if slices is None else slice_loaded(result, slices, copy=copy)
+
+
 def _why_not_fast(device: torch.device) -> str | None:
     if device.type not in ("cuda", "cpu"):
         return f"device {device}: the fast path targets CUDA devices"
@@ -141,10 +180,10 @@ def _map_on_cpu(file: Path) -> Any:
         try:
             return map_safetensors(file)
         except Unmappable as error:
-            return _fallback(file, torch.device("cpu"), str(error))
+            return _fallback(file, torch.device("cpu"), str(error), None)
     if zipfile.is_zipfile(file):
         return torch.load(file, map_location="cpu", mmap=True)
-    return _fallback(file, torch.device("cpu"), "a legacy (non-zip) file cannot be mapped")
+    return _fallback(file, torch.device("cpu"), "a legacy (non-zip) file cannot be mapped", None)
 
 
 def _bounded(name: str, value: int | None, default: int, low: int, high: int) -> int:
@@ -155,19 +194,24 @@ def _bounded(name: str, value: int | None, default: int, low: int, high: int) ->
     return value
 
 
-def _finish(file: Path, plan: Plan | None, device: torch.device) -> Any:
+def _finish(file: Path, plan: Plan | None, device: torch.device, slices: Shard | None) -> Any:
     if plan is None:
-        return _fallback(file, device, None)
+        return _fallback(file, device, None, slices)
     try:
         return plan.finish()
     except Unmappable as error:
-        return _fallback(file, device, str(error))
+        return _fallback(file, device, str(error), slices)
 
 
-def _fallback(file: Path, device: torch.device, reason: str | None) -> Any:
-    """The plain loader for one file; reason None: already logged by the caller."""
+def _fallback(file: Path, device: torch.device, reason: str | None, slices: Shard | None) -> Any:
+    """The plain loader for one file (then this rank's slices, each copied out of the whole
+    tensor so that the whole is freed); reason None: already logged by the caller."""
     if reason is not None:
         log.warning("fastload: %s: %s; using the plain loader", file, reason)
+    return _sliced(_plain_load(file, device), slices, copy=True)
+
+
+def _plain_load(file: Path, device: torch.device) -> Any:
     if not is_safetensors(file):
         return torch.load(file, map_location=device)
     try:
@@ -215,10 +259,13 @@ def load(
     *,
     threads: int | None = None,
     ring_bytes: int | None = None,
+    shard: Shard | None = None,
 ) -> Any:
     """What torch.load(path, map_location=device) returns, every tensor on device, fast; on
-    the CPU, tensors over the file's pages (as with mmap=True), also for .safetensors."""
-    return _default_loader().load(path, device, threads=threads, ring_bytes=ring_bytes)
+    the CPU, tensors over the file's pages (as with mmap=True), also for .safetensors. With a
+    shard: this process's part of it (fastload_shard)."""
+    loader = _default_loader()
+    return loader.load(path, device, threads=threads, ring_bytes=ring_bytes, shard=shard)
 
 
 def release() -> None:

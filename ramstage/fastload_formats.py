@@ -20,7 +20,7 @@ from typing import Any, Callable, cast
 import torch
 from torch.types import Storage
 
-from ramstage.fastload_pipeline import Segment
+from ramstage.fastload_pipeline import Segment, Strided
 
 log = logging.getLogger("ramstage.fastload")
 
@@ -56,7 +56,7 @@ class Unmappable(Exception):
 
 @dataclass(frozen=True)
 class Plan:
-    segments: list[Segment]
+    segments: list[Segment | Strided]
     finish: Callable[[], Any]
 
 
@@ -108,7 +108,7 @@ def read_safetensors_header(path: Path) -> list[SafetensorsEntry]:
 
 def plan_safetensors(path: Path, device: torch.device) -> Plan:
     tensors: dict[str, torch.Tensor] = {}
-    segments: list[Segment] = []
+    segments: list[Segment | Strided] = []
     for entry in read_safetensors_header(path):
         tensor = torch.empty(entry.shape, dtype=entry.dtype, device=device)
         if entry.nbytes:
@@ -149,16 +149,16 @@ def plan_torch_zip(path: Path, device: torch.device) -> Plan:
     or objects only the full unpickler builds) is loaded again after the copy with torch.load's
     own defaults, with the filled device storages handed in: whatever reads data reads it right.
     """
-    _check_byteorder(path)
+    check_byteorder(path)
     ranges: dict[int, tuple[int, torch.UntypedStorage]] = {}  # file offset -> (nbytes, storage)
 
     def mapper(hand_out_device_storage: bool) -> Callable[[Storage, str], Storage]:
-        mappings = _FileMappings(path)
+        mappings = FileMappings(path)
 
         def restore(storage: Storage, location: str) -> Storage:
             nbytes = storage.nbytes()
             if not nbytes:
-                return cast(Storage, torch.UntypedStorage(0, device=device))
+                return cast(Storage, torch.UntypedStorage(0, device=device))  # type: ignore[no-untyped-call]
             offset = mappings.offset(storage)
             known = ranges.setdefault(offset, (nbytes, _device_storage(nbytes, device)))
             if known[0] != nbytes:
@@ -167,7 +167,7 @@ def plan_torch_zip(path: Path, device: torch.device) -> Plan:
 
         return restore
 
-    def segments() -> list[Segment]:
+    def segments() -> list[Segment | Strided]:
         return [
             Segment(str(path), offset, nbytes, flat_bytes(storage), 0)
             for offset, (nbytes, storage) in ranges.items()
@@ -233,7 +233,7 @@ def _plain(obj: Any) -> bool:
     return True
 
 
-def _check_byteorder(path: Path) -> None:
+def check_byteorder(path: Path) -> None:
     """torch byteswaps storages of a foreign byte order in memory: file bytes would be wrong."""
     try:
         with zipfile.ZipFile(path) as archive:
@@ -249,7 +249,7 @@ def _device_storage(nbytes: int, device: torch.device) -> torch.UntypedStorage:
     return torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
 
 
-class _FileMappings:
+class FileMappings:
     """File offsets of storages that are slices of a mapping of `path` (torch's mmap=True load).
 
     /proc/self/maps is read once per load (and again only for an address it did not cover):

@@ -13,6 +13,13 @@ advised for huge pages (MADV_HUGEPAGE), which the driver locks faster where the 
 them. Registering takes a driver lock that also stalls other threads' copies, which is why
 copying straight from the file's pages (cudaHostRegister of the mapped tmpfs file) was measured
 slower and left out (docs/gpu.md, docs/benchmarks.md).
+
+A tensor-parallel rank's slice along an inner dim is rows, one every row_stride bytes
+(Strided). Short rows with short gaps are gathered a slot's worth at a time from a read-only
+shared mapping of the file (the staged pages) by numpy, whose strided copy is single-threaded
+and releases the GIL (torch's CPU copy starts an OpenMP team in each reader thread): a rank
+reads only its rows. Without numpy, preadv reads the rows' covering range, gaps into a
+discarded buffer: 10x slower for 1 KiB rows 8 KiB apart. Long rows or gaps: a read per row.
 """
 
 from __future__ import annotations
@@ -30,9 +37,16 @@ from typing import Any
 
 import torch
 
+try:
+    import numpy
+except ImportError:  # strided slices then read their covering range (read_rows)
+    numpy = None  # type: ignore[assignment]
+
 # Small gaps between segments (zip headers, alignment padding) are read along rather than
 # starting a new read: one larger preadv is cheaper than two.
 MAX_GAP_BYTES = 1 << 20
+# Linux takes at most 1024 buffers per preadv (UIO_MAXIOV): a row and a gap each use one.
+ROWS_PER_READ = 512
 PAGE_BYTES = mmap.PAGESIZE
 HUGE_PAGE_BYTES = 2 << 20
 MADV_HUGEPAGE = 14  # linux/mman.h; a no-op where transparent huge pages are off
@@ -65,6 +79,20 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Strided:
+    """`rows` runs of row_bytes, row_stride apart in `source` from file_offset, go side by side
+    to target[target_offset:]: one rank's slice of a tensor along an inner dim."""
+
+    source: str
+    file_offset: int
+    row_bytes: int
+    rows: int
+    row_stride: int
+    target: torch.Tensor
+    target_offset: int
+
+
+@dataclass(frozen=True)
 class Piece:
     chunk_offset: int
     target: torch.Tensor
@@ -74,12 +102,58 @@ class Piece:
 
 @dataclass(frozen=True)
 class Chunk:
-    """One read: nbytes of `source` at file_offset into one ring slot, then its pieces copied out."""
+    """One read: nbytes of `source` at file_offset into one ring slot, then its pieces copied
+    out. With a row_stride, nbytes are rows of row_bytes, one every row_stride bytes."""
 
     source: str
     file_offset: int
     nbytes: int
     pieces: tuple[Piece, ...]
+    row_bytes: int = 0
+    row_stride: int = 0
+
+
+def plan_reads(items: Sequence[Segment | Strided], chunk_bytes: int) -> list[Chunk]:
+    """Chunks for every segment and strided slice: rows that fit a slot with gaps worth reading
+    along are gathered, a slot's worth per chunk; other rows become segments of their own."""
+    segments = [item for item in items if isinstance(item, Segment)]
+    chunks: list[Chunk] = []
+    for item in items:
+        if not isinstance(item, Strided):
+            continue
+        if item.row_bytes <= chunk_bytes and item.row_stride - item.row_bytes <= MAX_GAP_BYTES:
+            chunks.extend(_gather_chunks(item, chunk_bytes))
+            continue
+        segments.extend(
+            Segment(
+                item.source,
+                item.file_offset + row * item.row_stride,
+                item.row_bytes,
+                item.target,
+                item.target_offset + row * item.row_bytes,
+            )
+            for row in range(item.rows)
+        )
+    return plan_chunks(segments, chunk_bytes) + chunks
+
+
+def _gather_chunks(item: Strided, chunk_bytes: int) -> list[Chunk]:
+    per_chunk = chunk_bytes // item.row_bytes
+    chunks = []
+    for first in range(0, item.rows, per_chunk):
+        nbytes = min(per_chunk, item.rows - first) * item.row_bytes
+        target_offset = item.target_offset + first * item.row_bytes
+        chunks.append(
+            Chunk(
+                item.source,
+                item.file_offset + first * item.row_stride,
+                nbytes,
+                (Piece(0, item.target, target_offset, nbytes),),
+                item.row_bytes,
+                item.row_stride,
+            )
+        )
+    return chunks
 
 
 def plan_chunks(segments: Sequence[Segment], chunk_bytes: int) -> list[Chunk]:
@@ -114,12 +188,40 @@ def plan_chunks(segments: Sequence[Segment], chunk_bytes: int) -> list[Chunk]:
     return chunks
 
 
-def read_exact(fd: int, buffer: memoryview, offset: int) -> None:
-    while buffer:
-        n = os.preadv(fd, [buffer], offset)
+def read_exact(fd: int, buffers: list[memoryview], offset: int) -> None:
+    """Fills the (non-empty) buffers in turn from the file's bytes at offset."""
+    first = 0
+    while first < len(buffers):
+        n = os.preadv(fd, buffers[first:], offset)
         if n == 0:
             raise EOFError(f"file ends at byte {offset}, before the data its header describes")
-        buffer, offset = buffer[n:], offset + n
+        offset += n
+        while first < len(buffers) and n >= len(buffers[first]):
+            n -= len(buffers[first])
+            first += 1
+        if n:
+            buffers[first] = buffers[first][n:]
+
+
+def gather_rows(mapped: Any, memory: memoryview, chunk: Chunk) -> None:
+    """The chunk's rows side by side into memory, from `mapped` (a numpy view of the file)."""
+    shape = (chunk.nbytes // chunk.row_bytes, chunk.row_bytes)
+    rows = numpy.lib.stride_tricks.as_strided(
+        mapped[chunk.file_offset :], shape, (chunk.row_stride, 1), writeable=False
+    )
+    numpy.copyto(numpy.frombuffer(memory, numpy.uint8, chunk.nbytes).reshape(shape), rows)
+
+
+def read_rows(fd: int, memory: memoryview, chunk: Chunk, gap: memoryview) -> None:
+    """The chunk's rows side by side into memory; the bytes between them into gap, unread."""
+    rows, gap_bytes = chunk.nbytes // chunk.row_bytes, chunk.row_stride - chunk.row_bytes
+    for first in range(0, rows, ROWS_PER_READ):
+        buffers = []
+        for row in range(first, min(first + ROWS_PER_READ, rows)):
+            if row > first:
+                buffers.append(gap[:gap_bytes])
+            buffers.append(memory[row * chunk.row_bytes : (row + 1) * chunk.row_bytes])
+        read_exact(fd, buffers, chunk.file_offset + first * chunk.row_stride)
 
 
 class _Slot:
@@ -138,7 +240,7 @@ class _HostRing:
     """An anonymous mapping cut into slots; (CUDA) each slot is page-locked on its first use."""
 
     def __init__(self, slots: int, chunk_bytes: int, cuda: bool) -> None:
-        self._cudart = torch.cuda.cudart() if cuda else None
+        self._cudart = torch.cuda.cudart() if cuda else None  # type: ignore[no-untyped-call]
         self._nbytes = slots * chunk_bytes + HUGE_PAGE_BYTES
         prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         address = _libc.mmap(None, self._nbytes, prot, flags, -1, 0)
@@ -149,7 +251,7 @@ class _HostRing:
         start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
         _libc.madvise(start, slots * chunk_bytes, MADV_HUGEPAGE)
         self.slots = [
-            _Slot(start + i * chunk_bytes, chunk_bytes, torch.cuda.Event() if cuda else None)
+            _Slot(start + i * chunk_bytes, chunk_bytes, torch.cuda.Event() if cuda else None)  # type: ignore[no-untyped-call]
             for i in range(slots)
         ]
 
@@ -185,22 +287,25 @@ class Ring:
         self.chunk_bytes = max(ring_bytes // slots // PAGE_BYTES * PAGE_BYTES, PAGE_BYTES)
         cuda = device.type == "cuda"
         self._host = _HostRing(slots, self.chunk_bytes, cuda)
-        self._stream = torch.cuda.Stream(device) if cuda else None
+        self._stream = torch.cuda.Stream(device) if cuda else None  # type: ignore[no-untyped-call]
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         for slot in self._host.slots:
             self._free.put(slot)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ramstage-fastload")
+        self._gaps = threading.local()  # per thread: a cache-sized buffer written by each core
 
     def matches(self, device: torch.device, threads: int, ring_bytes: int) -> bool:
         return (self.device, self.threads, self.ring_bytes) == (device, threads, ring_bytes)
 
-    def run(self, segments: Sequence[Segment]) -> None:
+    def run(self, segments: Sequence[Segment | Strided]) -> None:
         """Copies every segment into its target; returns once all bytes are on the device."""
-        chunks = plan_chunks(segments, self.chunk_bytes)
+        chunks = plan_reads(segments, self.chunk_bytes)
         if not chunks:
             return
         fds = {source: os.open(source, os.O_RDONLY) for source in {c.source for c in chunks}}
-        job = _Job(chunks)
+        # The views keep their mappings; both go with the job (an error's traceback may hold a
+        # view, so an explicit close could fail with BufferError over the real error).
+        job = _Job(chunks, _map_strided_sources(chunks, fds))
         try:
             workers = min(self.threads, len(chunks))
             futures: list[Future[None]] = [
@@ -231,7 +336,12 @@ class Ring:
                     self._host.prepare(slot)
                 if slot.event is not None:
                     slot.event.synchronize()  # the slot's previous copy has left it
-                read_exact(fds[chunk.source], slot.memory[: chunk.nbytes], chunk.file_offset)
+                if chunk.row_stride and chunk.source in job.mapped:
+                    gather_rows(job.mapped[chunk.source], slot.memory, chunk)
+                elif chunk.row_stride:
+                    read_rows(fds[chunk.source], slot.memory, chunk, self._gap())
+                else:
+                    read_exact(fds[chunk.source], [slot.memory[: chunk.nbytes]], chunk.file_offset)
                 for p in chunk.pieces:
                     source = slot.tensor[p.chunk_offset : p.chunk_offset + p.nbytes]
                     target = p.target[p.target_offset : p.target_offset + p.nbytes]
@@ -244,6 +354,12 @@ class Ring:
             finally:
                 self._free.put(slot)
 
+    def _gap(self) -> memoryview:
+        gap: memoryview | None = getattr(self._gaps, "buffer", None)
+        if gap is None:
+            gap = self._gaps.buffer = memoryview(bytearray(MAX_GAP_BYTES))
+        return gap
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         if self._stream is not None:
@@ -251,11 +367,24 @@ class Ring:
         self._host.close()
 
 
-class _Job:
-    """The chunks of one load, handed out to worker threads one at a time."""
+def _map_strided_sources(chunks: list[Chunk], fds: dict[str, int]) -> dict[str, Any]:
+    """numpy views of read-only shared mappings of the files that strided chunks gather from."""
+    if numpy is None:
+        return {}
+    sources = {chunk.source for chunk in chunks if chunk.row_stride}
+    return {
+        source: numpy.frombuffer(mmap.mmap(fds[source], 0, prot=mmap.PROT_READ), numpy.uint8)
+        for source in sources
+    }
 
-    def __init__(self, chunks: list[Chunk]) -> None:
+
+class _Job:
+    """The chunks of one load, handed out to worker threads one at a time; `mapped`: numpy
+    views of the files that strided chunks gather from."""
+
+    def __init__(self, chunks: list[Chunk], mapped: dict[str, Any]) -> None:
         self._chunks = chunks
+        self.mapped = mapped
         self._next = 0
         self._failed = False
         self._lock = threading.Lock()

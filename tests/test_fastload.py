@@ -268,7 +268,7 @@ def test_the_ring_is_reused_across_loads_and_released(tmp_path: Path) -> None:
     "option",
     [{"threads": 0}, {"threads": 65}, {"ring_bytes": 1024}],
 )
-def test_thread_count_and_ring_size_are_bounded(tmp_path: Path, option: dict[str, int]) -> None:
+def test_thread_count_and_ring_size_are_bounded(tmp_path: Path, option: dict[str, Any]) -> None:
     torch.save({"a": torch.ones(3)}, tmp_path / "a.pt")
     with pytest.raises(ValueError, match="must be between"):
         fastload.load(tmp_path / "a.pt", "cpu", **option)
