@@ -10,10 +10,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from ramstage import __version__, bench
-from ramstage.config import Config, config_path, load_config
+from ramstage.config import Config, config_path, load_config, read_yaml
 from ramstage.converters import Invalid, parse_size
 from ramstage.errors import ConfigError, NotFound, RamstageError, UsageError
 from ramstage.protocol import request
@@ -50,8 +48,8 @@ def _socket(args: argparse.Namespace) -> Path:
         return load_config(path).socket
     except ConfigError:
         try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
+            data = read_yaml(path)
+        except ConfigError:
             data = None
         socket = data.get("socket") if isinstance(data, dict) else None
         return (

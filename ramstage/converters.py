@@ -8,6 +8,7 @@ import grp
 import os
 import pwd
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +19,9 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECAS
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _DIGEST_RE = re.compile(r"(xxh3:[0-9a-f]{32}|(sha256|blake3):[0-9a-f]{64})")
+MAX_SIZE_BYTES = 1 << 60
+MAX_SECONDS = 366 * 86400.0
+SHOWN_CHARS = 120
 
 
 class Problems:
@@ -27,7 +31,16 @@ class Problems:
         self.items: list[str] = []
 
     def add(self, key: str, message: str, value: Any) -> None:
-        self.items.append(f"{key}: {message}: {value!r}")
+        self.items.append(f"{key}: {message}: {shown(value)}")
+
+
+def shown(value: Any) -> str:
+    """repr(), cut short: a value may be a megabyte of text, or aliases that expand to gigabytes
+    (reprlib looks at the first few items of each container, a few levels deep)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = SHOWN_CHARS
+    short.maxlevel, short.maxlist, short.maxdict, short.maxlong = 3, 8, 8, 40
+    return short.repr(value)
 
 
 class Invalid(Exception):
@@ -42,7 +55,7 @@ def parse_size(text: Any, *, total_bytes: int | None = None) -> int:
     if isinstance(text, int):
         if text < 0:
             raise Invalid("a size cannot be negative")
-        return text
+        return _bounded_size(text)
     if isinstance(text, str) and text.strip().endswith("%"):
         try:
             percent = float(text.strip()[:-1])
@@ -57,7 +70,14 @@ def parse_size(text: Any, *, total_bytes: int | None = None) -> int:
     if not match or (match.group(3) and not match.group(2) and match.group(3).lower() != "b"):
         raise Invalid("expected a size such as 512M, 8G, 1.5GiB or 25%")
     power = " KMGT".index(match.group(2).upper() or " ")
-    return int(float(match.group(1)) * 1024**power)
+    return _bounded_size(float(match.group(1)) * 1024**power)
+
+
+def _bounded_size(size: float) -> int:
+    # float("9" * 400) is inf, and int(inf) raises OverflowError.
+    if not size <= MAX_SIZE_BYTES:
+        raise Invalid("a size must be at most 1 EiB")
+    return int(size)
 
 
 def parse_duration(text: Any) -> float:
@@ -67,11 +87,19 @@ def parse_duration(text: Any) -> float:
     if isinstance(text, (int, float)):
         if text < 0:
             raise Invalid("a duration cannot be negative")
-        return float(text)
+        return _bounded_seconds(text)
     match = _DURATION_RE.match(text) if isinstance(text, str) else None
     if not match:
         raise Invalid("expected a duration such as 500ms, 2s or 1m")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return _bounded_seconds(float(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+
+def _bounded_seconds(seconds: float) -> float:
+    # NaN fails every comparison, so asking for what is wanted refuses it, and inf; Python
+    # compares an int of any size with a float exactly.
+    if not seconds <= MAX_SECONDS:
+        raise Invalid("a duration must be finite and at most a year")
+    return float(seconds)
 
 
 def absolute_path(value: Any) -> Path:
@@ -137,10 +165,12 @@ def _ids(lookup: Callable[[str], int], what: str) -> Callable[[Any], frozenset[i
             if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
                 ids.add(item)
                 continue
+            if not isinstance(item, str):
+                raise Invalid(f"expected {what} names or ids, not {shown(item)}")
             try:
-                ids.add(lookup(str(item)))
-            except KeyError:
-                raise Invalid(f"no such {what}: {item}") from None
+                ids.add(lookup(item))
+            except (KeyError, ValueError):  # ValueError: a NUL in the name
+                raise Invalid(f"no such {what}: {shown(item)}") from None
         return frozenset(ids)
 
     return convert
@@ -172,8 +202,10 @@ class Section:
             problems.add(key or "(top level)", "expected a mapping", data)
             data = {}
         self.data = data
-        for unknown in sorted(set(map(str, data)) - set(known)):
-            problems.add(self._path(unknown), "unknown key", data[unknown])
+        # Keys may be numbers, dates or null as well as strings; each is named as written.
+        for unknown in sorted((k for k in data if k not in known), key=shown):
+            name = unknown if isinstance(unknown, str) else shown(unknown)
+            problems.add(self._path(name), "unknown key", data[unknown])
 
     def _path(self, name: str) -> str:
         return f"{self.key}.{name}" if self.key else name

@@ -41,9 +41,16 @@ class PermissionDenied(RamstageError):
     wire_type = "PermissionDenied"
 
 
+class Busy(RamstageError):
+    """The daemon turned the connection away for now (too many open from this user, or from
+    all users); nothing was done, so the same request may be sent again."""
+
+    wire_type = "Busy"
+
+
 WIRE_TYPES = {
     cls.wire_type: cls
-    for cls in (RamstageError, UsageError, NotFound, NotRunning, PermissionDenied)
+    for cls in (RamstageError, UsageError, NotFound, NotRunning, PermissionDenied, Busy)
 }
 
 

@@ -7,9 +7,12 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from conftest import wait_for, write_random
+
+from ramstage.errors import ConfigError
 
 
 class NotifySocket:
@@ -121,3 +124,54 @@ def test_ready_links_does_not_wait_for_copies(tmp_path, make_daemon, notify):
     ready = notify.index("READY=1")
     assert notify.index("STATUS=0/1 models staged") < ready
     assert not notify.seen("EXTEND_TIMEOUT_USEC=")
+
+
+# Files that once crashed the loader (non-string keys, OverflowError, UnicodeDecodeError,
+# RecursionError) or took minutes (billion laughs); the first two still name the socket.
+CRASHING_CONFIGS = {
+    "non-string keys": "store: {{1: 2}}\n3: x\nsocket: {socket}\n",
+    "huge size": "store: {{size: {nines}G}}\nsocket: {socket}\n",
+    "invalid UTF-8": "models: [{{name: m, source: /ssd/\udcff}}]\n",
+    "deep nesting": "[" * 1_000_000,
+    "billion laughs": "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")),
+}
+
+
+def wait_reloaded_and_ready(notify: NotifySocket, before: int, context: Callable[[], str]) -> None:
+    """Waits for RELOADING=1 after position `before`, then for READY=1 after it."""
+    reloading = wait_for(
+        lambda: notify.seen("RELOADING=1", before) and notify.index("RELOADING=1", before)
+    )
+    wait_for(lambda: notify.seen("READY=1", reloading), context=context)
+
+
+@pytest.mark.parametrize("how", ["sighup", "socket", "cli"])
+def test_a_reload_of_any_file_answers_and_says_ready_again(tmp_path, make_daemon, notify, how):
+    source = write_random(tmp_path / "m.ckpt", 4096)
+    daemon = make_daemon([{"name": "m", "source": str(source)}])
+    daemon.start(env={"NOTIFY_SOCKET": str(notify.path)})
+    staged = daemon.wait_state("m", "staged")
+    good = daemon.config_path.read_text()
+    for name, template in CRASHING_CONFIGS.items():
+        text = template.format(socket=daemon.socket, nines="9" * 400)
+        daemon.config_path.write_bytes(text.encode(errors="surrogateescape"))
+        before = len(notify.messages) - 1
+        if how == "sighup":
+            daemon.process.send_signal(signal.SIGHUP)
+        elif how == "socket":
+            with pytest.raises(ConfigError):
+                daemon.request("reload")
+        elif "{socket}" in template:  # else the CLI cannot tell where the daemon listens
+            result = daemon.cli("reload")
+            assert (result.returncode, result.stderr.count("Traceback")) == (2, 0), name
+            assert "ramstage: the config has problems:" in result.stderr
+        else:
+            continue
+        wait_reloaded_and_ready(notify, before, context=lambda: daemon.log())
+        assert daemon.process.poll() is None
+    daemon.config_path.write_text(good)
+    daemon.request("reload")
+    assert daemon.model("m")["generation"] == staged["generation"]
+    refused = 5 if how != "cli" else 2
+    assert daemon.log().count("reload refused, keeping the running config") == refused
