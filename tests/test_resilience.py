@@ -67,7 +67,11 @@ def test_stage_retries_a_new_version_that_failed(tmp_path, make_daemon):
     daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
     first = daemon.wait_state("m", "staged")
     source.write_bytes(good[:-2])  # truncated: the new version fails validation
-    model = wait_for(lambda: (m := daemon.model("m"))["reason"] and m, context=daemon.log)
+    # While the new version copies, the reason is source_changed: wait past it for the failure.
+    model = wait_for(
+        lambda: (m := daemon.model("m"))["reason"] not in (None, "source_changed") and m,
+        context=daemon.log,
+    )
     assert model["state"] == "staged" and model["generation"] == first["generation"]
     assert model["reason"].startswith("error: invalid checkpoint")
     attempts = len(re.findall(r"m: staging \d+ bytes", daemon.log()))
