@@ -46,7 +46,7 @@ from tp_report import LOADERS, MODES, markdown, summarize
 
 from ramstage import fastload
 from ramstage.fastload import Shard
-from ramstage.fastload_formats import shard_files
+from ramstage.fastload.formats import shard_files
 
 GiB, MiB = 1 << 30, 1 << 20
 # Row-parallel layers split on dim 1, norms stay whole, everything else (column-parallel

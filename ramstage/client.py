@@ -21,7 +21,7 @@ from ramstage.errors import ConfigError, NotFound, NotRunning, RamstageError
 from ramstage.protocol import request
 
 if TYPE_CHECKING:
-    from ramstage.fastload_shard import Shard
+    from ramstage.fastload.shard import Shard
 
 POLL_SECONDS = 0.2
 STATUS_TIMEOUT_SECONDS = 10.0

@@ -20,6 +20,13 @@ def test_lintian_finds_no_errors_in_the_deb(deb: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_deb_holds_the_gpu_loader_subpackage(deb: Path) -> None:
+    listing = subprocess.run(["dpkg-deb", "-c", str(deb)],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    for module in ("__init__", "formats", "pipeline", "shard"):
+        assert f"/ramstage/fastload/{module}.py" in listing
+
+
 def test_rpmbuild_builds_the_rpm_with_the_unit_and_its_scriptlets(tmp_path: Path) -> None:
     subprocess.run(["bash", str(REPO / "packaging" / "build-rpm.sh"), str(tmp_path)],
                    check=True, capture_output=True)  # fmt: skip
@@ -37,6 +44,7 @@ def test_rpmbuild_builds_the_rpm_with_the_unit_and_its_scriptlets(tmp_path: Path
         "/usr/lib/tmpfiles.d/ramstage.conf",
     ):
         assert path in files
+    assert any(path.endswith("/ramstage/fastload/pipeline.py") for path in files)
     assert query("-c").split() == ["/etc/ramstage/ramstage.yaml"]
     scripts = query("--scripts")
     assert "preset ramstage.service" in scripts

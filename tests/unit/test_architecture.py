@@ -46,15 +46,15 @@ def test_the_vocabulary_is_a_leaf():
     assert line == "- `model` → (nothing of ramstage)"
 
 
-# The GPU loader is being reworked on its own branch (the GPU issue); the size rules apply to it
-# once that work lands.
-LEFT_TO_THE_GPU_WORK = {"fastload", "fastload_formats", "fastload_pipeline", "fastload_shard"}
+# The GPU loader (ramstage/fastload/) keeps two excesses from its second round, left to its next
+# one (the GPU issue): pipeline.py at 401 lines, formats.plan_torch_zip at 61.
+LEFT_TO_THE_GPU_WORK = "fastload"
 
 
 def test_modules_and_functions_stay_small():
     long_functions = []
     for path in (REPO / "ramstage").rglob("*.py"):
-        if path.stem in LEFT_TO_THE_GPU_WORK:
+        if path.parent.name == LEFT_TO_THE_GPU_WORK:
             continue
         lines = path.read_text().count("\n")
         assert lines <= 400, f"{path.name}: {lines} lines"

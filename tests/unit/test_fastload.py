@@ -22,7 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ramstage import fastload
-from ramstage.fastload_pipeline import Segment, plan_chunks
+from ramstage.fastload.pipeline import Segment, plan_chunks
 
 pytestmark = pytest.mark.torch
 

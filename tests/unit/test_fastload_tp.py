@@ -24,9 +24,10 @@ torch = pytest.importorskip("torch")
 
 from test_fastload import DTYPES, assert_same, file_mapped, sample, write_safetensors
 
-from ramstage import fastload, fastload_pipeline
+from ramstage import fastload
 from ramstage.fastload import Shard
-from ramstage.fastload_pipeline import (
+from ramstage.fastload import pipeline as fastload_pipeline
+from ramstage.fastload.pipeline import (
     MAX_GAP_BYTES,
     Chunk,
     Segment,
@@ -35,7 +36,7 @@ from ramstage.fastload_pipeline import (
     plan_reads,
     read_rows,
 )
-from ramstage.fastload_shard import plan_safetensors_slices
+from ramstage.fastload.shard import plan_safetensors_slices
 
 pytestmark = pytest.mark.torch
 

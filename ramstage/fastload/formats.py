@@ -20,7 +20,7 @@ import torch
 from torch.types import Storage
 
 from ramstage.checkpoint import SAFETENSORS_MAX_HEADER_BYTES, TORCH_SUFFIXES, Kind, kind_of
-from ramstage.fastload_pipeline import Segment, Strided
+from ramstage.fastload.pipeline import Segment, Strided
 from ramstage.holders import mappings
 
 log = logging.getLogger("ramstage.fastload")

@@ -6,12 +6,12 @@
     ramstage.fastload.load(path, "cuda:1", shard=Shard.from_env(dims={"*.o_proj.*": 1, "*": 0}))
 
 One process per GPU (tensor parallelism) loads its part of the model with shard= (a Shard,
-fastload_shard): its slice of each tensor, read from the slice's own bytes, or only some of a
+shard.py): its slice of each tensor, read from the slice's own bytes, or only some of a
 directory's files. Slices and the fallback's whole-then-slice give the same bytes.
 
 On a GPU, threads read the tensor bytes from the (tmpfs) file into a reused ring of pinned
-buffers, which the device copies from as each fills (fastload_pipeline). The formats are in
-fastload_formats: safetensors files, torch.save zip files (.pt/.pth/.ckpt/.bin, any pickled
+buffers, which the device copies from as each fills (pipeline.py). The formats are in
+formats.py: safetensors files, torch.save zip files (.pt/.pth/.ckpt/.bin, any pickled
 object torch.load can load), and model directories of such shards (the result is one dict of
 every shard's tensors). Whatever the fast path cannot do (a
 device that is neither CUDA nor the CPU, a pickle whose storages it cannot map, a legacy or
@@ -30,7 +30,7 @@ from typing import Any, Union
 
 import torch
 
-from ramstage.fastload_formats import (
+from ramstage.fastload.formats import (
     Plan,
     Unmappable,
     is_safetensors,
@@ -39,8 +39,8 @@ from ramstage.fastload_formats import (
     plan_torch_zip,
     shard_files,
 )
-from ramstage.fastload_pipeline import Ring
-from ramstage.fastload_shard import (
+from ramstage.fastload.pipeline import Ring
+from ramstage.fastload.shard import (
     Shard,
     plan_safetensors_slices,
     plan_torch_zip_slices,
@@ -263,7 +263,7 @@ def load(
 ) -> Any:
     """What torch.load(path, map_location=device) returns, every tensor on device, fast; on
     the CPU, tensors over the file's pages (as with mmap=True), also for .safetensors. With a
-    shard: this process's part of it (fastload_shard)."""
+    shard: this process's part of it (shard.py)."""
     loader = _default_loader()
     return loader.load(path, device, threads=threads, ring_bytes=ring_bytes, shard=shard)
 

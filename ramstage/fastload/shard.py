@@ -9,7 +9,7 @@ contiguous tensor of its own: parts differ by at most one index, the first `size
 having the longer ones (for sizes divisible by world: `narrow(d, r * size // world, size //
 world)`). The slice is planned straight from the tensor's bytes in the file: where it is one
 run of bytes (d == 0, or every dim before d of size 1) a rank reads only its part, else its rows
-(see fastload_pipeline.Strided).
+(see pipeline.Strided).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ramstage.fastload_formats import (
+from ramstage.fastload.formats import (
     FileMappings,
     Plan,
     Unmappable,
@@ -32,7 +32,7 @@ from ramstage.fastload_formats import (
     flat_bytes,
     read_safetensors_header,
 )
-from ramstage.fastload_pipeline import Segment, Strided
+from ramstage.fastload.pipeline import Segment, Strided
 
 # Which dim each tensor is split on, None: the whole tensor (norms, biases of row-parallel
 # layers). An int applies to every tensor that has that dim; a mapping is {fnmatch pattern of
