@@ -29,6 +29,7 @@ NOBODY = 65534
 # when cut off, then a burst of concurrent one-shot status clients; prints what each saw.
 FLOOD = r"""
 import json, socket, sys, threading, time
+from ramstage.protocol import read_message
 path, slow_count, burst = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 seconds = float(sys.argv[4])
 stop = time.monotonic() + seconds
@@ -68,13 +69,7 @@ def one_status(barrier):
             s.sendall(b'{"v": 1, "cmd": "status"}\n')
         except (BrokenPipeError, ConnectionResetError):
             pass
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        reply = json.loads(data)
+        reply = read_message(s)
         outcome = "ok" if reply["ok"] else reply["error"]["type"]
     except Exception as error:
         outcome = type(error).__name__
