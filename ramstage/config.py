@@ -13,7 +13,7 @@ import yaml
 
 from ramstage import converters as convert
 from ramstage.access import Trust, group_name, user_name
-from ramstage.digest import INSTALL, available_algorithms, default_algorithm
+from ramstage.digest import BLAKE3_INSTALL, DEFAULT_ALGORITHM, available_algorithms
 from ramstage.errors import ConfigError
 from ramstage.system import System
 
@@ -91,7 +91,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     links_dir: Path = Path("/run/ramstage/models")
     socket: Path = Path("/run/ramstage/control.sock")
-    checksum: str = field(default_factory=default_algorithm)
+    checksum: str = DEFAULT_ALGORITHM
     ready: str = "links"
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
@@ -259,7 +259,7 @@ def _check_algorithms(config: Config, problems: convert.Problems) -> None:
         if m.digest
     ]:
         if algorithm not in available_algorithms():
-            problems.add(key, f"{algorithm} is not installed ({INSTALL[algorithm]})", algorithm)
+            problems.add(key, f"{algorithm} is not installed ({BLAKE3_INSTALL})", algorithm)
 
 
 def source_problems(config: Config) -> list[str]:

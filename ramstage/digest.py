@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 from typing import Any, Protocol, cast
+
+import xxhash
 
 
 class Hasher(Protocol):
@@ -14,35 +15,23 @@ class Hasher(Protocol):
     def hexdigest(self) -> str: ...
 
 
-# The modules that provide each algorithm beyond hashlib's, and how to install them.
-_MODULES = {"xxh3": "xxhash", "blake3": "blake3"}
-INSTALL = {
-    "xxh3": "apt install python3-xxhash, or pip install xxhash",
-    "blake3": "pip install 'ramstage[blake3]'",
-}
+# xxh3 (128-bit, about 15x sha256 here) is the default: ramstage depends on xxhash, which
+# Debian packages (python3-xxhash). blake3 is pip only, so optional.
+DEFAULT_ALGORITHM = "xxh3"
+BLAKE3_INSTALL = "pip install 'ramstage[blake3]'"
 
 
 def available_algorithms() -> tuple[str, ...]:
-    """The checksums this Python can compute, fastest first: xxh3 (128-bit, about 15x sha256
-    here; Debian packages it), blake3 (pip only), sha256 (always)."""
-    found = []
-    for algorithm, module in _MODULES.items():
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            continue
-        found.append(algorithm)
-    return (*found, "sha256")
-
-
-def default_algorithm() -> str:
-    return "xxh3" if "xxh3" in available_algorithms() else "sha256"
+    """The checksums this Python can compute, fastest first."""
+    try:
+        import blake3  # noqa: F401
+    except ImportError:
+        return ("xxh3", "sha256")
+    return ("xxh3", "blake3", "sha256")
 
 
 def new_hasher(algorithm: str) -> Hasher:
     if algorithm == "xxh3":
-        import xxhash
-
         return cast(Hasher, xxhash.xxh3_128())
     if algorithm == "blake3":
         import blake3
