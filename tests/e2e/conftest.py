@@ -5,7 +5,7 @@ The debootstrapped root file system is cached under $RAMSTAGE_E2E_CACHE (default
 /var/cache/ramstage-e2e) and copied for each run, so only the first run pays for debootstrap.
 Commands run inside with `nsenter -t PID -a` (there is no host systemd-machined to register
 with, hence --register=no and no machinectl). When a test fails, its report carries the
-journal of ramstage.service.
+end of the journal of ramstage.service.
 """
 
 from __future__ import annotations
@@ -173,4 +173,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     report = outcome.get_result()
     machine = getattr(item, "funcargs", {}).get("machine")
     if report.failed and isinstance(machine, Machine) and machine.pid:
-        report.sections.append(("journal of ramstage.service", machine.journal()))
+        # Its end: where a failure shows, and what a truncated CI log still keeps.
+        tail = machine.journal().splitlines()[-80:]
+        report.sections.append(("end of the journal of ramstage.service", "\n".join(tail)))

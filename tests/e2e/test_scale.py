@@ -61,16 +61,24 @@ def test_a_forced_inotify_overflow_converges(machine: Machine) -> None:
     finally:
         QUEUE_LIMIT.write_text(original)
     scale = machine.root / SCALE.lstrip("/")
-    # Far more events than the queue holds, made by one touch(1) faster than any reader drains
-    # them...
-    subprocess.run(["touch", *(str(scale / "d7" / f"noise-{i}") for i in range(2000))], check=True)
-    new = scale / "d9" / ".next"
-    new.write_bytes(b"the new version")  # ...then the change that matters, last
-    new.rename(scale / "d9" / "weights.bin")
+    pid = main_pid(machine)
+    # Far more events than the queue holds, made while the daemon is stopped so that none is
+    # read before the queue overflows...
+    machine.run("kill", "-STOP", pid)
+    try:
+        subprocess.run(
+            ["touch", *(str(scale / "d7" / f"noise-{i}") for i in range(200))], check=True
+        )
+        new = scale / "d9" / ".next"
+        new.write_bytes(b"the new version")  # ...then the change that matters, last
+        new.rename(scale / "d9" / "weights.bin")
+    finally:
+        machine.run("kill", "-CONT", pid)
     machine.wait_for(
         lambda: statuses(machine)["m9"]["size_bytes"] == len(b"the new version"),
         "m9 to be staged again after the overflow",
     )
     assert "inotify queue overflow" in machine.journal()
-    # m7's directory got 2000 new files: it is staged again too.
+    # m7's directory got 200 new files: it is staged again too.
     machine.wait_for(lambda: statuses(machine)["m7"]["state"] == "staged", "m7 staged again")
+    assert main_pid(machine) == pid, "the daemon was restarted:\n" + machine.journal()[-4000:]

@@ -7,6 +7,7 @@ import hashlib
 import mmap
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -310,12 +311,16 @@ def test_an_inotify_queue_overflow_still_converges(tmp_path, make_daemon):
         ).start()
         for i in range(3):
             daemon.wait_state(f"m{i}", "staged")
-        # Far more events than the queue holds, made by one touch(1) faster than any reader
-        # drains them, then the changes that matter, last.
-        noise = [str(source_dir / f"noise-{n}") for n in range(2000)]
-        subprocess.run(["touch", *noise], check=True)
-        for source in sources:
-            replace(source, os.urandom(64 << 10))
+        # Far more events than the queue holds, made while the daemon is stopped so that none
+        # is read before the queue overflows, then the changes that matter, last.
+        noise = [str(source_dir / f"noise-{n}") for n in range(200)]
+        daemon.process.send_signal(signal.SIGSTOP)
+        try:
+            subprocess.run(["touch", *noise], check=True)
+            for source in sources:
+                replace(source, os.urandom(64 << 10))
+        finally:
+            daemon.process.send_signal(signal.SIGCONT)
         expected = {f"m{i}": f"sha256:{sha256_file(source)}" for i, source in enumerate(sources)}
         wait_for(
             lambda: {m["name"]: m["digest"] for m in daemon.status()["models"]} == expected,
