@@ -73,6 +73,7 @@ def copy_source(
         cancel=job.cancel,
         expected_digest=settings.digest,
         sleep=system.sleep,
+        step=system.step,
     )
     relpaths = [f.relpath for f in manifest.files]
     check_generation(job.partial / manifest.root, relpaths, settings.validate)
@@ -117,7 +118,7 @@ class Actuator:
         if action.serving is Serving.RAM:
             assert action.generation is not None
             generation = self.generations.find(model.name, action.generation)
-            links.point(model.link, generation.target)
+            links.point(model.link, generation.target, step=self.system.step)
             self.generations.serve(model.name, generation)
             if model.generation != generation.id:
                 manifest = generation.manifest
@@ -132,9 +133,9 @@ class Actuator:
                     log.warning("%s: skipped %s", model.name, skipped)
         else:
             if action.serving is Serving.SOURCE:
-                links.point(model.link, model.settings.source)
+                links.point(model.link, model.settings.source, step=self.system.step)
             else:
-                links.remove(model.link)
+                links.remove(model.link, step=self.system.step)
             self.generations.release(model.name)
         model.serving, model.generation = action.serving, action.generation
 

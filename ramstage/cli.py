@@ -14,6 +14,7 @@ from ramstage import __version__, bench
 from ramstage.config import Config, config_path, load_config, read_yaml
 from ramstage.converters import Invalid, parse_size
 from ramstage.errors import ConfigError, NotFound, RamstageError, UsageError
+from ramstage.instance import free, keep_for_restart
 from ramstage.protocol import request
 from ramstage.store import Store
 from ramstage.system import System
@@ -151,12 +152,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace) -> Store:
-    return Store(_config(args)[1].store, System())
-
-
 def cmd_mount(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = Store(_config(args)[1].store, System())
     store.open()
     size, used = store.fs.usage()
     kind = "tmpfs" if store.fs.mounted else "plain directory"
@@ -165,15 +162,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    store = _store(args)
-    if not (store.config.mount and store.fs.mounted):
-        print(f"store {store.path}: not mounted")
-    elif store.holds_generations():
-        # After a crash links still point into the store; the next start adopts it.
-        print(f"store {store.path}: left mounted, it holds generations (not stopped cleanly)")
-    else:
-        store.fs.unmount()
-        print(f"store {store.path}: unmounted")
+    config, system = _config(args)[1], System()
+    kept = args.unless_restarting and keep_for_restart(system, args.unless_restarting)
+    if kept:
+        print(f"store {config.store.path}: kept, {kept}")
+        return 0
+    print(free(config, system))
     return 0
 
 
@@ -259,10 +253,16 @@ def _parser() -> argparse.ArgumentParser:
         cmd_mount,
         "mount or adopt the store's tmpfs where every service sees it (the unit's ExecStartPre)",
     )
-    command(
+    sub = command(
         "unmount",
         cmd_unmount,
-        "unmount the store unless it holds generations (the unit's ExecStopPost)",
+        "links back to the sources, RAM freed, store unmounted (the unit's ExecStopPost)",
+    )
+    sub.add_argument(
+        "--unless-restarting",
+        metavar="UNIT",
+        help="keep the store for the next daemon if UNIT's stop is part of a restart, or the "
+        "daemon died ($SERVICE_RESULT)",
     )
     sub = command("check-config", cmd_check_config, "validate a config file and list its problems")
     sub.add_argument("path", nargs="?", metavar="PATH")

@@ -67,12 +67,24 @@ class _Connection:
 _ACCEPT, _WAKE = "accept", "wake"
 
 
+def _refuse_if_answered(path: Path) -> None:
+    """A socket that accepts a connection belongs to a live daemon (one from before the lock
+    files, say): taking it over would cut that daemon off from every client."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return  # ECONNREFUSED: nobody listens, the file is a dead daemon's
+    raise RamstageError(f"another process listens on {path}; stop it or choose another socket")
+
+
 class ControlServer:
     def __init__(self, path: Path, handler: Handler) -> None:
         self.path, self.handler = path, handler
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_socket():
+            _refuse_if_answered(path)
             path.unlink()  # left by a daemon that was killed
         # Anyone may ask for status, so the socket is 0666; mutating commands are checked per
         # request. The umask makes bind(2) create it with that mode at once, with no chmod race.

@@ -91,9 +91,16 @@ class _Copier:
     none, and the check stays with the copy. Either way checking overlaps copying."""
 
     def __init__(
-        self, algorithm: str, on_bytes: Callable[[int], None], cancel: Event, abort: Event
+        self,
+        algorithm: str,
+        on_bytes: Callable[[int], None],
+        cancel: Event,
+        abort: Event,
+        *,
+        step: Callable[[str], None],
     ) -> None:
         self.algorithm, self.on_bytes, self.cancel, self.abort = algorithm, on_bytes, cancel, abort
+        self.step = step  # System.step, the crash hook
         self.buffers = [bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)]
         self.mapped: mmap.mmap | None = None  # the copy being written, to check it
         self.check_in_worker = algorithm in ("xxh3", "blake3")
@@ -235,6 +242,7 @@ def _copy_file(copier: _Copier, source: SourceFile, target: Path, src_fd: int) -
     before = os.fstat(src_fd)
     if not stat.S_ISREG(before.st_mode):
         raise RamstageError(f"{source.path}: not a regular file")
+    copier.step(f"write {target}")
     dst_fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         if before.st_size:
@@ -336,6 +344,7 @@ def stage_source(
     cancel: Event | None = None,
     expected_digest: str | None = None,
     sleep: Callable[[float], None] = time.sleep,  # System.sleep, in the daemon
+    step: Callable[[str], None] = lambda what: None,  # System.step, in the daemon
 ) -> Manifest:
     """Fills the empty directory `generation` with a verified copy of `source` that no one
     can read who could not read the source, retrying a bounded number of times if the source
@@ -350,7 +359,7 @@ def stage_source(
                 generation,
                 trust,
                 workers,
-                partial(_Copier, algorithm, progress, cancel),
+                partial(_Copier, algorithm, progress, cancel, step=step),
             )
             break
         except (SourceChanged, FileNotFoundError):

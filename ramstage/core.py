@@ -48,21 +48,31 @@ class Core:
         self.models[config.name] = model
         return model
 
-    def place_all(self) -> None:
-        """At start: every link in place at once, on an adoptable generation or the source."""
+    def place_all(self, held: set[str]) -> None:
+        """At start: every link in place at once, on an adoptable generation or the source;
+        then what no link points at any more goes (invariant 1 across a crash). Models in
+        `held` were evicted by the operator and stay on their sources."""
         configs = self.config.models
-        found = self.generations.scan({m.name for m in configs})
+        names = {m.name for m in configs}
+        links.prepare(self.config.links_dir, names, step=self.system.step)
+        found = self.generations.scan(names)
+        unadopted: list[Generation] = []
         for config in configs:
             model = self.add(config)
             generations = found.get(config.name, [])
-            adopted = self._adoptable(config, generations)
-            self.generations.drop(g for g in generations if g is not adopted)
+            adopted = None if config.name in held else self._adoptable(config, generations)
+            unadopted += [g for g in generations if g is not adopted]
+            exists = config.source.exists()
             if adopted:
                 self.generations.adopt(config.name, adopted)
                 self.apply(model, lifecycle.adopted(adopted.id, adopted.manifest.identities()))
                 log.info("%s: adopted generation %s without copying", config.name, adopted.id)
+            elif config.name in held:
+                self.apply(model, lifecycle.evict_requested(model, source_exists=exists))
+                log.info("%s: stays on its source, evicted by the operator", config.name)
             else:
-                self.apply(model, lifecycle.placed(model, source_exists=config.source.exists()))
+                self.apply(model, lifecycle.placed(model, source_exists=exists))
+        self.generations.drop(unadopted)
 
     def _adoptable(self, config: ModelConfig, generations: list[Generation]) -> Generation | None:
         for generation in generations:
@@ -149,14 +159,6 @@ class Core:
                 continue
             log.warning("%s: link %s was not where it belongs; put back", model.name, model.link)
             if expected:
-                links.point(model.link, expected)
+                links.point(model.link, expected, step=self.system.step)
             else:
-                links.remove(model.link)
-
-    def release_all(self) -> None:
-        """At a clean stop: every link back on its source, every generation deleted."""
-        for model in self.models.values():
-            exists = model.settings.source.exists()
-            self.apply(
-                model, lifecycle.released(model, "ramstage is stopping", source_exists=exists)
-            )
+                links.remove(model.link, step=self.system.step)

@@ -13,7 +13,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from ramstage import lifecycle, links
+from ramstage import lifecycle
 from ramstage.actuator import Actuator
 from ramstage.config import Config, load_config, source_problems, trust_warnings
 from ramstage.control import ControlServer
@@ -21,6 +21,7 @@ from ramstage.core import Core
 from ramstage.errors import RamstageError
 from ramstage.eviction import Relief
 from ramstage.generations import Generations
+from ramstage.instance import load_held, only_one, save_held
 from ramstage.model import (
     Event,
     JobDone,
@@ -73,6 +74,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self.snapshot = Snapshot()
         self.ready_sent = False
+        self.held: set[str] = set()  # the operator's evictions, as saved for the next start
         self.stopping = False
         # Periodic work, by name: the next monotonic time it is due. The other timers live on
         # the records (settle, backoff) and in the generations (grace periods).
@@ -81,6 +83,10 @@ class Daemon:
     # ---- life cycle ----------------------------------------------------------------------
 
     def run(self) -> int:
+        with only_one(self.core.config, "start"):
+            return self._run()
+
+    def _run(self) -> int:
         core, post = self.core, self.events.put
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: post(Stop(signum)))
@@ -88,8 +94,8 @@ class Daemon:
         for problem in [*source_problems(core.config), *trust_warnings(core.config)]:
             log.warning("%s", problem)
         core.store.open()
-        links.prepare(core.config.links_dir)
-        core.place_all()
+        self.held = load_held(core.config)
+        core.place_all(self.held)
         core.updates.start()
         core.relief.watch(core.config.memory)
         self._publish_snapshot()  # before the socket opens: no status without the models
@@ -164,16 +170,22 @@ class Daemon:
             core.updates.rescan("periodic rescan")
 
     def _shutdown(self) -> None:
+        """Keeps every verified generation and its link for the next daemon to adopt (a
+        restart copies nothing); `ramstage unmount` frees them when none follows."""
         core = self.core
-        log.info("stopping: links back to their sources, RAM freed")
+        staged = sum(m.serving is Serving.RAM for m in core.models.values())
+        log.info(
+            "stopping: %d models stay in RAM behind their links for the next start "
+            "(`ramstage unmount` frees them)",
+            staged,
+        )
         self.notifier.send("STOPPING=1")
         if self.control:
             self.control.close()
         core.updates.stop()
         core.relief.stop()
         core.actuator.stop(core.models.values())
-        core.release_all()
-        core.store.fs.close()
+        core.generations.expire(float("inf"))  # swapped-out versions no link points at
         self._refuse_late_events()
 
     def _refuse_late_events(self) -> None:
@@ -231,6 +243,10 @@ class Daemon:
         )
         staged = sum(m.serving is Serving.RAM for m in core.models.values())
         self.notifier.status(f"{staged}/{len(core.models)} models staged")
+        held = {m.name for m in core.models.values() if m.held}
+        if held != self.held:
+            save_held(core.config, held)
+            self.held = held
 
     def status(self, name: str | None = None) -> dict[str, Any]:
         """Runs in the control thread, from the latest snapshot plus fresh readings."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ramstage.holders import FileKey, holders
 from ramstage.manifest import Manifest
-from ramstage.store import Generation, Store, remove_tree
+from ramstage.store import Generation, Store
 from ramstage.system import System
 
 log = logging.getLogger("ramstage")
@@ -74,7 +74,7 @@ class Generations:
     def discard(self, name: str, partial: Path) -> None:
         """A copy that failed, or that is no longer wanted: its partial goes."""
         self._in_flight.get(name, set()).discard(partial)
-        remove_tree(partial)
+        self.store.remove_path(partial)
         if name in self._forgotten and not self._in_flight.get(name):
             self._forgotten.discard(name)
             self.store.remove_model(name)

@@ -296,7 +296,12 @@ def placed(model: Model, *, source_exists: bool) -> list[Action]:
 
 
 def source_replaced(model: Model, *, source_exists: bool) -> list[Action]:
-    """A reload gave the model another source, digest or validation: stage it afresh."""
+    """A reload gave the model another source, digest or validation: it is staged afresh. As
+    with a source update, a verified copy in RAM is served until the new one replaces it; a
+    new source that is not there leaves nothing to wait for."""
+    if model.serving is Serving.RAM and source_exists:
+        drop: list[Action] = [DropCopy()] if model.job else []
+        return [*drop, Remember(None), Note(Why(Reason.SOURCE_CHANGED)), Want(True)]
     actions = fall_back(model, Why(Reason.SOURCE_CHANGED), source_exists=source_exists)
     return [*actions, Want(True)] if source_exists else actions
 

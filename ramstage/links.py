@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+
+Step = Callable[[str], None]  # System.step: the crash hook's count of changes
 
 
 def read(link: Path) -> str | None:
@@ -15,15 +18,17 @@ def read(link: Path) -> str | None:
         return None
 
 
-def point(link: Path, target: Path) -> None:
+def point(link: Path, target: Path, *, step: Step) -> None:
     if read(link) == str(target):
         return
     temporary = link.with_name(f".{link.name}.{secrets.token_hex(4)}.tmp")
+    step(f"link {temporary.name}")
     try:
         os.symlink(target, temporary)
     except FileNotFoundError:
         link.parent.mkdir(parents=True, exist_ok=True)  # someone removed the links directory
         os.symlink(target, temporary)
+    step(f"flip {link.name} -> {target}")
     try:
         os.replace(temporary, link)
     except OSError:
@@ -31,14 +36,18 @@ def point(link: Path, target: Path) -> None:
         raise
 
 
-def remove(link: Path) -> None:
+def remove(link: Path, *, step: Step) -> None:
     if link.is_symlink():
+        step(f"unlink {link.name}")
         link.unlink()
 
 
-def prepare(links_dir: Path) -> None:
-    """Creates the links directory and removes temporary links left by a crash."""
+def prepare(links_dir: Path, names: set[str], *, step: Step) -> None:
+    """Creates the links directory and removes temporary links left by a crash, and the links
+    of models no longer configured (removed from the config while no daemon ran)."""
     links_dir.mkdir(parents=True, exist_ok=True)
-    for entry in links_dir.glob(".*.tmp"):
-        if entry.is_symlink():
+    for entry in links_dir.iterdir():
+        temporary = entry.name.startswith(".") and entry.name.endswith(".tmp")
+        if entry.is_symlink() and (temporary or entry.name not in names):
+            step(f"unlink {entry.name}")
             entry.unlink()

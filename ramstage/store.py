@@ -82,7 +82,7 @@ def _take_back(directory: Path) -> None:
 
 class Store:
     def __init__(self, config: StoreConfig, system: System) -> None:
-        self.config, self.path = config, config.path
+        self.config, self.path, self.system = config, config.path, system
         self.fs = Tmpfs(config, system)
 
     def open(self) -> None:
@@ -95,10 +95,6 @@ class Store:
             )
         (self.path / MARKER).touch()
 
-    def holds_generations(self) -> bool:
-        """Whether some published generation is left, which a link may still point at."""
-        return any(self.path.glob("*/*.json"))
-
     def scan(self, names: set[str]) -> dict[str, list[Generation]]:
         """Removes partial and unknown entries and returns the published generations."""
         found: dict[str, list[Generation]] = {}
@@ -107,7 +103,7 @@ class Store:
                 continue
             if entry.name not in names or not entry.is_dir() or entry.is_symlink():
                 log.info("removing %s: not a configured model", entry)
-                remove_tree(entry)
+                self.remove_path(entry)
                 continue
             self.model_dir(entry.name)
             found[entry.name] = self._scan_model(entry)
@@ -127,8 +123,8 @@ class Store:
                     log.warning("removing %s: unreadable manifest (%s)", entry, error)
             if manifest is None or manifest.generation_id != entry.name:
                 log.info("removing %s: partial or unknown", entry)
-                remove_tree(entry)
-                remove_tree(manifest_path)
+                self.remove_path(entry)
+                self.remove_path(manifest_path)
                 continue
             generations.append(Generation(entry, manifest))
         return generations
@@ -152,21 +148,36 @@ class Store:
         (copier.py), a generation (invariant 3), then writes its manifest, which is what makes
         it count. The manifest names the files and their digests: root's eyes only."""
         final = partial.parent / manifest.generation_id
+        self.system.step(f"rename {partial} -> {final.name}")
         if final.exists():
             remove_tree(partial)  # the same content, with the same owners, is already here
         else:
             os.rename(partial, final)
         temporary = partial.parent / f".{manifest.generation_id}.json.tmp"
+        self.system.step(f"write {temporary}")
         with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(manifest.to_json())
+        self.system.step(f"rename {temporary.name}")
         os.replace(temporary, partial.parent / f"{manifest.generation_id}.json")
         return Generation(final, manifest)
 
     def remove(self, generation: Generation) -> None:
         """Deletes a generation; its manifest goes first, so a crash halfway leaves debris,
         never a generation that looks complete."""
+        self.system.step(f"unlink {generation.path}.json")
         remove_tree(generation.path.parent / f"{generation.id}.json")
-        remove_tree(generation.path)
+        self.remove_path(generation.path)
+
+    def remove_path(self, path: Path) -> None:
+        """Removes a file or tree in the store: debris, a partial copy, a model's directory."""
+        self.system.step(f"remove {path}")
+        remove_tree(path)
 
     def remove_model(self, name: str) -> None:
-        remove_tree(self.path / name)
+        self.remove_path(self.path / name)
+
+    def clear(self) -> None:
+        """Everything in the store goes but its marker (`ramstage unmount`)."""
+        for entry in self.path.iterdir():
+            if entry.name != MARKER:
+                self.remove_path(entry)

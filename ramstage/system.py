@@ -1,5 +1,5 @@
 """The one seam to the operating system: /proc readings (meminfo, mounts), the clock and
-sleep, the environment, and mount(8).
+sleep, the environment, mount(8) and systemctl(1), and the test-only crash hook.
 
 Tests point `proc` at a mock-up, pass their own environment, or replace the clock to reach
 corner cases (earlyoom's procdir_path); everything else uses the real thing.
@@ -8,11 +8,15 @@ corner cases (earlyoom's procdir_path); everything else uses the real thing.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+CRASH_AT = "RAMSTAGE_CRASH_AT"
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,25 @@ class System:
     ) -> None:
         self.proc = proc
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        crash_at = self.environ.get(CRASH_AT)
+        self._crash_at = int(crash_at) if crash_at else None
+        self._steps = 0
+        self._steps_lock = threading.Lock()
+
+    def step(self, what: str) -> None:
+        """Called before every change to the store or the links (a file written, a rename, an
+        unlink, a link flip). Test-only: with RAMSTAGE_CRASH_AT=k the process logs each step
+        and SIGKILLs itself at the k-th, before it is taken (docs/reliability.md, "Crash
+        matrix"). Unset, it costs one comparison."""
+        if self._crash_at is None:
+            return
+        with self._steps_lock:
+            self._steps += 1
+            number = self._steps
+            # Straight to stderr, unbuffered: the line must be out before the kill.
+            os.write(2, f"ramstage crash hook: step {number}: {what}\n".encode())
+            if number == self._crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def monotonic(self) -> float:
         return time.monotonic()
@@ -75,6 +98,24 @@ class System:
         result = subprocess.run(argv, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise OSError(f"{' '.join(argv)}: {result.stderr.strip() or 'failed'}")
+
+    def queued_job(self, unit: str) -> str | None:
+        """The type of the job systemd runs or has queued for `unit` (`restart`, `start`,
+        `stop`, ...), or None: systemctl list-jobs prints JOB UNIT TYPE STATE."""
+        try:
+            result = subprocess.run(
+                ["systemctl", "list-jobs", "--no-legend", "--plain", unit],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        except FileNotFoundError:
+            return None  # no systemd here: nothing queued
+        for line in result.stdout.splitlines():
+            fields = line.split()
+            if len(fields) >= 3 and fields[1] == unit:
+                return fields[2]
+        return None
 
 
 def _mount_ids(mountinfo: Path) -> set[str]:

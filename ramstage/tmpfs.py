@@ -25,7 +25,6 @@ class Tmpfs:
         self.config, self.system = config, system
         self.path = config.path
         self.swappable: bool | None = None  # None: unknown (a plain directory)
-        self.mounted_here = False  # mounted by this process rather than adopted
 
     def _entry(self) -> MountEntry | None:
         return next((m for m in reversed(self.system.mounts()) if m.mountpoint == self.path), None)
@@ -79,7 +78,6 @@ class Tmpfs:
                 if not extras:
                     raise
         self.swappable = "noswap" not in extras
-        self.mounted_here = True
         if not self.mounted:
             raise RamstageError(
                 f"the tmpfs at {self.path} was mounted in PID 1's mount namespace but cannot be "
@@ -91,13 +89,6 @@ class Tmpfs:
             self.path,
             extras.strip(",") or "swappable, small pages",
         )
-
-    def close(self) -> None:
-        """Unmounts the tmpfs we mounted, or one we may unmount ourselves (we run in PID 1's
-        mount namespace). A sandboxed daemon that adopted the tmpfs leaves it to the unit's
-        `ramstage unmount`."""
-        if self.mounted_here or self.system.in_init_mount_namespace():
-            self.unmount()
 
     def unmount(self) -> None:
         """Unmounts the tmpfs in PID 1's namespace. A lazy unmount lets a reader that still

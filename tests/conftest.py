@@ -291,3 +291,39 @@ class LinkWatcher(threading.Thread):
     def stop(self) -> None:
         self._done.set()
         self.join()
+
+
+class LinkReader(threading.Thread):
+    """Opens and reads whole files through links as fast as it can, as an application loading
+    a model would, and records every read that fails (a dangling link: ENOENT) or returns bytes
+    that are none of the versions allowed for that path (a partial or wrong copy), and the
+    (st_dev, st_ino) of every file it read. `paths` maps a path through a link (the link
+    itself, or LINK/relpath) to the sha256 digests it may show; tests may change it between
+    steps."""
+
+    def __init__(self, paths: dict[Path, set[str]]) -> None:
+        super().__init__(daemon=True)
+        self.paths = paths
+        self.failures: list[str] = []
+        self.inodes: dict[Path, set[tuple[int, int]]] = {path: set() for path in paths}
+        self.reads = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            for path, allowed in list(self.paths.items()):
+                try:
+                    with open(path, "rb") as f:
+                        st = os.fstat(f.fileno())
+                        data = f.read()
+                except OSError as error:
+                    self.failures.append(f"{path}: {error}")
+                    continue
+                self.reads += 1
+                self.inodes.setdefault(path, set()).add((st.st_dev, st.st_ino))
+                if hashlib.sha256(data).hexdigest() not in allowed:
+                    self.failures.append(f"{path}: {len(data)} bytes, not a version it had")
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()

@@ -53,15 +53,17 @@ def test_a_sandboxed_daemon_adopts_the_mount_and_unmount_removes_it_after_a_clea
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
-    assert os.path.realpath(daemon.links / "m") == str(source)
-    assert store_mount(daemon) is not None  # not the daemon's to unmount from its namespace
+    assert os.path.realpath(daemon.links / "m") == target  # kept for the next daemon
+    assert store_mount(daemon) is not None
 
     assert "unmounted" in daemon.cli("unmount", check=True).stdout
+    assert os.path.realpath(daemon.links / "m") == str(source)
     assert store_mount(daemon) is None
 
 
-def test_unmount_leaves_a_store_that_links_point_into_and_a_restart_adopts_it(
-    tmp_path, make_daemon
+@pytest.mark.parametrize("result", ["signal", "watchdog", "exit-code"])
+def test_the_stop_path_keeps_the_store_after_a_crash_and_a_restart_adopts_it(
+    tmp_path, make_daemon, result
 ):
     source = write_random(tmp_path / "src" / "m.ckpt", 2 << 20)
     daemon = make_daemon([{"name": "m", "source": str(source)}], mount=True).start()
@@ -70,7 +72,10 @@ def test_unmount_leaves_a_store_that_links_point_into_and_a_restart_adopts_it(
     target = os.path.realpath(daemon.links / "m")
     assert target.startswith(str(daemon.store))
 
-    assert "left mounted" in daemon.cli("unmount", check=True).stdout
+    # As systemd runs ExecStopPost after a crash: $SERVICE_RESULT says how the daemon ended.
+    kept = unmount_as_stop_post(daemon, result)
+    assert kept.returncode == 0, kept.stderr
+    assert f"kept, the daemon ended with {result}" in kept.stdout
     assert os.path.exists(target)
 
     inode = os.stat(target).st_ino
@@ -79,4 +84,20 @@ def test_unmount_leaves_a_store_that_links_point_into_and_a_restart_adopts_it(
     daemon.wait_state("m", "staged")
     assert os.stat(os.path.realpath(daemon.links / "m")).st_ino == inode
     assert daemon.stop() == 0
-    assert store_mount(daemon) is None  # in PID 1's namespace the daemon unmounts it itself
+    assert store_mount(daemon) is not None  # a stop keeps it for the next start
+
+    freed = unmount_as_stop_post(daemon, "success")  # no systemd job here: a plain stop
+    assert "unmounted" in freed.stdout, freed.stderr
+    assert store_mount(daemon) is None
+    assert os.readlink(daemon.links / "m") == str(source)
+
+
+def unmount_as_stop_post(daemon, result):  # type: ignore[no-untyped-def]
+    return subprocess.run(
+        [sys.executable, "-m", "ramstage", "unmount", "--config", str(daemon.config_path)]
+        + ["--unless-restarting", "ramstage-test-nonexistent.service"],
+        env={**os.environ, "SERVICE_RESULT": result},
+        capture_output=True,
+        text=True,
+        check=False,
+    )

@@ -54,14 +54,17 @@ def test_reload_adds_removes_and_changes_models(tmp_path, make_daemon, how):
     assert keep_now["generation"] == staged["keep"]["generation"]  # untouched: no new copy
     assert keep_now["priority"] == 5
 
+    # The old copy is served until the new source's is staged, then kept for its grace period.
     wait_for(
         lambda: (
-            daemon.model("change")["state"] == "staged"
-            and daemon.model("change")["source"] == str(new_source)
+            (m := daemon.model("change"))["state"] == "staged"
+            and m["generation"] != staged["change"]["generation"]
+            and m["reason"] is None
         )
     )
+    assert daemon.model("change")["source"] == str(new_source)
     assert sha256_file(daemon.links / "change") == sha256_file(new_source)
-    assert not os.path.exists(staged["change"]["target"])
+    wait_for(lambda: not os.path.exists(staged["change"]["target"]), timeout=30)
 
     daemon.wait_state("added", "staged")
     assert os.path.realpath(daemon.links / "added").startswith(str(daemon.store) + "/")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import sha256_file, wait_for, write_random
+from conftest import sha256_file, write_random
 
 
 def findmnt(path: Path) -> dict[str, Any] | None:
@@ -152,26 +152,29 @@ def test_partial_and_unknown_entries_in_the_store_are_removed_at_start(tmp_path,
 
 @pytest.mark.root
 @pytest.mark.parametrize("mount", [True, False], ids=["tmpfs", "directory"])
-def test_sigterm_puts_links_back_frees_the_store_and_removes_the_socket(
-    tmp_path, make_daemon, mount
-):
+def test_sigterm_keeps_links_and_store_and_unmount_frees_them(tmp_path, make_daemon, mount):
     file_source = write_random(tmp_path / "ssd" / "a.ckpt", 8 << 20)
     dir_source = write_random(tmp_path / "ssd" / "b" / "shard.bin", 1 << 20).parent
     daemon = make_daemon(
         [{"name": "a", "source": str(file_source)}, {"name": "b", "source": str(dir_source)}],
         mount=mount,
     ).start()
-    daemon.wait_state("a", "staged")
-    daemon.wait_state("b", "staged")
+    staged = {name: daemon.wait_state(name, "staged")["target"] for name in ("a", "b")}
     assert daemon.stop(signal.SIGTERM) == 0
+    assert not daemon.socket.exists()
+    for name, target in staged.items():
+        assert os.readlink(daemon.links / name) == target  # still on the copy in RAM
+    assert sha256_file(daemon.links / "a") == sha256_file(file_source)
+    assert "stopping: 2 models stay in RAM behind their links" in daemon.log()
+
+    freed = daemon.cli("unmount", check=True).stdout
+    assert "every link on its source" in freed
     assert os.readlink(daemon.links / "a") == str(file_source)
     assert os.readlink(daemon.links / "b") == str(dir_source)
     assert sha256_file(daemon.links / "a") == sha256_file(file_source)
-    assert not daemon.socket.exists()
     if mount:
-        wait_for(lambda: findmnt(daemon.store) is None)
+        assert findmnt(daemon.store) is None
     else:
         assert [p for p in daemon.store.rglob("*") if p.is_file()] == [
             daemon.store / ".ramstage-store"
         ]
-    assert "stopping: links back to their sources, RAM freed" in daemon.log()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest import write_random
 
-from ramstage import lifecycle, links
+from ramstage import lifecycle
 from ramstage.config import parse_config
 from ramstage.daemon import Daemon
 from ramstage.generations import SWAP_GRACE_SECONDS
@@ -60,8 +60,7 @@ class Core:
         self.events: queue.SimpleQueue[Event] = daemon.events
         self.core = daemon.core
         self.core.store.open()
-        links.prepare(self.core.config.links_dir)
-        self.core.place_all()
+        self.core.place_all(set())
 
     def copy_next(self) -> JobDone:
         """Starts the next copy and waits for the worker to report back (events, not sleep)."""
@@ -80,7 +79,6 @@ class Core:
 
     def close(self) -> None:
         self.core.actuator.stop(self.core.models.values())
-        self.core.release_all()
 
 
 @pytest.fixture

@@ -395,8 +395,14 @@ def test_settled(model: Model, listing: Listing, writers: bool, expected: list[A
         pytest.param(
             in_ram(),
             lambda m: lifecycle.source_replaced(m, source_exists=True),
+            [Remember(None), Note(CHANGED), Want(True)],
+            id="reload-replaced-keeps-serving-ram",
+        ),
+        pytest.param(
+            record(),
+            lambda m: lifecycle.source_replaced(m, source_exists=True),
             [Serve(SOURCE), Note(CHANGED), Want(False), Answer("source_changed"), Want(True)],
-            id="reload-replaced",
+            id="reload-replaced-on-source",
         ),
         pytest.param(
             record(),
