@@ -298,10 +298,10 @@ class LinkReader(threading.Thread):
     a model would, and records every read that fails (a dangling link: ENOENT) or returns bytes
     that are none of the versions allowed for that path (a partial or wrong copy), and the
     (st_dev, st_ino) of every file it read. `paths` maps a path through a link (the link
-    itself, or LINK/relpath) to the sha256 digests it may show; tests may change it between
-    steps."""
+    itself, or LINK/relpath) to the sha256 digests it may show, and None where the link may be
+    gone (a model removed from the config); tests may change it between steps."""
 
-    def __init__(self, paths: dict[Path, set[str]]) -> None:
+    def __init__(self, paths: dict[Path, set[str | None]]) -> None:
         super().__init__(daemon=True)
         self.paths = paths
         self.failures: list[str] = []
@@ -316,6 +316,11 @@ class LinkReader(threading.Thread):
                     with open(path, "rb") as f:
                         st = os.fstat(f.fileno())
                         data = f.read()
+                except FileNotFoundError as error:
+                    # A link that may be gone must be gone, not left dangling.
+                    if None not in allowed or os.path.lexists(path):
+                        self.failures.append(f"{path}: {error}")
+                    continue
                 except OSError as error:
                     self.failures.append(f"{path}: {error}")
                     continue
