@@ -100,15 +100,15 @@ def save_held(config: Config, names: set[str]) -> None:
 
 
 def keep_for_restart(system: System, unit: str) -> str | None:
-    """Why the store stays after the unit stopped, or None to free it: the daemon died (its
-    Restart= brings it back, and after a crash the links still point into the store), or a
-    start of the unit follows (a restart job)."""
-    result = system.environ.get("SERVICE_RESULT", "success")
-    if result != "success":
-        return f"the daemon ended with {result}; the restart adopts it"
+    """Why the store stays after the unit stopped, or None to free it: a start of the unit
+    follows (a restart job), or the daemon died with no stop asked for (Restart= brings it
+    back, and the links still point into the store)."""
     job = system.queued_job(unit)
     if job in RESTARTING_JOBS:
         return f"systemd is running a {job} job for {unit}; the next daemon adopts it"
+    result = system.environ.get("SERVICE_RESULT", "success")
+    if job is None and result != "success":
+        return f"the daemon ended with {result}; its restart adopts it"
     return None
 
 

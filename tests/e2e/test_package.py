@@ -178,6 +178,29 @@ def restarted(machine: Machine, old_pid: str) -> bool:
     return pid not in ("0", old_pid) and state == "active"
 
 
+def test_restart_and_reinstall_keep_the_copies_in_ram(machine: Machine) -> None:
+    """systemctl restart, and the restart after a package upgrade (a reinstall of the same
+    .deb runs the same maintainer scripts): the same generations, adopted, nothing copied."""
+    before = {name: inode(machine, f"{LINKS}/{name}") for name in ("lama", "sd15")}
+    targets = {name: model(machine, name)["target"] for name in before}
+    deb = next(machine.root.glob("root/ramstage_*_all.deb"))
+    for how in (
+        ["systemctl", "restart", "ramstage"],
+        ["apt-get", "install", "--reinstall", "-y", "-qq", f"/root/{deb.name}"],
+    ):
+        pid = show(machine, "MainPID")
+        machine.run(*how)
+        machine.wait_for(lambda pid=pid: restarted(machine, pid), f"{how[0]} to restart")
+        for name, number in before.items():
+            assert staged(machine, name), how
+            assert model(machine, name)["target"] == targets[name], how
+            assert inode(machine, f"{LINKS}/{name}") == number, how  # the same file: adopted
+        assert store_mount(machine) == "ramstage tmpfs"
+    journal = machine.journal()
+    assert journal.count("kept, systemd is running a restart job for ramstage.service") == 2
+    assert journal.count("lama: adopted generation") >= 2
+
+
 def test_a_killed_daemon_is_restarted_and_adopts_the_generation(machine: Machine) -> None:
     pid, restarts = show(machine, "MainPID"), int(show(machine, "NRestarts"))
     before = {name: inode(machine, f"{LINKS}/{name}") for name in ("lama", "sd15")}
