@@ -185,7 +185,6 @@ class Daemon:
         core.updates.stop()
         core.relief.stop()
         core.actuator.stop(core.models.values())
-        core.generations.expire(float("inf"))  # swapped-out versions no link points at
         self._refuse_late_events()
 
     def _refuse_late_events(self) -> None:
