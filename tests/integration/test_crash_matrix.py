@@ -156,7 +156,9 @@ def done(bench: Bench, scenario: str) -> bool:
     if scenario in ("update", "reload", "start"):
         # On the new version, and the old one deleted after its grace period.
         new = "m.ckpt" if scenario == "update" else "v2.bin"
-        alone = len(published(bench.daemon.store)["m"]) == 1
+        generation = models["m"]["generation"]
+        found = {p.name for p in (bench.daemon.store / "m").iterdir()}
+        alone = found == {generation, f"{generation}.json"}
         return alone and digest(Path(models["m"]["target"])) == digest(bench.ssd / new)
     return True
 
