@@ -106,7 +106,7 @@ def build(tmp_path: Path, make_daemon: Callable[..., Daemon], scenario: str) -> 
     daemon = make_daemon(models, root=work, watch={"settle": "100ms"})
     bench = Bench(work, tmp_path / "template", daemon)
     daemon.start()
-    wait_for(bench.settled, timeout=60)
+    wait_for(bench.settled, timeout=120)
     daemon.stop(signal.SIGTERM)  # keeps the store and the links
     if scenario == "stage":
         daemon.cli("unmount", check=True)  # every link on its source, the store empty
@@ -181,7 +181,7 @@ def run_to(bench: Bench, scenario: str, point: int) -> bool:
         act(bench, scenario)
     wait_for(
         lambda: process.poll() is not None or finished(lambda: done(bench, scenario)),
-        timeout=60,
+        timeout=120,
         context=daemon.log,
     )
     return process.poll() is not None
@@ -198,9 +198,10 @@ def published(store: Path) -> dict[str, set[str]]:
 
 def check_after_restart(bench: Bench, before: dict[str, set[str]], point: int) -> None:
     daemon = bench.daemon
+    killed = len(daemon.log())  # the killed daemon is gone: what follows is the restarted one's
     daemon.start()
-    models = wait_for(bench.settled, timeout=60, context=daemon.log)
-    log = daemon.log().split("ramstage crash hook")[-1]  # the restarted daemon's lines
+    models = wait_for(bench.settled, timeout=120, context=daemon.log)
+    log = daemon.log()[killed:]
     owned = {}
     for name, model in models.items():
         link = daemon.links / name
