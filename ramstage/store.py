@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -72,6 +73,26 @@ def remove_tree(path: Path) -> None:
         for name in subdirs:
             _take_back(Path(directory, name))
     shutil.rmtree(path)
+
+
+def link_copy(existing: Path, target: Path, access: tuple[int, int, int], size: int) -> bool:
+    """Makes `target` another name of a copy already in the store, while that is still the
+    copy published: a regular file of this owner, group, mode and size. False when it has gone,
+    or when the kernel refuses the link (fs.protected_hardlinks: a file ramstage does not own,
+    without CAP_FOWNER); the caller then copies."""
+    try:
+        st = os.lstat(existing)
+        shown = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_size)
+        if not stat.S_ISREG(st.st_mode) or shown != (*access, size):
+            return False
+        os.link(existing, target, follow_symlinks=False)
+    except (FileNotFoundError, PermissionError):
+        return False
+    linked = os.lstat(target)
+    if (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):  # replaced in between
+        target.unlink()
+        return False
+    return True
 
 
 def _take_back(directory: Path) -> None:

@@ -70,8 +70,8 @@ class SourceUpdates:
         due = [m.changed_at for m in self.models.values() if m.changed_at is not None]
         return min(due) + self.config.settle_seconds if due else None
 
-    def _sources(self) -> dict[str, Path]:
-        return {name: model.settings.source for name, model in self.models.items()}
+    def _sources(self) -> dict[str, tuple[Path, ...]]:
+        return {name: model.settings.watched for name, model in self.models.items()}
 
     def on_event(self, name: str) -> None:
         model = self.models.get(name)
