@@ -256,3 +256,32 @@ def test_a_symlink_out_of_the_repo_is_refused_and_a_snapshot_never_stages_empty(
     assert os.readlink(daemon.links / "out") == str(hub.snapshot(lonely))
     store_files = [f for _, _, files in os.walk(daemon.store) for f in files]
     assert "shadow" not in store_files and "leak.bin" not in store_files
+
+
+def test_a_new_revision_needs_room_only_for_what_it_does_not_share(tmp_path, make_hub_daemon):
+    """13 MiB hold one revision (8 MiB) and the next one's own 2 MiB beside it, not two full
+    copies: the shared shard is neither copied nor counted again when the ref moves."""
+    hub = HubCache(tmp_path / "hub")
+    hub.revision("v1")
+    daemon = make_hub_daemon(
+        [{"name": "m", "hf": "org/name", "hf_cache": str(hub.cache)}],
+        store={"size": "13M", "huge": "never"},
+    ).start()
+    first = daemon.wait_state("m", "staged")
+    second = hub.revision("v2")
+    model = wait_for(lambda: (m := daemon.model("m"))["target"].endswith(second) and m)
+    assert model["state"] == "staged" and model["reason"] is None
+    assert tag_of(Path(model["target"])) == "v2"
+    assert first["generation"] != model["generation"]
+
+
+def test_a_repo_downloaded_after_the_model_was_configured_is_staged(tmp_path, make_hub_daemon):
+    hub = HubCache(tmp_path / "hub")
+    hub.cache.mkdir()
+    daemon = make_hub_daemon([{"name": "m", "hf": "org/name", "hf_cache": str(hub.cache)}])
+    daemon.start()
+    assert daemon.wait_state("m", "missing")["reason"] == "source_missing"
+    assert "org/name is not in the cache" in daemon.log()
+    commit = hub.revision("v1")  # watched from the cache directory: no rescan needed
+    model = daemon.wait_state("m", "staged")
+    assert model["source"] == str(hub.snapshot(commit))
