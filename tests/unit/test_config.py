@@ -367,6 +367,13 @@ def test_the_example_models_pass_once_their_sources_exist(tmp_path, capsys):
     )
     data["models"] = yaml.safe_load(commented)["models"]
     for index, entry in enumerate(data["models"]):
+        if "hf" in entry:
+            repo = tmp_path / "hub" / ("models--" + entry["hf"].replace("/", "--"))
+            (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+            (repo / "refs").mkdir()
+            (repo / "refs" / entry["revision"]).write_text("0" * 40)
+            entry["hf_cache"] = str(tmp_path / "hub")
+            continue
         entry["source"] = str(tmp_path / f"source{index}")
         Path(entry["source"]).write_bytes(b"x")
     code, output = check(tmp_path, data, capsys)
