@@ -118,6 +118,24 @@ def check_blob(path: Path, digest: str) -> None:
         )
 
 
+def downloads(snapshot: Path) -> set[tuple[int, int]]:
+    """(device, inode) of the blobs being downloaded into a snapshot's repo: huggingface_hub
+    moves refs/main first, then writes each file to blobs/NAME.incomplete and renames it once
+    complete. While a process holds one open for writing, the snapshot is not whole yet; one
+    left behind by a download that stopped holds nothing up."""
+    repo = snapshot.parent.parent
+    if snapshot.parent.name != "snapshots" or not repo.name.startswith(HUB_REPO_PREFIXES):
+        return set()
+    found = set()
+    for path in (repo / "blobs").glob("*.incomplete"):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:  # finished meanwhile
+            continue
+        found.add((st.st_dev, st.st_ino))
+    return found
+
+
 def lfs_sha256(path: Path) -> str | None:
     """The sha256 a blob's name promises, for an LFS blob of a hub cache (a small file's blob
     is named by git's sha1 of it instead, which says nothing of its bytes' sha256)."""

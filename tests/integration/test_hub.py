@@ -285,3 +285,28 @@ def test_a_repo_downloaded_after_the_model_was_configured_is_staged(tmp_path, ma
     commit = hub.revision("v1")  # watched from the cache directory: no rescan needed
     model = daemon.wait_state("m", "staged")
     assert model["source"] == str(hub.snapshot(commit))
+
+
+def test_a_download_in_progress_is_taken_up_once_it_is_whole(tmp_path, make_hub_daemon):
+    """huggingface_hub moves refs/main first, then writes each blob as NAME.incomplete and
+    links it into the snapshot when done: a half-downloaded revision is never staged."""
+    hub = HubCache(tmp_path / "hub")
+    hub.revision("v1")
+    daemon = make_hub_daemon([{"name": "m", "hf": "org/name", "hf_cache": str(hub.cache)}])
+    daemon.start(debug=True)
+    first = daemon.wait_state("m", "staged")
+    commit = hashlib.sha1(b"v2").hexdigest()
+    snapshot = hub.snapshot(commit)
+    snapshot.mkdir()
+    (hub.repo / "refs" / "main").write_text(commit)
+    incomplete = hub.repo / "blobs" / "f00d.incomplete"
+    with open(incomplete, "wb") as download:
+        download.write(b"half a shard")
+        (snapshot / "config.json").symlink_to(os.readlink(Path(first["source"]) / "config.json"))
+        wait_for(lambda: "m: still open for writing" in daemon.log(), context=daemon.log)
+        assert daemon.model("m")["generation"] == first["generation"]
+        snapshot.rename(tmp_path / "partial")  # the download goes on, until the snapshot is whole
+        hub.revision("v2")
+    incomplete.unlink()
+    model = wait_for(lambda: (m := daemon.model("m"))["target"].endswith(commit) and m)
+    assert tag_of(Path(model["target"])) == "v2"
