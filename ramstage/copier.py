@@ -318,7 +318,8 @@ def _copy_one(
         # The same source file, unchanged, already copied with the same access: shared.
         now, access = identity(os.fstat(src_fd)), source.owner.as_tuple()
         known = copies.get((now, access, copier.algorithm))
-        if known and link_copy(known[0], base / source.relpath, access, now[2]):
+        if known and link_copy(*known, base / source.relpath, access, now[2]):
+            copier.on_bytes(now[2])
             return StagedFile(source.relpath, now[2], known[1], now, access)
         return _copy_file(copier, source, base / source.relpath, src_fd)
     finally:

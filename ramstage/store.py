@@ -19,6 +19,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ramstage.config import StoreConfig
+from ramstage.digest import hash_file
 from ramstage.errors import RamstageError
 from ramstage.manifest import Manifest
 from ramstage.system import System
@@ -75,9 +76,12 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def link_copy(existing: Path, target: Path, access: tuple[int, int, int], size: int) -> bool:
+def link_copy(
+    existing: Path, digest: str, target: Path, access: tuple[int, int, int], size: int
+) -> bool:
     """Makes `target` another name of a copy already in the store, while that is still the
-    copy published: a regular file of this owner, group, mode and size. False when it has gone,
+    copy published: a regular file of this owner, group, mode and size, whose bytes still hash
+    to its digest (its owner may have changed them since). False when it has gone or changed,
     or when the kernel refuses the link (fs.protected_hardlinks: a file ramstage does not own,
     without CAP_FOWNER); the caller then copies."""
     try:
@@ -89,7 +93,8 @@ def link_copy(existing: Path, target: Path, access: tuple[int, int, int], size: 
     except (FileNotFoundError, PermissionError):
         return False
     linked = os.lstat(target)
-    if (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):  # replaced in between
+    same = (linked.st_dev, linked.st_ino) == (st.st_dev, st.st_ino)  # not replaced in between
+    if not same or hash_file(target, digest.partition(":")[0]) != digest:
         target.unlink()
         return False
     return True

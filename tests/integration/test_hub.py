@@ -310,3 +310,27 @@ def test_a_download_in_progress_is_taken_up_once_it_is_whole(tmp_path, make_hub_
     incomplete.unlink()
     model = wait_for(lambda: (m := daemon.model("m"))["target"].endswith(commit) and m)
     assert tag_of(Path(model["target"])) == "v2"
+
+
+def test_a_copy_changed_in_ram_is_not_shared_again(tmp_path, make_hub_daemon):
+    """The owner of a copy can change its bytes in RAM; a later model that would share the
+    file hashes the copy first, finds it changed, and copies from the source instead."""
+    hub = HubCache(tmp_path / "hub")
+    commit = hub.revision("v1")
+    daemon = make_hub_daemon([{"name": "a", "hf": "org/name", "hf_cache": str(hub.cache)}])
+    a = daemon.start().wait_state("a", "staged")
+    shard = Path(a["target"]) / "model-00001-of-00002.safetensors"
+    mode = shard.stat().st_mode
+    shard.chmod(0o644)
+    with open(shard, "r+b") as f:
+        f.write(b"changed in RAM")
+    shard.chmod(mode)
+    daemon.config["models"].append(
+        {"name": "b", "hf": "org/name", "revision": commit, "hf_cache": str(hub.cache)}
+    )
+    daemon.config["models"][1]["validate"] = "none"
+    daemon.write_config()
+    assert daemon.cli("reload").returncode == 0
+    b = daemon.wait_state("b", "staged")
+    copy = Path(b["target"]) / shard.name
+    assert copy.read_bytes() == SHARED and copy.stat().st_ino != shard.stat().st_ino
