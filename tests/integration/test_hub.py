@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -334,3 +335,27 @@ def test_a_copy_changed_in_ram_is_not_shared_again(tmp_path, make_hub_daemon):
     b = daemon.wait_state("b", "staged")
     copy = Path(b["target"]) / shard.name
     assert copy.read_bytes() == SHARED and copy.stat().st_ino != shard.stat().st_ino
+
+
+def test_a_restart_after_a_kill_adopts_an_hf_model_and_its_shared_files(tmp_path, make_hub_daemon):
+    hub = HubCache(tmp_path / "hub")
+    old = hub.revision("v1")
+    hub.revision("v2")
+    daemon = make_hub_daemon(
+        [
+            {"name": "a", "hf": "org/name", "hf_cache": str(hub.cache)},
+            {"name": "b", "hf": "org/name", "revision": old, "hf_cache": str(hub.cache)},
+        ]
+    ).start()
+    before = {name: daemon.wait_state(name, "staged") for name in ("a", "b")}
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    for name in ("a", "b"):
+        assert daemon.wait_state(name, "staged")["target"] == before[name]["target"]
+        assert (
+            f"{name}: adopted generation {before[name]['generation']} without copying"
+            in daemon.log()
+        )
+    shard = "model-00001-of-00002.safetensors"
+    inodes = {os.stat(Path(before[n]["target"]) / shard).st_ino for n in ("a", "b")}
+    assert len(inodes) == 1
