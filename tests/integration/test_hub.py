@@ -359,3 +359,16 @@ def test_a_restart_after_a_kill_adopts_an_hf_model_and_its_shared_files(tmp_path
     shard = "model-00001-of-00002.safetensors"
     inodes = {os.stat(Path(before[n]["target"]) / shard).st_ino for n in ("a", "b")}
     assert len(inodes) == 1
+
+
+def test_an_evicted_model_s_link_follows_its_ref_to_the_new_snapshot(tmp_path, make_hub_daemon):
+    hub = HubCache(tmp_path / "hub")
+    first = hub.revision("v1")
+    daemon = make_hub_daemon([{"name": "m", "hf": "org/name", "hf_cache": str(hub.cache)}])
+    daemon.start().wait_state("m", "staged")
+    assert daemon.cli("evict", "m").returncode == 0
+    assert os.readlink(daemon.links / "m") == str(hub.snapshot(first))
+    second = hub.revision("v2")
+    wait_for(lambda: os.readlink(daemon.links / "m") == str(hub.snapshot(second)))
+    assert tag_of(daemon.links / "m") == "v2"
+    assert daemon.model("m")["state"] == "fallback"  # held on its source until `ramstage stage`
