@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,8 @@ class HubRepo:
         except (OSError, RamstageError):
             return None
         try:
+            if not stat.S_ISREG(opened.st.st_mode):  # a directory where the ref should be
+                return None
             text = os.read(opened.fd, _REF_BYTES).decode("ascii", "replace").strip()
         finally:
             os.close(opened.fd)
