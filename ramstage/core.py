@@ -154,9 +154,15 @@ class Core:
                 generation.target if generation else None,
                 source_exists=model.settings.source.exists(),
             )
-            if links.read(model.link) == (str(expected) if expected else None):
+            current = links.read(model.link)
+            if current == (str(expected) if expected else None):
                 continue
-            log.warning("%s: link %s was not where it belongs; put back", model.name, model.link)
+            if expected and current and _another_snapshot(Path(current), expected):
+                log.info("%s: the revision moved; the link follows it to %s", model.name, expected)
+            else:
+                log.warning(
+                    "%s: link %s was not where it belongs; put back", model.name, model.link
+                )
             if expected:
                 links.point(model.link, expected)
             else:
@@ -169,3 +175,8 @@ class Core:
             self.apply(
                 model, lifecycle.released(model, "ramstage is stopping", source_exists=exists)
             )
+
+
+def _another_snapshot(current: Path, expected: Path) -> bool:
+    """A link on one snapshot of a hub repo whose source is now another (its ref moved)."""
+    return current.parent == expected.parent and expected.parent.name == "snapshots"

@@ -372,3 +372,5 @@ def test_an_evicted_model_s_link_follows_its_ref_to_the_new_snapshot(tmp_path, m
     wait_for(lambda: os.readlink(daemon.links / "m") == str(hub.snapshot(second)))
     assert tag_of(daemon.links / "m") == "v2"
     assert daemon.model("m")["state"] == "fallback"  # held on its source until `ramstage stage`
+    assert "the revision moved; the link follows it to" in daemon.log()
+    assert "was not where it belongs" not in daemon.log()
