@@ -12,9 +12,11 @@ from typing import Any, Callable
 import yaml
 
 from ramstage import converters as convert
+from ramstage import units
 from ramstage.access import Trust, group_name, user_name
 from ramstage.digest import BLAKE3_INSTALL, DEFAULT_ALGORITHM, available_algorithms
-from ramstage.errors import ConfigError
+from ramstage.errors import ConfigError, RamstageError
+from ramstage.sources import list_source
 from ramstage.system import System
 
 DEFAULT_CONFIG = Path("/etc/ramstage/ramstage.yaml")
@@ -369,3 +371,20 @@ def read_yaml(path: Path) -> Any:
         # Values YAML parses but Python refuses to build: an integer of more than 4300 digits
         # (sys.get_int_max_str_digits), a timestamp such as 2001-02-30.
         raise ConfigError([f"{path}: a value that cannot be loaded: {error}"]) from None
+
+
+def fit_warnings(config: Config) -> list[str]:
+    """Models larger than the whole store: the daemon would leave them on their sources."""
+    store = config.store.size_bytes
+    warnings = []
+    for index, model in enumerate(config.models):
+        try:
+            need = list_source(model.source, model.trust).size_bytes
+        except (OSError, RamstageError):
+            continue  # the daemon says why when it looks; the size is what matters here
+        if need > store:
+            warnings.append(
+                f"models[{index}] ({model.name}): needs {units.size(need)}, more than"
+                f" store.size {units.size(store)}; it will stay on its source (too_large)"
+            )
+    return warnings
