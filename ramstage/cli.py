@@ -89,14 +89,15 @@ def cmd_path(args: argparse.Namespace) -> int:
 
 
 def _show(frames: Iterator[str]) -> None:
+    """Progress goes to stderr, like git's and curl's, so stdout keeps only the outcome."""
     for frame in frames:
-        print(frame, end="", flush=True)
+        print(frame, end="", file=sys.stderr, flush=True)
 
 
 def _run_with_progress(socket: Path, shown: list[str], cmd: str, **args: Any) -> Any:
     work = progress.Background(socket, cmd, **args)
     work.start()
-    _show(progress.frames(socket, shown, lambda _: not work.is_alive(), sys.stdout.isatty()))
+    _show(progress.frames(socket, shown, sys.stderr.isatty(), over=lambda: not work.is_alive()))
     work.join()
     return work.outcome()
 
@@ -147,7 +148,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
             raise RamstageError(f"not staged within {args.timeout:g}s: {waiting}")
         return False
 
-    _show(progress.frames(socket, list(args.names), done, sys.stdout.isatty()))
+    _show(progress.frames(socket, list(args.names), sys.stderr.isatty(), done=done))
     print("staged: " + ", ".join(args.names))
     return 0
 

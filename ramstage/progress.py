@@ -42,22 +42,32 @@ class Background(threading.Thread):
 
 
 def frames(
-    socket: Path, names: list[str], done: Callable[[Models], bool], live: bool
+    socket: Path,
+    names: list[str],
+    live: bool,
+    *,
+    done: Callable[[Models], bool] = lambda models: False,
+    over: Callable[[], bool] = lambda: False,
 ) -> Iterator[str]:
-    """Text to print, until done(models) is true (it may raise to end with an error)."""
+    """Text to print, until done(models) is true (it may raise to end with an error) or the
+    work is over(); over() is asked before status, so the last frame shows how it ended."""
     width = max(map(len, names), default=0)
-    drawn, last_plain = 0, 0.0
+    drawn, last_plain, states = 0, 0.0, [""]
     while True:
+        ended = over()
         models = [m for m in request(socket, "status")["models"] if m["name"] in names]
-        finished = done(models)
+        finished = ended or done(models)
         if live:
             up = f"\x1b[{drawn}F" if drawn else ""  # back to the first line drawn
             lines = [view.progress_line(m, width, live=True) for m in models]
             yield up + "".join(f"\x1b[2K{line}\n" for line in lines)
             drawn = len(lines)
-        elif finished or time.monotonic() - last_plain >= PLAIN_SECONDS:
-            last_plain = time.monotonic()
-            yield "".join(view.progress_line(m, width, live=False) + "\n" for m in models)
+        else:
+            # A line when a state changes, else every PLAIN_SECONDS: a log stays short.
+            now_states = [m["state"] for m in models]
+            if finished or now_states != states or time.monotonic() - last_plain >= PLAIN_SECONDS:
+                last_plain, states = time.monotonic(), now_states
+                yield "".join(view.progress_line(m, width, live=False) + "\n" for m in models)
         if finished:
             return
         time.sleep(LIVE_SECONDS)

@@ -57,11 +57,14 @@ class Style:
 
 
 def terminal_width(stream: TextIO) -> int | None:
-    """$COLUMNS, else the terminal's width; None in a pipe, where lines are never cut."""
+    """On a terminal, $COLUMNS or else its width; None in a pipe, where lines are never cut
+    (scripts read whole reasons), and on a terminal that does not know its width."""
+    if not stream.isatty():
+        return None
     columns = os.environ.get("COLUMNS", "")
     if columns.isdigit() and int(columns) > 0:
         return int(columns)
-    return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else None
+    return os.get_terminal_size(stream.fileno()).columns or None
 
 
 def in_trouble(model: dict[str, Any]) -> bool:
@@ -75,21 +78,26 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
-def header(status: dict[str, Any], style: Style) -> list[str]:
+def header(status: dict[str, Any], style: Style, width: int | None = None) -> list[str]:
+    """Five short lines; on a narrow terminal the store's path is cut in its middle."""
     store, memory = status["store"], status["memory"]
     size, used = store["size_bytes"], store["used_bytes"]
     kind = "tmpfs" if store["mounted"] else "plain directory"
     swap = {True: ", can swap", False: ", never swapped", None: ""}[store.get("swappable")]
+    where = f" ({kind}{swap})"
+    path = store["path"]
+    if width is not None:
+        path = cut_middle(path, max(width - len("store   ") - len(where), 12))
     avg10 = memory.get("psi_avg10")
     pressure = style.paint("UNDER PRESSURE", "31") if memory["pressure"] else "no pressure"
     return [
         f"ramstage {status['version']} (pid {status['pid']})",
-        f"store   {store['path']} {bar(used / size if size else 0)}"
-        f" {units.size(used)} of {units.size(size)} used ({kind}{swap})",
+        f"store   {path}{where}",
+        f"        {bar(used / size if size else 0)} {units.size(used)} of {units.size(size)} used",
         f"memory  {units.size(memory['available_bytes'])} available,"
         f" floor {units.size(memory['min_available_bytes'])},"
-        f" resume {units.size(memory.get('resume_available_bytes'))};"
-        f" PSI {psi_text(memory.get('psi_trigger'))}"
+        f" resume {units.size(memory.get('resume_available_bytes'))}",
+        f"        PSI {psi_text(memory.get('psi_trigger'))}"
         f"{'' if avg10 is None else f', avg10 {avg10:.2f}%'}; {pressure}",
     ]
 
@@ -275,8 +283,9 @@ def status_text(status: dict[str, Any], name: str | None, stream: TextIO) -> str
     style = Style.for_stream(stream)
     if name is not None:
         return "\n".join(details(status["models"][0], style))
-    rows = table(status["models"], terminal_width(stream), style)
-    return "\n".join([*header(status, style), "", *rows])
+    width = terminal_width(stream)
+    rows = table(status["models"], width, style)
+    return "\n".join([*header(status, style, width), "", *rows])
 
 
 def progress_line(model: dict[str, Any], name_width: int, live: bool) -> str:
@@ -290,5 +299,6 @@ def progress_line(model: dict[str, Any], name_width: int, live: bool) -> str:
     state = f"verifying {fraction:.0%}" if model.get("verify") else _state(model)
     detail = copy_text(work) or reason_text(model) or units.size(model.get("size_bytes"))
     if live:
-        return f"{model['name']:<{name_width}}  {bar(fraction)} {fraction:>4.0%}  {detail}"
+        doing = "verifying " if model.get("verify") else ""
+        return f"{model['name']:<{name_width}}  {bar(fraction)} {fraction:>4.0%}  {doing}{detail}"
     return f"{model['name']}: {state}: {detail}"
