@@ -266,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ramstage {__version__}")
     _global_options(parser, None)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="ramstage COMMAND --help tells more"
+    )
 
     def command(
         name: str, handler: Callable[[argparse.Namespace], int], help: str
