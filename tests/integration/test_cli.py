@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from ramstage.config import PsiTrigger
+from ramstage.memwatch import unprivileged_trigger_line
 from tests.conftest import Daemon, wait_for, write_random
 
 M = 1 << 20
@@ -352,3 +354,21 @@ def test_under_the_journal_every_line_carries_its_priority(tmp_path, make_daemon
     assert "<4>gone: source " in daemon.log()
     assert re.search(r"^<6>m: staging 1\.0 MiB from ", daemon.log(), re.M)
     assert not re.search(r"\d{6,} ?bytes|\d{6,}-byte", daemon.log())
+
+
+def test_status_shows_the_psi_trigger_the_kernel_took(tmp_path, make_daemon):
+    """Without CAP_SYS_RESOURCE the kernel refuses a window under 2 s (psi.rst), and the
+    daemon arms the rounded-up trigger instead: status shows that one, not the configured."""
+    source = write_random(tmp_path / "m.ckpt", 1 * M)
+    daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
+    assert daemon.process is not None
+    configured = PsiTrigger("some", 0.15, 1.0)
+    caps = Path(f"/proc/{daemon.process.pid}/status").read_text()
+    effective = int(re.search(r"^CapEff:\s+(\w+)", caps, re.M).group(1), 16)  # type: ignore[union-attr]
+    privileged = bool(effective & (1 << 24))  # CAP_SYS_RESOURCE, capability.h
+    expected = configured.trigger_line() if privileged else unprivileged_trigger_line(configured)
+    memory = daemon.status()["memory"]
+    assert memory["psi_trigger"] == expected
+    assert ("refused (no CAP_SYS_RESOURCE?)" in daemon.log()) is not privileged
+    table = subprocess.run(ramstage(daemon, "status"), capture_output=True, text=True).stdout
+    assert ("PSI some 300ms/2s" if not privileged else "PSI some 150ms/1s") in table
