@@ -208,7 +208,10 @@ def _widths(rows: list[dict[str, str]], width: int | None) -> dict[str, int]:
             break
         columns.remove(optional)
     room = max(width - fixed(), least())
-    name = min(natural["NAME"], max(room - min(natural["REASON"], REASON_MIN), NAME_MIN))
+    name, reason = natural["NAME"], natural["REASON"]
+    if name + reason > room:  # both are cut, in proportion to their lengths
+        name = max(min(name, NAME_MIN), room * name // (name + reason))
+        name = min(name, room - min(reason, REASON_MIN))
     shown = {c: natural[c] for c in columns}
     shown.update(NAME=name, REASON=max(room - name, 0))
     return shown

@@ -67,12 +67,11 @@ def test_the_table_fits_a_width_cutting_the_name_and_reason_never_the_state(widt
     assert [line[state_at:].split()[0] for line in lines[1:]] == ["staged", "fallback", "missing"]
     if width is None:
         assert long in lines[2] and "/very/long/path" * 8 in lines[2]
-    elif width >= 200:
-        assert long in lines[2] and lines[2].endswith("…")  # the reason is cut, not the name
-    else:
+    else:  # both cut, in proportion: the name in its middle, the reason at its end
         name = lines[2].split()[0]
         assert "…" in name and long.startswith(name.partition("…")[0])
-        assert lines[2].endswith("…")
+        assert long.endswith(name.partition("…")[2])
+        assert lines[2].endswith("…") and "untrusted: /very" in lines[2]
 
 
 def test_models_in_trouble():
