@@ -21,6 +21,7 @@ from ramstage.config import Config, config_path, fit_warnings, load_config, read
 from ramstage.converters import Invalid, parse_size
 from ramstage.errors import ConfigError, NotFound, RamstageError, UsageError
 from ramstage.protocol import request
+from ramstage.service import journal_stream
 from ramstage.store import Store
 from ramstage.system import System
 
@@ -343,12 +344,12 @@ def _mistyped(argv: list[str], parser: argparse.ArgumentParser) -> str | None:
 
 
 def _report(error: RamstageError) -> None:
+    """On stderr; as errors in the journal when systemd runs the command (the unit's mount)."""
+    lines = [f"ramstage: {error.message}"]
     if isinstance(error, ConfigError):
-        print("ramstage: the config has problems:", file=sys.stderr)
-        for problem in error.problems:
-            print(f"  {problem}", file=sys.stderr)
-    else:
-        print(f"ramstage: {error.message}", file=sys.stderr)
+        lines = ["ramstage: the config has problems:", *(f"  {p}" for p in error.problems)]
+    prefix = "<3>" if journal_stream(System(), sys.stderr.fileno()) else ""
+    print("\n".join(prefix + line for line in lines), file=sys.stderr)
 
 
 def _quiet_stdout() -> None:

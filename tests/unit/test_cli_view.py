@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -162,3 +164,21 @@ def test_psi_trigger_shown_in_human_units():
     assert view.psi_text("some 150000 1000000") == "some 150ms/1s"
     assert view.psi_text("full 300000 2000000") == "full 300ms/2s"
     assert view.psi_text(None) == "no trigger"
+
+
+def test_a_command_run_by_systemd_reports_its_error_at_error_priority(tmp_path):
+    """The unit's `ramstage mount` and friends write to the journal too: their errors are
+    filed as errors, not as the info lines journald assumes for unprefixed output."""
+    config = tmp_path / "ramstage.yaml"
+    config.write_text(yaml.safe_dump({"socket": str(tmp_path / "control.sock")}))
+    stderr = tmp_path / "stderr"
+    stderr.touch()
+    st = stderr.stat()
+    for env, prefix in (({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, "<3>"), ({}, "")):
+        with open(stderr, "w") as err:
+            code = subprocess.run(
+                [sys.executable, "-m", "ramstage", "--config", str(config), "status"],
+                stderr=err, stdout=subprocess.DEVNULL, env={**os.environ, **env}, check=False,
+            ).returncode  # fmt: skip
+        assert code == 3
+        assert stderr.read_text().startswith(f"{prefix}ramstage: ramstage is not running")
