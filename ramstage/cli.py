@@ -253,10 +253,6 @@ def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
     )
 
 
-def _names_argument(sub: argparse.ArgumentParser, nargs: str, help: str) -> None:
-    sub.add_argument("names", nargs=nargs, metavar="NAME", help=help)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line, help included; man pages and completion are made from it."""
     parser = argparse.ArgumentParser(
@@ -274,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     def command(
         name: str, handler: Callable[[argparse.Namespace], int], help: str
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
+        epilog = f"exit codes: {view.COMMAND_EXITS[name]}"
+        sub = commands.add_parser(name, help=help, description=help, epilog=epilog)
         _global_options(sub, argparse.SUPPRESS)
         sub.set_defaults(handler=handler)
         return sub
@@ -290,29 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("path", cmd_path, "print the link path to put in an application's config")
     sub.add_argument("name", metavar="NAME", help="a configured model")
     sub = command("stage", cmd_stage, "stage models now (after an evict, or to retry)")
-    _names_argument(sub, "*", "configured models to stage")
+    sub.add_argument("names", nargs="*", metavar="NAME", help="configured models to stage")
     sub.add_argument("--all", action="store_true", help="every configured model")
     sub.add_argument("--no-wait", action="store_true", help="return at once; copies go on")
     sub = command("evict", cmd_evict, "point links at the sources and free the RAM")
-    _names_argument(sub, "+", "configured models to evict")
+    sub.add_argument("names", nargs="+", metavar="NAME", help="configured models to evict")
     sub = command("verify", cmd_verify, "re-hash generations in RAM against their digests")
-    _names_argument(sub, "*", "models to verify (default: every staged one)")
+    sub.add_argument("names", nargs="*", metavar="NAME", help="default: every staged model")
     sub = command("wait", cmd_wait, "wait until models are staged (for scripts and probes)")
-    _names_argument(sub, "+", "configured models to wait for")
+    sub.add_argument("names", nargs="+", metavar="NAME", help="configured models to wait for")
     sub.add_argument(
         "--timeout", type=float, metavar="S", help="give up after S seconds (default: never)"
     )
     command("reload", cmd_reload, "re-read the config (as SIGHUP)")
-    command(
-        "mount",
-        cmd_mount,
-        "mount or adopt the store's tmpfs where every service sees it (the unit's ExecStartPre)",
-    )
-    command(
-        "unmount",
-        cmd_unmount,
-        "unmount the store unless it holds generations (the unit's ExecStopPost)",
-    )
+    command("mount", cmd_mount, "mount or adopt the store's tmpfs for all (ExecStartPre)")
+    command("unmount", cmd_unmount, "unmount the store unless it holds copies (ExecStopPost)")
     sub = command("check-config", cmd_check_config, "validate a config file and list its problems")
     sub.add_argument("path", nargs="?", metavar="PATH", help="the file (default: --config's)")
     _bench_arguments(command("bench", cmd_bench, "time torch.load from a source and from RAM"))

@@ -35,6 +35,27 @@ exit codes:
   3  the daemon is not running
   4  permission denied (stage, evict, verify and reload need root or the group ramstage)"""
 
+# Each command's exit codes (docs/design.md), at the end of its --help.
+COMMAND_EXITS = {
+    "daemon": "0 clean stop, 1 failed, 2 config error",
+    "status": "0 running and no model in trouble, 1 a model in trouble, 2 unknown NAME,"
+    " 3 not running",
+    "path": "0 printed, 2 unknown NAME or config error",
+    "stage": "0 staged, 1 one could not be (its reason), 2 unknown NAME, 3 not running,"
+    " 4 permission denied",
+    "evict": "0 evicted, 2 unknown NAME, 3 not running, 4 permission denied",
+    "verify": "0 every copy matches, 1 a mismatch (it is staged again), 3 not running,"
+    " 4 permission denied",
+    "wait": "0 every model staged, 1 one cannot be (its reason) or the timeout passed,"
+    " 2 unknown NAME, 3 not running",
+    "reload": "0 reloaded, 2 invalid config (the running one is kept), 3 not running,"
+    " 4 permission denied",
+    "mount": "0 mounted or adopted, 1 failed",
+    "unmount": "0 unmounted or left in place, 1 failed",
+    "check-config": "0 valid (warnings on stderr), 2 problems",
+    "bench": "0 measured, 1 failed, 2 usage error",
+}
+
 BAR_WIDTH = 20
 GAP = "  "
 # States whose model needs someone's attention: `status` exits 1 for them (cli.py).
