@@ -52,7 +52,7 @@ def frames(
     """Text to print, until done(models) is true (it may raise to end with an error) or the
     work is over(); over() is asked before status, so the last frame shows how it ended."""
     width = max(map(len, names), default=0)
-    drawn, last_plain, states = 0, 0.0, [""]
+    drawn, last_plain, states, said = 0, 0.0, [""], ""
     while True:
         ended = over()
         models = [m for m in request(socket, "status")["models"] if m["name"] in names]
@@ -63,11 +63,14 @@ def frames(
             yield up + "".join(f"\x1b[2K{line}\n" for line in lines)
             drawn = len(lines)
         else:
-            # A line when a state changes, else every PLAIN_SECONDS: a log stays short.
+            # A line when a state changes, every PLAIN_SECONDS meanwhile, and how it ended
+            # unless that was just said: a log stays short.
+            text = "".join(view.progress_line(m, width, live=False) + "\n" for m in models)
             now_states = [m["state"] for m in models]
-            if finished or now_states != states or time.monotonic() - last_plain >= PLAIN_SECONDS:
-                last_plain, states = time.monotonic(), now_states
-                yield "".join(view.progress_line(m, width, live=False) + "\n" for m in models)
+            due = now_states != states or time.monotonic() - last_plain >= PLAIN_SECONDS
+            if due or (finished and text != said):
+                last_plain, states, said = time.monotonic(), now_states, text
+                yield text
         if finished:
             return
         time.sleep(LIVE_SECONDS)
