@@ -201,4 +201,5 @@ class Requests:
                     return False
             return True
         finally:
-            self.verifying.pop(name, None)
+            if self.verifying.get(name) is work:  # not a later verify of the same model
+                del self.verifying[name]
