@@ -77,7 +77,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             text = f"{time.strftime('%H:%M:%S')}\n{text}\n"
         print(text, flush=True)
         if not args.watch:
-            return 1 if any(view.in_trouble(m) for m in status["models"]) else 0
+            return 1 if any(view.in_trouble(m) for m in status.get("models", [])) else 0
         time.sleep(args.interval)
 
 
