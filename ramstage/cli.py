@@ -337,7 +337,7 @@ def _report(error: RamstageError) -> None:
     lines = [f"ramstage: {error.message}"]
     if isinstance(error, ConfigError):
         lines = ["ramstage: the config has problems:", *(f"  {p}" for p in error.problems)]
-    prefix = "<3>" if journal_stream(System(), sys.stderr.fileno()) else ""
+    prefix = "<3>" if journal_stream(System(), sys.stderr) else ""
     print("\n".join(prefix + line for line in lines), file=sys.stderr)
 
 

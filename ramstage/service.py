@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TextIO
 
 import sdnotify
 
@@ -65,15 +66,15 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
 
 
-def journal_stream(system: System, fd: int) -> bool:
-    """Whether fd is the stream systemd connected to the journal: $JOURNAL_STREAM is its
+def journal_stream(system: System, stream: TextIO) -> bool:
+    """Whether stream is the one systemd connected to the journal: $JOURNAL_STREAM is its
     "device:inode" (systemd.exec(5)); a stderr redirected elsewhere gets no prefixes."""
     expected = system.environ.get("JOURNAL_STREAM")
     if not expected:
         return False
     try:
-        st = os.fstat(fd)
-    except OSError:
+        st = os.fstat(stream.fileno())
+    except OSError:  # io.UnsupportedOperation too: a stream with no descriptor
         return False
     return expected == f"{st.st_dev}:{st.st_ino}"
 
@@ -82,7 +83,7 @@ def setup_logging(system: System, debug: bool = False) -> None:
     """One line per event on stderr; under systemd that is the journal, which adds the time and
     reads each line's priority."""
     handler = logging.StreamHandler(sys.stderr)
-    if journal_stream(system, sys.stderr.fileno()):
+    if journal_stream(system, sys.stderr):
         handler.setFormatter(JournalFormatter("%(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

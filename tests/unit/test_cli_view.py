@@ -4,6 +4,7 @@ check-config's warning of a model larger than the store, and the journal's prior
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import subprocess
@@ -152,12 +153,10 @@ def test_the_journal_is_recognised_by_its_device_and_inode(tmp_path):
     st = stream.stat()
     system = System(environ={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
     for path, expected in ((stream, True), (other, False)):
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            assert journal_stream(system, fd) is expected
-            assert journal_stream(System(environ={}), fd) is False
-        finally:
-            os.close(fd)
+        with open(path, "w") as opened:
+            assert journal_stream(system, opened) is expected
+            assert journal_stream(System(environ={}), opened) is False
+    assert journal_stream(system, io.StringIO()) is False  # no descriptor (pytest's capture)
 
 
 def test_psi_trigger_shown_in_human_units():
