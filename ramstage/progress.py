@@ -73,10 +73,14 @@ def frames(
                 yield text
         if finished:
             return
-        time.sleep(LIVE_SECONDS)
+        pause_until = time.monotonic() + LIVE_SECONDS
+        while time.monotonic() < pause_until and not over():  # the outcome shown at once
+            time.sleep(0.02)
 
 
 def model_names(socket: Path, names: list[str], state: str | None = None) -> list[str]:
     """The models named, or every configured one (in `state`, if given)."""
+    if names:
+        return names
     models = request(socket, "status")["models"]
-    return names or [m["name"] for m in models if state in (None, m["state"])]
+    return [m["name"] for m in models if state in (None, m["state"])]
