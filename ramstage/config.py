@@ -342,8 +342,20 @@ class _BoundedLoader(yaml.SafeLoader):
 
 
 def _at(event: yaml.Event) -> str:
-    mark = event.start_mark
+    return _at_mark(event.start_mark)
+
+
+def _at_mark(mark: yaml.Mark | None) -> str:
     return f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+
+
+def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
+    """One line that says where, in place of PyYAML's several, which name the text that was
+    parsed ("<unicode string>") rather than the file."""
+    problem = f"{error.problem or 'a syntax error'}{_at_mark(error.problem_mark)}"
+    if error.context:
+        problem += f", {error.context}{_at_mark(error.context_mark)}"
+    return problem
 
 
 def read_yaml(path: Path) -> Any:
@@ -363,6 +375,8 @@ def read_yaml(path: Path) -> Any:
         return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: plain data only
     except _TooComplex as error:
         raise ConfigError([f"{path}: {error}"]) from None
+    except yaml.MarkedYAMLError as error:
+        raise ConfigError([f"{path}: not valid YAML: {_yaml_problem(error)}"]) from None
     except yaml.YAMLError as error:
         raise ConfigError([f"{path}: not valid YAML: {error}"]) from None
     except ValueError as error:

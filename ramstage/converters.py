@@ -114,6 +114,11 @@ def absolute_path(value: Any) -> Path:
 
 def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
+        if isinstance(value, bool):
+            # YAML 1.1 reads an unquoted yes, no, on or off as a boolean.
+            raise Invalid(
+                f"expected one of {', '.join(options)} (an unquoted yes, no, on or off is a YAML boolean)"
+            )
         if value not in options:
             raise Invalid("expected one of " + ", ".join(options))
         return str(value)
