@@ -345,7 +345,7 @@ def _at(event: yaml.Event) -> str:
     return _at_mark(event.start_mark)
 
 
-def _at_mark(mark: yaml.Mark | None) -> str:
+def _at_mark(mark: Any) -> str:  # yaml.Mark, or libyaml's, or None
     return f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
 
 
