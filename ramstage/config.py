@@ -377,6 +377,15 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError([f"{path}: {error}"]) from None
     except yaml.MarkedYAMLError as error:
         raise ConfigError([f"{path}: not valid YAML: {_yaml_problem(error)}"]) from None
+    except yaml.reader.ReaderError as error:  # a character YAML does not allow, such as NUL
+        line = text.count("\n", 0, error.position)
+        column = error.position - text.rfind("\n", 0, error.position) - 1
+        raise ConfigError(
+            [
+                f"{path}: not valid YAML: character #x{error.character:04x} (line {line + 1},"
+                f" column {column + 1}): {error.reason}"
+            ]
+        ) from None
     except yaml.YAMLError as error:
         raise ConfigError([f"{path}: not valid YAML: {error}"]) from None
     except ValueError as error:

@@ -46,8 +46,11 @@ def shown(value: Any) -> str:
 
 
 def key_name(key: Any) -> str:
-    """A key of the file as a key path names it: a short string as written, else shown()."""
-    return key if isinstance(key, str) and len(key) <= SHOWN_CHARS else shown(key)
+    """A key of the file as a key path names it: a short printable string as written, else
+    shown(), so that every problem is one line (a message crosses the socket as lines)."""
+    if isinstance(key, str) and len(key) <= SHOWN_CHARS and key.isprintable():
+        return key
+    return shown(key)
 
 
 class Invalid(Exception):
