@@ -147,3 +147,25 @@ def test_an_error_inside_the_loop_fails_the_request_not_the_daemon(tmp_path, mak
     assert os.path.realpath(daemon.links / "m").startswith(str(daemon.store))
     assert sha256_file(daemon.links / "m") == sha256_file(source)
     assert daemon.cli("evict", "m").returncode == 0
+
+
+def test_status_right_after_a_request_shows_what_it_changed(tmp_path, make_daemon):
+    """The loop answered a request before publishing the snapshot status reads, so a status
+    asked at once could show the state from before an evict, a stage or a reload."""
+    sources = [write_random(tmp_path / f"{name}.ckpt", 4096, seed=i) for i, name in enumerate("mn")]
+    models = [{"name": s.stem, "source": str(s)} for s in sources]
+    daemon = make_daemon(models).start()
+    daemon.wait_state("m", "staged")
+    for _ in range(10):
+        daemon.request("evict", names=["m"])
+        assert (daemon.model("m")["state"], daemon.model("m")["reason"]) == ("fallback", "evicted")
+        daemon.request("stage", names=["m"])
+        assert daemon.model("m")["state"] == "staged"
+        daemon.config["models"] = models[:1]
+        daemon.write_config()
+        daemon.request("reload")
+        assert [m["name"] for m in daemon.request("status")["models"]] == ["m"]
+        daemon.config["models"] = models
+        daemon.write_config()
+        daemon.request("reload")
+        assert [m["name"] for m in daemon.request("status")["models"]] == ["m", "n"]
