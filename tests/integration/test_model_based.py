@@ -133,15 +133,23 @@ class DaemonMachine(RuleBasedStateMachine):
         assert (model["state"], model["reason"]) == ("fallback", "evicted"), model
         assert os.readlink(self.daemon.links / name) == str(self._source(name))
 
-    @rule(name=st.sampled_from(NAMES), size=SIZES, seed=st.integers(0, 1 << 16))
-    def update_source(self, name: str, size: int, seed: int) -> None:
-        """A new version, written beside and renamed over the old one, as trainers do."""
+    @rule(
+        name=st.sampled_from(NAMES),
+        size=SIZES,
+        seed=st.integers(0, 1 << 16),
+        in_place=st.booleans(),
+    )
+    def update_source(self, name: str, size: int, seed: int, in_place: bool) -> None:
+        """A new version: written beside and renamed over the old one, as trainers do, or
+        rewritten in place, maybe while it is being copied."""
         self._count("update_source")
         path = self._source(name)
         if name == DIRECTORY:
             path = path / f"shard{seed % 3}.bin"
-        fresh = write_random(path.with_name(f".{path.name}.new"), size, seed=seed)
-        fresh.rename(path)
+        if in_place:
+            write_random(path, size, seed=seed)
+        else:
+            write_random(path.with_name(f".{path.name}.new"), size, seed=seed).rename(path)
 
     @rule(name=st.sampled_from(NAMES), priority=st.integers(-5, 5), keep=st.booleans())
     def reload(self, name: str, priority: int, keep: bool) -> None:
@@ -178,7 +186,7 @@ class DaemonMachine(RuleBasedStateMachine):
 
     @rule()
     def settle(self) -> None:
-        """Lets every copy end, so that later steps meet staged models too."""
+        """Lets every copy end; then a staged model serves the source as it is now."""
         self._count("settle")
         wait_for(
             lambda: all(
@@ -188,6 +196,17 @@ class DaemonMachine(RuleBasedStateMachine):
             timeout=60,
             context=self.daemon.log,
         )
+        for name, model in self._status().items():
+            if model["state"] == "staged":
+                assert self._contents(Path(model["target"])) == self._contents(
+                    self._source(name)
+                ), model
+
+    @staticmethod
+    def _contents(path: Path) -> dict[str, str]:
+        if path.is_file():
+            return {"": sha256(path)}
+        return {child.name: sha256(child) for child in path.iterdir()}
 
     # ---- invariants ------------------------------------------------------------------
 
@@ -284,8 +303,8 @@ def test_the_invariants_hold_through_any_sequence_of_operations(tmp_path, make_d
     run_state_machine_as_test(
         DaemonMachine,
         settings=settings(
-            max_examples=LONG_RUN or 4,
-            stateful_step_count=STEPS or 15,
+            max_examples=LONG_RUN or 6,
+            stateful_step_count=STEPS or 20,
             derandomize=not LONG_RUN,
             deadline=None,
             database=None,
