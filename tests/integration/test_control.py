@@ -3,7 +3,6 @@ answered as errors while it keeps running."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -11,22 +10,9 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
-from conftest import sha256_file, wait_for, write_random
-
-from ramstage.protocol import read_message
-
-
-def raw_request(path: Path, payload: bytes) -> dict:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(path))
-        # It may stop reading after the limit; its answer is waiting then.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(payload)
-        return read_message(sock)
+from conftest import raw_request, sha256_file, wait_for, write_random
 
 
 @pytest.mark.parametrize(

@@ -5,20 +5,17 @@ with its config. Fixed examples in CI; RAMSTAGE_FUZZ_EXAMPLES=N runs N fresh one
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-from pathlib import Path
 from typing import Any
 
-from conftest import write_random
+from conftest import raw_request, write_random
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import files, fuzz_settings
 
 from ramstage.config import load_config
 from ramstage.errors import ConfigError, NotRunning
-from ramstage.protocol import COMMANDS, read_message
+from ramstage.protocol import COMMANDS
 
 ERROR_TYPES = {"BadRequest", "NotFound", "Failed", "ConfigError", "PermissionDenied", "Busy"}
 
@@ -65,16 +62,6 @@ payload = st.one_of(
 )
 
 
-def ask(path: Path, data: bytes) -> dict:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(str(path))
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)  # the request ends here, newline or not
-        return read_message(sock)
-
-
 def test_any_request_gets_a_protocol_answer_and_the_daemon_lives_on(tmp_path, make_daemon):
     source = write_random(tmp_path / "m.ckpt", 64 << 10)
     daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
@@ -86,7 +73,7 @@ def test_any_request_gets_a_protocol_answer_and_the_daemon_lives_on(tmp_path, ma
     def requests(data: bytes, newline: bool) -> None:
         request = data + b"\n" * newline
         assume(request)  # a client that closes having sent nothing asked nothing: no answer
-        reply = ask(daemon.socket, request)
+        reply = raw_request(daemon.socket, request, timeout=30)
         if reply.get("ok") is True:
             key = "ok"
         else:
