@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ramstage import __version__, bench
-from ramstage.config import Config, config_path, load_config, read_yaml
+from ramstage.config import Config, config_path, load_config
 from ramstage.converters import Invalid, parse_size
 from ramstage.errors import ConfigError, NotFound, RamstageError, UsageError
 from ramstage.protocol import request
 from ramstage.store import Store
 from ramstage.system import System
+from ramstage.yamlfile import read_yaml
 
 STAGE_TIMEOUT_SECONDS = 3700.0
 
