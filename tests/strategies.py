@@ -44,7 +44,7 @@ keys = st.one_of(
     st.sampled_from(
         [*TOP_KEYS, "name", "source", "priority", "digest", "validate", "path", "size", "mount"]
         + ["huge", "min_available", "resume_available", "psi", "cooldown", "settle", "rescan"]
-        + ["workers", "users", "groups"]
+        + ["workers", "users", "groups", "hf", "revision"]
     ),
     st.none(),
     st.booleans(),
@@ -109,6 +109,9 @@ model = section(
     digest=digest,
     validate=word,
     trust=trust,
+    hf=st.one_of(st.sampled_from(["org/name", "org", "../x/y", "a/b/c"]), junk),
+    revision=st.one_of(st.sampled_from(["main", "0" * 40, "../x", ""]), junk),
+    hf_cache=path,
 )
 config = section(
     store=section(path=path, size=size, mount=st.one_of(st.booleans(), junk), huge=word),
@@ -120,6 +123,7 @@ config = section(
     watch=section(settle=duration, rescan=duration),
     staging=section(workers=st.one_of(st.integers(), junk)),
     trust=trust,
+    hf_cache=path,
     models=st.one_of(st.lists(model, max_size=3), junk),
 )
 
