@@ -36,6 +36,7 @@ arguments = {
     "names": names,
     "name": st.one_of(st.sampled_from(["m", "n"]), json_value),
     "all": json_value,
+    "wait": json_value,
 }
 # Mostly well-formed requests with odd arguments, so that most reach the commands.
 message = st.fixed_dictionaries(
