@@ -88,8 +88,25 @@ class Actuator:
         self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramstage-copy")
 
     def apply(self, model: Model, actions: Iterable[Action]) -> None:
+        served = model.serving
         for action in actions:
             self._apply(model, action)
+        tally = model.tally
+        if served is Serving.RAM and model.serving is not Serving.RAM:
+            cause = model.why.reason.value if model.why else "released"
+            tally.evictions[cause] = tally.evictions.get(cause, 0) + 1
+        if not model.want or model.held:
+            tally.wanted_since = None
+        elif tally.wanted_since is None:
+            tally.wanted_since = self.system.monotonic()
+
+    def count_copy(self, model: Model, job: Job, size_bytes: int) -> None:
+        model.tally.copies += 1
+        model.tally.last_copy_seconds = self.system.monotonic() - job.started_at
+        model.tally.last_copy_bytes = size_bytes
+
+    def count_verify_failure(self, model: Model) -> None:
+        model.tally.verify_failures += 1
 
     def _apply(self, model: Model, action: Action) -> None:
         if isinstance(action, Serve):
@@ -139,7 +156,11 @@ class Actuator:
         model.serving, model.generation = action.serving, action.generation
 
     def _start(self, model: Model, action: StartCopy) -> None:
-        job = Job(self.generations.new_partial(model.name), identities=action.identities)
+        job = Job(
+            self.generations.new_partial(model.name),
+            identities=action.identities,
+            started_at=self.system.monotonic(),
+        )
         future = self.copier.submit(
             copy_source, model.settings, job, self.checksum, self.workers, self.system
         )

@@ -75,6 +75,13 @@ class StagingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    textfile: Path | None = None  # for node_exporter's textfile collector
+    listen: tuple[str, int] | None = None  # (host, port) of the HTTP endpoint
+    interval_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     source: Path
@@ -96,6 +103,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     staging: StagingConfig = field(default_factory=StagingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     trust: Trust = field(default_factory=Trust)
     models: tuple[ModelConfig, ...] = ()
 
@@ -136,9 +144,7 @@ def _parse_models(
     seen: set[str] = set()
     for index, item in enumerate(data):
         key = f"models[{index}]"
-        section = convert.Section(
-            item, key, problems, ("name", "source", "priority", "digest", "validate", "trust")
-        )
+        section = convert.Section(item, key, problems, MODEL_KEYS)
         name = section.require("name", convert.name)
         source = section.require("source", convert.absolute_path)
         # Every key is converted even when name or source is bad, so all problems show at once.
@@ -169,9 +175,15 @@ TOP_KEYS = (
     "memory",
     "watch",
     "staging",
+    "metrics",
     "trust",
     "models",
 )
+STORE_KEYS = ("path", "size", "mount", "huge")
+WATCH_KEYS = ("settle", "rescan")
+STAGING_KEYS = ("workers",)
+METRICS_KEYS = ("textfile", "listen", "interval")
+MODEL_KEYS = ("name", "source", "priority", "digest", "validate", "trust")
 
 
 def parse_config(data: Any, *, check_sources: bool = False, system: System | None = None) -> Config:
@@ -184,8 +196,8 @@ def parse_config(data: Any, *, check_sources: bool = False, system: System | Non
     total = (system or System()).meminfo_bytes("MemTotal")
     size = partial(convert.parse_size, total_bytes=total)
     section = partial(_section, top, problems)
-    store = section("store", ("path", "size", "mount", "huge"))
-    watch = section("watch", ("settle", "rescan"))
+    store = section("store", STORE_KEYS)
+    watch = section("watch", WATCH_KEYS)
     defaults = Config()
     trust = convert.trust(top.data.get("trust"), "trust", problems)
     config = Config(
@@ -205,10 +217,11 @@ def parse_config(data: Any, *, check_sources: bool = False, system: System | Non
             rescan_seconds=watch.get("rescan", convert.parse_duration, WatchConfig.rescan_seconds),
         ),
         staging=StagingConfig(
-            workers=section("staging", ("workers",)).get(
+            workers=section("staging", STAGING_KEYS).get(
                 "workers", convert.workers, StagingConfig.workers
             )
         ),
+        metrics=_metrics(section("metrics", METRICS_KEYS)),
         trust=trust,
         models=_parse_models(top.data.get("models"), problems, check_sources, trust),
     )
@@ -248,6 +261,14 @@ def _memory(
         resume_available_bytes=resume_available,
         psi=memory.get("psi", parse_psi, defaults.psi),
         cooldown_seconds=memory.get("cooldown", convert.parse_duration, 0.0),
+    )
+
+
+def _metrics(metrics: convert.Section) -> MetricsConfig:
+    return MetricsConfig(
+        textfile=metrics.get("textfile", convert.absolute_path, None),
+        listen=metrics.get("listen", convert.listen_address, None),
+        interval_seconds=metrics.get("interval", convert.interval, MetricsConfig.interval_seconds),
     )
 
 
