@@ -159,8 +159,8 @@ def generated_files(example: str) -> dict[str, str]:
     return {
         "man/ramstage.8": ramstage_8(),
         "man/ramstage.yaml.5": ramstage_yaml_5(example),
-        "completion/ramstage.bash": completion("bash"),
-        "completion/_ramstage": completion("zsh"),
+        "completion/bash/ramstage": completion("bash"),
+        "completion/zsh/_ramstage": completion("zsh"),
     }
 
 

@@ -57,7 +57,7 @@ models:
 
 def bash_complete(built: Path, config: Path, *words: str) -> list[str]:
     script = (
-        f"source {built / 'completion' / 'ramstage.bash'}\n"
+        f"source {built / 'completion' / 'bash' / 'ramstage'}\n"
         f"COMP_WORDS=(ramstage {' '.join(repr(w) for w in words)}); COMP_CWORD={len(words)}\n"
         "_shtab_ramstage; printf '%s\\n' \"${COMPREPLY[@]}\""
     )
@@ -81,7 +81,7 @@ def test_bash_completes_commands_options_and_model_names(built: Path, tmp_path: 
 
 @pytest.mark.skipif(not shutil.which("zsh"), reason="needs zsh")
 def test_zsh_loads_the_completion_for_ramstage(built: Path):
-    function = built / "completion" / "_ramstage"
+    function = built / "completion" / "zsh" / "_ramstage"
     subprocess.run(["zsh", "-n", str(function)], check=True)
     script = (
         f"fpath=({function.parent} $fpath); autoload -U compinit; compinit -u -D\n"
