@@ -8,7 +8,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 from ramstage import __version__, bench
 from ramstage.config import Config, config_path, load_config, read_yaml
@@ -185,9 +185,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _bench_table(result: bench.BenchResult) -> str:
+    files = f", {result.files} files" if result.files > 1 else ""
     lines = [
         (
-            f"torch.load of {result.title} ({_human(result.size_bytes)}),"
+            f"{result.loader} of {result.title} ({_human(result.size_bytes)}{files}),"
             f" median of {len(result.cases[0].seconds)} runs"
         ),
         f"  source:   {result.source}",
@@ -207,12 +208,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("name a configured model, or give --size for a generated one")
     if args.runs < 1:
         raise UsageError("--runs must be at least 1")
-    if args.name is not None:
-        result = bench.bench_model(config_path(args.config), args.name, args.runs, args.file)
-    else:
-        result = bench.bench_generated(args.size, Path(args.dir), args.runs)
-    print(_bench_table(result))
+    progress = _progress_line(sys.stderr)
+    try:
+        if args.name is not None:
+            path = config_path(args.config)
+            result = bench.bench_model(path, args.name, args.runs, args.file, progress)
+        else:
+            result = bench.bench_generated(args.size, Path(args.dir), args.runs, progress)
+    finally:
+        progress("")
+    print(json.dumps(result.as_json(), indent=2) if args.json else _bench_table(result))
     return 0
+
+
+def _progress_line(stream: TextIO) -> Callable[[str], None]:
+    """On a terminal one line rewritten in place (and cleared by ""); elsewhere a line each."""
+
+    def show(text: str) -> None:
+        if stream.isatty():
+            stream.write(f"\r\x1b[K{text}")
+        elif text:
+            stream.write(f"{text}\n")
+        stream.flush()
+
+    return show
 
 
 def _size_argument(text: str) -> int:
@@ -267,12 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = command("check-config", cmd_check_config, "validate a config file and list its problems")
     sub.add_argument("path", nargs="?", metavar="PATH")
-    sub = command("bench", cmd_bench, "time torch.load from a model's source and from RAM")
+    sub = command("bench", cmd_bench, "time loading a model from its source and from RAM")
     sub.add_argument("name", nargs="?", metavar="NAME", help="a configured model")
     sub.add_argument("--size", type=_size_argument, help="generate a state_dict of SIZE (512M)")
     sub.add_argument("--dir", default="/var/tmp", help="where to write it (default /var/tmp)")
-    sub.add_argument("--file", metavar="RELPATH", help="the file to load in a directory model")
+    sub.add_argument(
+        "--file", metavar="RELPATH", help="load only this file of a directory model (default: all)"
+    )
     sub.add_argument("--runs", type=int, default=5, help="runs per case (default 5)")
+    sub.add_argument("--json", action="store_true", help="the table as JSON")
     return parser
 
 
