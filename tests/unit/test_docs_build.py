@@ -91,3 +91,12 @@ def test_zsh_loads_the_completion_for_ramstage(built: Path):
                             check=True)  # fmt: skip
     assert result.stdout.split("\n")[:2] == ["_ramstage", "_ramstage: function"]
     assert result.stderr == ""
+
+
+def test_troubleshooting_explains_every_reason_status_can_give():
+    from ramstage.model import Reason
+
+    table = (REPO / "docs" / "troubleshooting.md").read_text()
+    rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| `")}
+    for reason in Reason:
+        assert any(row.startswith(f"`{reason.value}") for row in rows), reason.value
