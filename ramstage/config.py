@@ -266,7 +266,7 @@ def _memory(
 
 def _metrics(metrics: convert.Section) -> MetricsConfig:
     return MetricsConfig(
-        textfile=metrics.get("textfile", convert.absolute_path, None),
+        textfile=metrics.get("textfile", convert.textfile, None),
         listen=metrics.get("listen", convert.listen_address, None),
         interval_seconds=metrics.get("interval", convert.interval, MetricsConfig.interval_seconds),
     )

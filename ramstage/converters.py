@@ -109,6 +109,13 @@ def interval(value: Any) -> float:
     return seconds
 
 
+def textfile(value: Any) -> Path:
+    path = absolute_path(value)
+    if path.suffix != ".prom":
+        raise Invalid("must end in .prom: node_exporter's textfile collector reads only those")
+    return path
+
+
 def listen_address(value: Any) -> tuple[str, int]:
     """`9101`, `:9101` or `HOST:PORT` (`[::1]:9101`): loopback unless a host is given."""
     text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value

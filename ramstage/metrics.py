@@ -153,6 +153,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatusCollector(status))  # type: ignore[arg-type]
         self.server: _Server | None = None
+        self.failed: str | None = None  # the last write's error, logged once
 
     def start(self) -> None:
         if self.config.listen is None:
@@ -173,7 +174,14 @@ class Metrics:
         try:
             write_to_textfile(str(textfile), self.registry)
         except OSError as error:
-            log.warning("metrics: cannot write %s: %s", textfile, error.strerror)
+            failed = f"cannot write {textfile}: {error.strerror}"
+            if failed != self.failed:
+                log.warning("metrics: %s", failed)
+            self.failed = failed
+            return
+        if self.failed:
+            log.info("metrics: writing %s again", textfile)
+        self.failed = None
 
     def stop(self) -> None:
         if self.server is not None:

@@ -209,9 +209,11 @@ SCHEMA: dict[str, Any] = {
                 "Prometheus metrics, off unless a textfile or listen is set.",
                 {
                     "textfile": _path(
-                        "A file for node_exporter's textfile collector, replaced atomically.",
+                        "A file for node_exporter's textfile collector, replaced atomically;"
+                        " its name ends in .prom.",
                         None,
-                    ),
+                    )
+                    | {"pattern": r"^/.*\.prom$"},
                     "listen": {
                         "description": "Serve /metrics over HTTP on [HOST:]PORT; HOST is"
                         " 127.0.0.1 unless given. The unit's PrivateNetwork=yes and"

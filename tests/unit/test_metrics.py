@@ -8,10 +8,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ramstage.config import parse_config
+from ramstage.errors import ConfigError
 from ramstage.metrics import StatusCollector
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
@@ -100,3 +103,38 @@ def test_the_dashboard_and_the_alerts_use_only_metrics_that_exist():
     used = {name for e in expressions for name in re.findall(r"\bramstage_\w+", e)}
     assert len(used) > 10
     assert used <= exported, used - exported
+
+
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [
+        (9101, ("127.0.0.1", 9101)),
+        (":9101", ("127.0.0.1", 9101)),
+        ("127.0.0.1:9101", ("127.0.0.1", 9101)),
+        ("0.0.0.0:9101", ("0.0.0.0", 9101)),  # a host only when written
+        ("[::1]:9101", ("::1", 9101)),
+    ],
+)
+def test_metrics_listen_is_loopback_unless_a_host_is_given(listen: Any, address: Any):
+    assert parse_config({"metrics": {"listen": listen}}).metrics.listen == address
+
+
+@pytest.mark.parametrize(
+    ("metrics", "problem"),
+    [
+        ({"listen": "localhost"}, "metrics.listen: expected PORT or HOST:PORT"),
+        ({"listen": 0}, "metrics.listen: expected PORT or HOST:PORT"),
+        ({"listen": True}, "metrics.listen: expected PORT or HOST:PORT"),
+        ({"textfile": "/var/lib/node/ramstage.txt"}, "metrics.textfile: must end in .prom"),
+        ({"interval": "100ms"}, "metrics.interval: expected at least 1s"),
+    ],
+)
+def test_bad_metrics_settings_name_the_key_and_what_is_expected(metrics: Any, problem: str):
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"metrics": metrics})
+    assert raised.value.problems[0].startswith(problem)
+
+
+def test_metrics_are_off_by_default():
+    metrics = parse_config({}).metrics
+    assert (metrics.textfile, metrics.listen, metrics.interval_seconds) == (None, None, 15.0)

@@ -124,6 +124,7 @@ REJECTED = [
     {"metrics": {"listen": "localhost"}},
     {"metrics": {"listen": 70000}},
     {"metrics": {"textfile": "metrics.prom"}},
+    {"metrics": {"textfile": "/var/lib/node/ramstage.txt"}},
     {"trust": {"users": "root"}},
     {"trust": {"people": []}},
     {"models": {"lama": "/ssd/lama.ckpt"}},
