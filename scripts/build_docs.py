@@ -39,6 +39,7 @@ FILES = """\
 /run/ramstage/control.sock: the control socket.
 /usr/share/doc/ramstage: the documentation."""
 ENVIRONMENT = "RAMSTAGE_CONFIG: the config file, unless --config is given."
+NO_HYPHENATION = ".nh"  # paths and key names are not to be broken across lines
 SEE_ALSO = "ramstage.yaml(5), systemctl(1), journalctl(1), tmpfs(5)"
 # Model names for completion: the `name:` keys of the config's models, read without starting
 # Python (a keypress must not wait for it).
@@ -100,9 +101,8 @@ def ramstage_8() -> str:
     ]
     header, _, body = str(Manpage(parser)).partition("\n")
     assert header.startswith(".TH ramstage "), header  # argparse-manpage 1.2.2 writes section 1
-    return (
-        f'.TH RAMSTAGE 8 "{build_date()}" "ramstage {__version__}" "System Administration"\n{body}'
-    )
+    title = f'.TH RAMSTAGE 8 "{build_date()}" "ramstage {__version__}" "System Administration"'
+    return f"{title}\n{NO_HYPHENATION}\n{body}"
 
 
 def roff(text: str) -> str:
@@ -131,6 +131,7 @@ def _keys(properties: dict[str, Any], prefix: str) -> list[str]:
 def ramstage_yaml_5(example: str) -> str:
     lines = [
         f'.TH RAMSTAGE.YAML 5 "{build_date()}" "ramstage {__version__}" "File Formats"',
+        NO_HYPHENATION,
         ".SH NAME",
         "ramstage.yaml \\- configuration of ramstage(8)",
         ".SH SYNOPSIS",
