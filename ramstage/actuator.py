@@ -95,15 +95,19 @@ class Actuator:
         if served is Serving.RAM and model.serving is not Serving.RAM:
             cause = model.why.reason.value if model.why else "released"
             tally.evictions[cause] = tally.evictions.get(cause, 0) + 1
-        if not model.want or model.held:
+        # A newer version waits until a copy of it is published (count_copy), even when its copy
+        # is refused while the version before stays served; a model off RAM on purpose or for
+        # a reason its state shows does not wait.
+        if model.held or (model.serving is not Serving.RAM and not model.want):
             tally.wanted_since = None
-        elif tally.wanted_since is None:
+        elif model.want and tally.wanted_since is None:
             tally.wanted_since = self.system.monotonic()
 
     def count_copy(self, model: Model, job: Job, size_bytes: int) -> None:
         model.tally.copies += 1
         model.tally.last_copy_seconds = self.system.monotonic() - job.started_at
         model.tally.last_copy_bytes = size_bytes
+        model.tally.wanted_since = None
 
     def count_verify_failure(self, model: Model) -> None:
         model.tally.verify_failures += 1

@@ -94,7 +94,7 @@ def _models(models: list[dict[str, Any]]) -> Iterator[Metric]:
         ),
         "stale_seconds": GaugeMetricFamily(
             "ramstage_model_stale_seconds",
-            "How long a copy of the newest source version has been wanted and not made.",
+            "How long the newest source version has waited for its copy to be published.",
             labels=labels,
         ),
     }

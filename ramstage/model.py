@@ -107,7 +107,7 @@ class Tally:
     last_copy_bytes: int | None = None
     evictions: dict[str, int] = field(default_factory=dict)  # RAM given up, by reason
     verify_failures: int = 0
-    wanted_since: float | None = None  # monotonic: a copy wanted (and not held) since then
+    wanted_since: float | None = None  # monotonic: since a version not yet in RAM was wanted
 
 
 @dataclass

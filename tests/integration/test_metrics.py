@@ -126,3 +126,39 @@ def test_metrics_in_the_textfile_and_over_http_agree_with_status(tmp_path, make_
     samples = textfile_samples(textfile)
     assert value(samples, "ramstage_model_ram_bytes", model="a") == 0
     assert value(samples, "ramstage_model_serving", model="a", where="source") == 1
+
+
+@pytest.mark.root
+def test_a_new_version_refused_for_its_size_shows_as_stale_until_one_is_staged(
+    tmp_path, make_daemon
+):
+    source = write_random(tmp_path / "src" / "a.ckpt", 4 * MiB, seed=1)
+    textfile = tmp_path / "ramstage.prom"
+    daemon: Daemon = make_daemon(
+        [{"name": "a", "source": str(source)}],
+        mount=True,
+        store={"size": "16M"},
+        watch={"settle": "100ms"},
+        metrics={"textfile": str(textfile), "interval": "1s"},
+    )
+    daemon.start()
+    daemon.wait_state("a", "staged")
+    assert daemon.model("a")["stale_seconds"] == 0
+
+    # 14 MiB beside the 4 MiB copy does not fit 16 MiB: the old version stays served.
+    write_random(source, 14 * MiB, seed=2)
+    wait_for(lambda: daemon.model("a")["reason"] == "too_large", context=daemon.log)
+    first = daemon.model("a")
+    assert first["state"] == "staged" and first["stale_seconds"] > 0
+    wait_for(lambda: daemon.model("a")["stale_seconds"] > first["stale_seconds"])
+
+    def stale() -> float:
+        return value(textfile_samples(textfile), "ramstage_model_stale_seconds", model="a")
+
+    wait_for(lambda: textfile.exists() and stale() > 0, context=daemon.log)
+
+    # A version that fits is staged, and nothing waits any more.
+    write_random(source, 2 * MiB, seed=3)
+    wait_for(lambda: daemon.model("a")["copies"] == 2, context=daemon.log)
+    assert daemon.model("a")["stale_seconds"] == 0
+    wait_for(lambda: stale() == 0, context=daemon.log)

@@ -93,6 +93,21 @@ def test_zsh_loads_the_completion_for_ramstage(built: Path):
     assert result.stderr == ""
 
 
+@pytest.mark.skipif(not shutil.which("zsh"), reason="needs zsh")
+def test_zsh_offers_the_model_names_of_the_config(built: Path, tmp_path: Path):
+    config = tmp_path / "ramstage.yaml"
+    config.write_text(CONFIG)
+    # Outside a completion, _arguments and _describe stand in: _describe lists what it offers.
+    script = (
+        "_arguments() { return 1 }; _describe() { print -l -- ${(P)2} }\n"
+        f"source {built / 'completion' / 'zsh' / '_ramstage'}; _ramstage_models"
+    )
+    env = {**os.environ, "RAMSTAGE_CONFIG": str(config)}
+    result = subprocess.run(["zsh", "-f", "-c", script], capture_output=True, text=True, env=env,
+                            check=True)  # fmt: skip
+    assert result.stdout.split() == ["lama", "sd-15"]
+
+
 def test_troubleshooting_explains_every_reason_status_can_give():
     from ramstage.model import Reason
 
