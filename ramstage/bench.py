@@ -189,6 +189,8 @@ def measure(
 
 def _model_files(directory: Path, file: str | None) -> list[str]:
     if file is not None:
+        if not (directory / file).is_file():
+            raise UsageError(f"--file {file}: no such file in {directory}")
         return [file]
     relpaths = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
     if not relpaths:

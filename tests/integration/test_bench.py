@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +27,13 @@ def bench(*args: str, python: str = sys.executable) -> subprocess.CompletedProce
         check=False,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+
+
+def read_some(terminal: Any) -> bytes:
+    try:
+        return terminal.read(4096)  # type: ignore[no-any-return]
+    except OSError:  # EIO: the other side closed
+        return b""
 
 
 def save_safetensors(path: Path, tensors: int, seed: int = 0) -> Path:
@@ -97,6 +106,22 @@ def test_bench_of_a_safetensors_model_uses_its_loader_shows_progress_and_writes_
     # Not a terminal: one progress line per step, on stderr.
     assert "run 2/2: RAM copy, mmap" in result.stderr.splitlines()
 
+    # A terminal: one line, rewritten in place and cleared at the end.
+    primary, secondary = pty.openpty()
+    with os.fdopen(primary, "rb", buffering=0) as terminal:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ramstage", "bench", "m", "--config", str(daemon.config_path),
+             "--runs", "1"],
+            stdout=subprocess.PIPE, stderr=secondary, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        os.close(secondary)
+        shown = b""
+        while chunk := read_some(terminal):
+            shown += chunk
+        assert process.wait(timeout=60) == 0
+    assert b"\r\x1b[Krun 1/1: RAM copy, mmap\r\x1b[K" in shown
+    assert b"\n" not in shown
+
 
 @pytest.mark.torch
 def test_bench_of_a_directory_model_loads_every_file_with_its_loader(tmp_path, make_daemon):
@@ -116,6 +141,9 @@ def test_bench_of_a_directory_model_loads_every_file_with_its_loader(tmp_path, m
     one = bench("sd", "--config", str(daemon.config_path), "--runs", "1", "--file",
                 "unet/b.safetensors", "--json")  # fmt: skip
     assert json.loads(one.stdout)["files"] == 1
+    missing = bench("sd", "--config", str(daemon.config_path), "--file", "unet/c.safetensors")
+    assert missing.returncode == 2
+    assert f"--file unet/c.safetensors: no such file in {model}" in missing.stderr
 
 
 SYSTEM_PYTHON = "/usr/bin/python3"
