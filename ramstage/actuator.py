@@ -91,9 +91,13 @@ class Actuator:
         served = model.serving
         for action in actions:
             self._apply(model, action)
+        self._tally(model, served)
+
+    def _tally(self, model: Model, served: Serving) -> None:
         tally = model.tally
-        if served is Serving.RAM and model.serving is not Serving.RAM:
-            cause = model.why.reason.value if model.why else "released"
+        # Given up for a reason: a stop or a removal from the config (no reason) is no eviction.
+        if served is Serving.RAM and model.serving is not Serving.RAM and model.why:
+            cause = model.why.reason.value
             tally.evictions[cause] = tally.evictions.get(cause, 0) + 1
         # A newer version waits until a copy of it is published (count_copy), even when its copy
         # is refused while the version before stays served; a model off RAM on purpose or for
