@@ -17,6 +17,7 @@ SIZE_PATTERN = (
 DURATION_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*(ms|s|m|h)?\s*$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 DIGEST_PATTERN = r"^(xxh3:[0-9a-f]{32}|(sha256|blake3):[0-9a-f]{64})$"
+REPO_PATTERN = r"^[A-Za-z0-9_.-]{1,96}(/[A-Za-z0-9_.-]{1,96})?$"
 PSI_PATTERN = r"^(some|full)\s+\S+\s+\S+$"
 LISTEN_PATTERN = r"^([^\s:]*:|\[[0-9A-Fa-f:.]+\]:)?[0-9]{1,5}$"
 
@@ -87,8 +88,18 @@ def _trust(description: str) -> dict[str, Any]:
     )
 
 
+def _hf_cache(description: str) -> dict[str, Any]:
+    return {
+        "description": description + " An absolute path, or ~USER for that user's"
+        " ~/.cache/huggingface/hub.",
+        "type": "string",
+        "pattern": "^[/~]",
+        "examples": ["/srv/hf/hub"],
+    }
+
+
 MODEL = _section(
-    "One model: a name and a source.",
+    "One model: a name, and a source or a Hugging Face repo (hf).",
     {
         "name": {
             "description": "The link's name, LINKS_DIR/NAME: 1 to 64 of A-Z a-z 0-9 . _ -,"
@@ -100,6 +111,22 @@ MODEL = _section(
         },
         "source": _path("The checkpoint file, or a directory of them, on disk.", None)
         | {"examples": ["/ssd/ai_models/big-lama.ckpt"]},
+        "hf": {
+            "description": "A Hugging Face repo, ORG/NAME, in the hub cache, instead of source.",
+            "type": "string",
+            "pattern": REPO_PATTERN,
+            "not": {"pattern": "--|[.][.]"},
+            "examples": ["meta-llama/Llama-3.1-8B-Instruct"],
+        },
+        "revision": {
+            "description": "With hf: a branch, a tag or a commit hash.",
+            "type": "string",
+            "pattern": "^[^/]+(/[^/]+)*$",
+            "not": {"pattern": "(^|/)[.][.]?(/|$)"},
+            "default": "main",
+            "examples": ["main"],
+        },
+        "hf_cache": _hf_cache("With hf: the hub cache, over the top-level hf_cache."),
         "priority": {
             "description": "Higher stays in RAM longer under pressure.",
             "type": "integer",
@@ -119,7 +146,10 @@ MODEL = _section(
         ),
         "trust": _trust("Added to the top-level trust for this model's source."),
     },
-    required=["name", "source"],
+    required=["name"],
+    # source: or hf:, not both; revision: and hf_cache: only with hf:.
+    oneOf=[{"required": ["source"]}, {"required": ["hf"]}],
+    dependencies={"revision": ["hf"], "hf_cache": ["hf"]},
 )
 
 SCHEMA: dict[str, Any] = {
@@ -204,6 +234,10 @@ SCHEMA: dict[str, Any] = {
                         "A full rescan, for file systems where inotify says nothing.", "5m"
                     ),
                 },
+            ),
+            "hf_cache": _hf_cache(
+                "Where hf: models are looked for; by default $HF_HUB_CACHE, else $HF_HOME/hub,"
+                " else ~/.cache/huggingface/hub of the daemon's user."
             ),
             "metrics": _section(
                 "Prometheus metrics, off unless a textfile or listen is set.",

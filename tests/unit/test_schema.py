@@ -12,11 +12,14 @@ import pytest
 import yaml
 
 from ramstage import config
+from ramstage import converters as convert
 from ramstage.errors import ConfigError
 from ramstage.schema import SCHEMA, SCHEMA_FILE, schema_text
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = {"name": "lama", "source": "/ssd/lama.ckpt"}
+HF_MODEL = {"name": "llama", "hf": "org/name"}
+HF_KEYS = ("hf", "revision", "hf_cache")
 VALIDATOR = jsonschema.Draft7Validator(SCHEMA)
 
 
@@ -42,24 +45,33 @@ def test_the_packaged_schema_file_is_generated_from_schema_py():
     )
 
 
-@pytest.mark.parametrize(
-    ("section", "keys"),
-    [
-        ("", config.TOP_KEYS),
-        ("store", config.STORE_KEYS),
-        ("memory", config.MEMORY_KEYS),
-        ("watch", config.WATCH_KEYS),
-        ("staging", config.STAGING_KEYS),
-        ("metrics", config.METRICS_KEYS),
-    ],
-)
-def test_the_schema_knows_the_parsers_keys(section: str, keys: tuple[str, ...]):
-    properties = SCHEMA["properties"][section]["properties"] if section else SCHEMA["properties"]
-    assert set(properties) == set(keys)
+def parser_keys(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[str]]:
+    """The keys the parser knows in each mapping, by key path (models[0], not models[])."""
+    known: dict[str, set[str]] = {}
+    section = convert.Section.__init__
+
+    def recording(self: Any, data: Any, key: str, problems: Any, keys: tuple[str, ...]) -> None:
+        known[key] = set(keys)
+        section(self, data, key, problems, keys)
+
+    monkeypatch.setattr(convert.Section, "__init__", recording)
+    config.parse_config({"trust": {}, "models": [{**MODEL, "trust": {}}]})
+    return known
 
 
-def test_a_model_in_the_schema_has_the_parsers_keys():
-    assert set(SCHEMA["properties"]["models"]["items"]["properties"]) == set(config.MODEL_KEYS)
+def schema_keys(properties: dict[str, Any], path: str = "") -> dict[str, set[str]]:
+    keys = {path: set(properties)}
+    for key, entry in properties.items():
+        inner = f"{path}.{key}" if path else key
+        if "properties" in entry:
+            keys.update(schema_keys(entry["properties"], inner))
+        elif "properties" in entry.get("items", {}):
+            keys.update(schema_keys(entry["items"]["properties"], inner + "[0]"))
+    return keys
+
+
+def test_the_schema_knows_the_parsers_keys_in_every_mapping(monkeypatch: pytest.MonkeyPatch):
+    assert schema_keys(SCHEMA["properties"]) == parser_keys(monkeypatch)
 
 
 def examples(properties: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -76,7 +88,10 @@ def examples(properties: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def every_example() -> list[tuple[str, Any]]:
     model = examples(SCHEMA["properties"]["models"]["items"]["properties"])
-    in_a_model = [(f"models[0].{path}", {"models": [{**MODEL, **data}]}) for path, data in model]
+    in_a_model = [
+        (f"models[0].{path}", {"models": [{**(HF_MODEL if path in HF_KEYS else MODEL), **data}]})
+        for path, data in model
+    ]
     return examples(SCHEMA["properties"]) + in_a_model
 
 
@@ -101,6 +116,9 @@ ACCEPTED = [
     {"trust": {"users": ["root", 0], "groups": ["root"]}},
     {"models": [{**MODEL, "digest": "sha256:" + "a" * 64, "validate": "none", "priority": -1}]},
     {"models": [MODEL, {"name": "sd-1.5_x", "source": "/ssd/sd15"}]},
+    {"hf_cache": "/srv/hf/hub", "models": [HF_MODEL]},
+    {"models": [{**HF_MODEL, "revision": "v2.0/rc", "hf_cache": "/srv/hf"}]},
+    {"models": [{**HF_MODEL, "hf": "gpt2"}]},
 ]
 
 REJECTED = [
@@ -137,6 +155,13 @@ REJECTED = [
     {"models": [{**MODEL, "validate": True}]},
     {"models": [{**MODEL, "priority": 1.5}]},
     {"models": [{**MODEL, "extra": 1}]},
+    {"models": [{**MODEL, "hf": "org/name"}]},
+    {"models": [{**MODEL, "revision": "main"}]},
+    {"models": [{**HF_MODEL, "hf": "org/na--me"}]},
+    {"models": [{**HF_MODEL, "hf": "a/b/c"}]},
+    {"models": [{**HF_MODEL, "revision": "../main"}]},
+    {"models": [{**HF_MODEL, "hf_cache": "relative"}]},
+    {"hf_cache": "relative/hub"},
 ]
 
 
@@ -156,6 +181,6 @@ def test_both_accept_the_example_config_with_its_models():
     data = yaml.safe_load((REPO / "etc" / "ramstage.yaml").read_text())
     commented = (REPO / "etc" / "ramstage.yaml").read_text().split("# models:\n", 1)[1]
     data["models"] = yaml.safe_load(commented.replace("#   ", "  ").replace("#     #", "#"))
-    assert len(data["models"]) == 2
+    assert len(data["models"]) == 3
     assert schema_accepts(data)
     assert parser_accepts(data)
