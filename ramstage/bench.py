@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ramstage import units
 from ramstage.checkpoint import Kind, kind_of
 from ramstage.config import load_config
 from ramstage.errors import NotFound, RamstageError, UsageError
@@ -89,6 +90,26 @@ class BenchResult:
             ],
             "notes": list(self.notes),
         }
+
+
+def table(result: BenchResult) -> str:
+    """The result as the table `ramstage bench` prints."""
+    files = f", {result.files} files" if result.files > 1 else ""
+    lines = [
+        (
+            f"{result.loader} of {result.title} ({units.size(result.size_bytes)}{files}),"
+            f" median of {len(result.cases[0].seconds)} runs"
+        ),
+        f"  source:   {result.source}",
+        f"  RAM copy: {result.ram_copy}",
+        "",
+        f"{'':<28}  {'median':>9}  {'vs RAM copy':>11}",
+    ]
+    for case in result.cases:
+        lines.append(
+            f"{case.label:<28}  {case.median_seconds:>7.3f} s  {result.ratio(case):>10.2f}x"
+        )
+    return "\n".join(lines + [""] + [f"note: {note}" for note in result.notes])
 
 
 def drop_file_cache(path: Path) -> None:

@@ -26,12 +26,8 @@ from ramstage.cli import build_parser  # noqa: E402
 from ramstage.schema import SCHEMA, SCHEMA_FILE, schema_text  # noqa: E402
 
 SUMMARY = "stage ML model checkpoints in RAM behind stable links"
-EXIT_STATUS = """\
-0: success (status: the daemon runs and no model is in error).
-1: the operation failed.
-2: usage or config error.
-3: the daemon is not running.
-4: permission denied."""
+# The parser's epilog blocks, as man page sections.
+EPILOG_HEADINGS = {"examples": "Examples", "exit codes": "Exit status"}
 FILES = """\
 /etc/ramstage/ramstage.yaml: the config, see ramstage.yaml(5).
 /run/ramstage/models/NAME: the link an application loads NAME from.
@@ -90,11 +86,35 @@ def completion(shell: str) -> str:
     return script.replace(SHTAB_FIRST_CHOICE, SHTAB_EVERY_CHOICE)
 
 
+def epilog_sections(epilog: str) -> list[dict[str, str]]:
+    """`heading:` lines and the indented lines under them (the --help epilog) as sections."""
+    sections: list[dict[str, str]] = []
+    for line in epilog.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            sections.append({"heading": EPILOG_HEADINGS.get(line[:-1], line[:-1]), "content": ""})
+        elif line.strip():
+            sections[-1]["content"] += line[2:] + "\n"
+    return sections
+
+
+def _with_command_exits(parser: argparse.ArgumentParser) -> None:
+    """argparse-manpage 1.2.2 shows no epilog: each command's exit codes go after its
+    description."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if sub.epilog:
+                    sub.description = f"{sub.description}. {sub.epilog[0].upper()}{sub.epilog[1:]}."
+
+
 def ramstage_8() -> str:
     parser = build_parser()
     parser.man_short_description = SUMMARY  # type: ignore[attr-defined]
+    _with_command_exits(parser)
+    # --help keeps the description's line breaks (RawDescriptionHelpFormatter); man fills it.
+    parser.description = " ".join((parser.description or "").split())
     parser._manpage = [  # type: ignore[attr-defined]
-        {"heading": "Exit status", "content": EXIT_STATUS},
+        *epilog_sections(parser.epilog or ""),
         {"heading": "Environment", "content": ENVIRONMENT},
         {"heading": "Files", "content": FILES},
         {"heading": "See also", "content": SEE_ALSO},

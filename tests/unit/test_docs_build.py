@@ -38,8 +38,10 @@ def test_man_renders_the_pages_without_a_warning(built: Path, page: str, heading
 
 def test_the_man_pages_cover_every_command_and_config_key(built: Path):
     command = (built / "man" / "ramstage.8").read_text()
-    for name in ("daemon", "status", "stage", "evict", "verify", "check-config", "bench"):
+    for name in ("daemon", "status", "stage", "evict", "verify", "wait", "check-config", "bench"):
         assert f".SH OPTIONS 'ramstage {name}'" in command
+    for heading in ("EXAMPLES", "EXIT STATUS", "ENVIRONMENT", "FILES", "SEE ALSO"):
+        assert f".SH {heading}\n" in command
     config = (built / "man" / "ramstage.yaml.5").read_text()
     for key in ("store.size", "memory.psi", "metrics.listen", "models[].digest"):
         assert f".B {key}" in config
