@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import MetricsHandler
 
-from ramstage.converters import MetricsConfig
+from ramstage.config import MetricsConfig
 
 log = logging.getLogger("ramstage")
 STATES = ("pending", "staging", "staged", "fallback", "missing")
