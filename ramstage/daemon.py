@@ -22,6 +22,7 @@ from ramstage.errors import RamstageError
 from ramstage.eviction import Relief
 from ramstage.generations import Generations
 from ramstage.instance import load_held, only_one, save_held
+from ramstage.metrics import Metrics
 from ramstage.model import (
     Event,
     JobDone,
@@ -73,6 +74,7 @@ class Daemon:
         )
         self.requests = Requests(self.core, notifier, post, self.status)
         self.control: ControlServer | None = None
+        self.metrics = Metrics(config.metrics, self.status)
         self.snapshot = Snapshot()
         self.ready_sent = False
         self.held: set[str] = set()  # the operator's evictions, as saved for the next start
@@ -102,6 +104,7 @@ class Daemon:
         self._publish_snapshot()  # before the socket opens: no status without the models
         self.control = ControlServer(core.config.socket, self.requests.answer)
         self.control.start()
+        self.metrics.start()
         log.info(
             "ready: %d models, every link in place under %s",
             len(core.models),
@@ -171,6 +174,9 @@ class Daemon:
             core.heal_links()
         if self._every("rescan", core.config.watch.rescan_seconds):
             core.updates.rescan("periodic rescan")
+        metrics = core.config.metrics
+        if metrics.textfile and self._every("metrics", metrics.interval_seconds):
+            self.metrics.write(metrics.textfile)
 
     def _shutdown(self) -> None:
         """Keeps every verified generation and its link for the next daemon to adopt (a
@@ -188,6 +194,10 @@ class Daemon:
         core.updates.stop()
         core.relief.stop()
         core.actuator.stop(core.models.values())
+        self.metrics.stop()
+        if core.config.metrics.textfile:
+            self._publish_snapshot()
+            self.metrics.write(core.config.metrics.textfile)  # as the stop leaves the store
         self._refuse_late_events()
 
     def _refuse_late_events(self) -> None:
@@ -222,13 +232,19 @@ class Daemon:
             self.due["rescan"] = self.system.monotonic() + core.config.watch.rescan_seconds
             core.updates.rescan(event.reason)
         elif isinstance(event, VerifyFailed):
-            model = core.models.get(event.name)
-            if model:
-                exists = model.settings.source.exists()
-                actions = lifecycle.verify_failed(model, event.generation_id, source_exists=exists)
-                core.apply(model, actions)
+            self._verify_failed(event)
         elif isinstance(event, Pressure):
             core.relief.relieve(event, core.models)
+
+    def _verify_failed(self, event: VerifyFailed) -> None:
+        core = self.core
+        model = core.models.get(event.name)
+        if model:
+            exists = model.settings.source.exists()
+            actions = lifecycle.verify_failed(model, event.generation_id, source_exists=exists)
+            if actions:
+                core.actuator.count_verify_failure(model)
+            core.apply(model, actions)
 
     # ---- what others see -----------------------------------------------------------------
 
