@@ -121,11 +121,11 @@ def test_metrics_in_the_textfile_and_over_http_agree_with_status(tmp_path, make_
         served = parse(response.read().decode())
     check_against_status(served, daemon.status())
 
-    # The last write, at stop: nothing is in RAM any more.
+    # The last write, at stop: the copy stays in RAM behind its link for the next start.
     assert daemon.stop() == 0
     samples = textfile_samples(textfile)
-    assert value(samples, "ramstage_model_ram_bytes", model="a") == 0
-    assert value(samples, "ramstage_model_serving", model="a", where="source") == 1
+    assert value(samples, "ramstage_model_ram_bytes", model="a") == 4 * MiB
+    assert value(samples, "ramstage_model_serving", model="a", where="ram") == 1
     # A stop is no eviction.
     evictions = [k for k in samples if k[0] == "ramstage_model_evictions_total"]
     assert sorted(dict(k[1])["cause"] for k in evictions) == ["error", "evicted"]
