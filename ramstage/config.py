@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat as stat_module
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -116,10 +117,14 @@ def parse_psi(text: Any) -> PsiTrigger:
     return PsiTrigger(match.group(1), stall, window)
 
 
-def _source_problem(source: Path) -> str | None:
-    if not source.exists():
+def _source_problem(source: Path, stat: Callable[[Path], os.stat_result] = os.stat) -> str | None:
+    try:
+        mode = stat(source).st_mode
+    except FileNotFoundError:
         return "no such file or directory"
-    if not (source.is_file() or source.is_dir()):
+    except OSError as error:
+        return f"cannot be reached ({error})"
+    if not (stat_module.S_ISREG(mode) or stat_module.S_ISDIR(mode)):
         return "not a regular file or directory"
     return None
 
@@ -262,11 +267,12 @@ def _check_algorithms(config: Config, problems: convert.Problems) -> None:
             problems.add(key, f"{algorithm} is not installed ({BLAKE3_INSTALL})", algorithm)
 
 
-def source_problems(config: Config) -> list[str]:
-    """Sources that are missing now, for the daemon to log: it serves them once they appear."""
+def source_problems(config: Config, stat: Callable[[Path], os.stat_result] = os.stat) -> list[str]:
+    """Sources that are missing now, for the daemon to log: it serves them once they appear.
+    The daemon passes a stat with a deadline (reach.py)."""
     problems = convert.Problems()
     for index, model in enumerate(config.models):
-        problem = _source_problem(model.source)
+        problem = _source_problem(model.source, stat)
         if problem:
             problems.add(f"models[{index}].source", problem, str(model.source))
     return problems.items

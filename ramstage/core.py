@@ -20,6 +20,7 @@ from ramstage.eviction import Relief
 from ramstage.generations import Generations
 from ramstage.manifest import Manifest
 from ramstage.model import Action, DropCopy, Job, Model
+from ramstage.reach import Reach
 from ramstage.sources import list_source
 from ramstage.store import Generation, Store
 from ramstage.system import System
@@ -33,6 +34,7 @@ class Core:
     config_path: Path
     config: Config
     system: System
+    reach: Reach
     store: Store
     generations: Generations
     actuator: Actuator
@@ -62,7 +64,15 @@ class Core:
                 self.apply(model, lifecycle.adopted(adopted.id, adopted.manifest.identities()))
                 log.info("%s: adopted generation %s without copying", config.name, adopted.id)
             else:
-                self.apply(model, lifecycle.placed(model, source_exists=config.source.exists()))
+                self.place(model)
+
+    def place(self, model: Model) -> None:
+        """A model with nothing in RAM: its link on the source, or none; a source that cannot be
+        reached (a disconnected or hung mount) is said to be so."""
+        problem = self.reach.problem(model.settings.source)
+        self.apply(model, lifecycle.placed(model, source_exists=problem is None))
+        if problem is not None and not isinstance(problem, FileNotFoundError):
+            self.apply(model, lifecycle.unreachable(model, problem))
 
     def _adoptable(self, config: ModelConfig, generations: list[Generation]) -> Generation | None:
         for generation in generations:
@@ -72,7 +82,9 @@ class Core:
             ):
                 continue
             try:
-                listing = list_source(config.source, config.trust)
+                listing = self.reach.call(
+                    config.source, lambda: list_source(config.source, config.trust)
+                )
                 same_source = listing.identities() == manifest.identities()
                 complete = all(
                     os.stat(path).st_size == f.size_bytes
@@ -103,7 +115,7 @@ class Core:
             now=self.system.monotonic(),
             cooldown_seconds=self.config.memory.effective_cooldown_seconds,
         )
-        self.apply(model, lifecycle.admit(model, look(model.settings), budget))
+        self.apply(model, lifecycle.admit(model, look(model.settings, self.reach), budget))
 
     def job_done(self, name: str, job: Job) -> None:
         """Only the loop publishes: a copy still wanted becomes a generation and is served; any
@@ -133,7 +145,7 @@ class Core:
             log.error("%s: staging failed: %s", name, error)
         elif why is not None:
             log.error("%s: staging failed", name, exc_info=error)
-        exists = model.settings.source.exists()
+        exists = self.reach.exists(model.settings.source)
         self.apply(model, lifecycle.copy_failed(model, why, job.identities, source_exists=exists))
 
     def heal_links(self) -> None:
@@ -143,7 +155,7 @@ class Core:
             expected = lifecycle.expected_link(
                 model,
                 generation.target if generation else None,
-                source_exists=model.settings.source.exists(),
+                source_exists=self.reach.exists(model.settings.source),
             )
             if links.read(model.link) == (str(expected) if expected else None):
                 continue
@@ -156,7 +168,7 @@ class Core:
     def release_all(self) -> None:
         """At a clean stop: every link back on its source, every generation deleted."""
         for model in self.models.values():
-            exists = model.settings.source.exists()
+            exists = self.reach.exists(model.settings.source)
             self.apply(
                 model, lifecycle.released(model, "ramstage is stopping", source_exists=exists)
             )

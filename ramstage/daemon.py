@@ -34,6 +34,7 @@ from ramstage.model import (
     Stop,
     VerifyFailed,
 )
+from ramstage.reach import Reach
 from ramstage.requests import Requests
 from ramstage.service import Notifier
 from ramstage.status import Snapshot, render, snapshot
@@ -57,17 +58,28 @@ class Daemon:
         generations = Generations(store, system)
         actuator = Actuator(generations, post, config.checksum, config.staging.workers)
         models: dict[str, Model] = {}
-        relief = Relief(config.memory, system, generations, actuator.apply, post)
+        reach = Reach()  # every look at a source, with a deadline
+        relief = Relief(config.memory, system, reach, generations, actuator.apply, post)
         updates = SourceUpdates(
             config.watch,
             system,
+            reach,
             models,
             actuator.apply,
             lambda name: post(SourceEvent(name)),
             lambda reason: post(Rescan(reason)),
         )
         self.core = Core(
-            config_path, config, system, store, generations, actuator, relief, updates, models
+            config_path,
+            config,
+            system,
+            reach,
+            store,
+            generations,
+            actuator,
+            relief,
+            updates,
+            models,
         )
         self.requests = Requests(self.core, notifier, post, self.status)
         self.control: ControlServer | None = None
@@ -85,7 +97,10 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: post(Stop(signum)))
         signal.signal(signal.SIGHUP, lambda signum, frame: post(Reload()))
-        for problem in [*source_problems(core.config), *trust_warnings(core.config)]:
+        for problem in [
+            *source_problems(core.config, core.reach.stat),
+            *trust_warnings(core.config),
+        ]:
             log.warning("%s", problem)
         core.store.open()
         links.prepare(core.config.links_dir)
@@ -208,7 +223,7 @@ class Daemon:
         elif isinstance(event, VerifyFailed):
             model = core.models.get(event.name)
             if model:
-                exists = model.settings.source.exists()
+                exists = core.reach.exists(model.settings.source)
                 actions = lifecycle.verify_failed(model, event.generation_id, source_exists=exists)
                 core.apply(model, actions)
         elif isinstance(event, Pressure):
@@ -227,7 +242,10 @@ class Daemon:
     def _publish_snapshot(self) -> None:
         core = self.core
         self.snapshot = snapshot(
-            core.models.values(), core.generations, core.relief.last_pressure_at
+            core.models.values(),
+            core.generations,
+            core.relief.last_pressure_at,
+            core.updates.watcher.problems(),
         )
         staged = sum(m.serving is Serving.RAM for m in core.models.values())
         self.notifier.status(f"{staged}/{len(core.models)} models staged")

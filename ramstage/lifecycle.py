@@ -295,6 +295,13 @@ def placed(model: Model, *, source_exists: bool) -> list[Action]:
     return [Serve(Serving.SOURCE)] if source_exists else source_missing(model)
 
 
+def unreachable(model: Model, error: OSError) -> list[Action]:
+    """A source that cannot be reached (a disconnected or hung mount) served nothing instead:
+    the reason names the error, and the next look that reaches it stages it again."""
+    why = Why(Reason.ERROR, f"source unreachable: {error}")
+    return [Log(WARNING, f"{why}; no link until it answers"), Note(why), Remember(None)]
+
+
 def source_replaced(model: Model, *, source_exists: bool) -> list[Action]:
     """A reload gave the model another source, digest or validation: stage it afresh."""
     actions = fall_back(model, Why(Reason.SOURCE_CHANGED), source_exists=source_exists)

@@ -33,6 +33,7 @@ class Snapshot:
     # still hold (deleted, or swapped out and in their grace period).
     current: dict[str, dict[FileKey, int]] = field(default_factory=dict)
     unlinked: dict[str, dict[FileKey, int]] = field(default_factory=dict)
+    watch_problems: tuple[str, ...] = ()  # why watching sources is degraded, if it is
 
 
 def model_entry(model: Model, generations: Generations) -> dict[str, Any]:
@@ -61,7 +62,10 @@ def model_entry(model: Model, generations: Generations) -> dict[str, Any]:
 
 
 def snapshot(
-    models: Iterable[Model], generations: Generations, last_pressure_at: float | None
+    models: Iterable[Model],
+    generations: Generations,
+    last_pressure_at: float | None,
+    watch_problems: Iterable[str] = (),
 ) -> Snapshot:
     models = list(models)
     current = {}
@@ -73,6 +77,7 @@ def snapshot(
         last_pressure_at=last_pressure_at,
         current=current,
         unlinked={m.name: generations.pinned_candidates(m.name) for m in models},
+        watch_problems=tuple(watch_problems),
     )
 
 
@@ -138,5 +143,7 @@ def render(
             "swappable": store.fs.swappable,
         },
         "memory": memory_status(memory, system, since, sum(m["pinned_bytes"] for m in result)),
+        # Degraded: some source changes are seen only by the periodic rescan.
+        "watch": {"degraded": bool(taken.watch_problems), "problems": list(taken.watch_problems)},
         "models": result,
     }

@@ -1,0 +1,183 @@
+"""The fault matrix: a running daemon meets a disconnected or hung source mount, a full store,
+the store unmounted, a read-only links directory and the inotify limits. In each case the
+control socket answers within 1 s, pressure relief still works for the other models, every
+link stays valid, status names the cause, the source is untouched, and the daemon recovers on
+its own once the fault clears."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, wait_for, write_random
+
+M = 1 << 20
+pytestmark = pytest.mark.root  # mounts: FUSE, tmpfs, bind mounts
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+class FuseMount:
+    """A FUSE mount over `path` whose server never answers: every look below it waits (a hung
+    mount, as when the server is stopped) until disconnect(), after which every look fails with
+    ENOTCONN, as when the server has died (fuse(4): the connection is aborted when /dev/fuse is
+    closed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Close-on-exec: a daemon started later must not keep the connection alive.
+        self.fd: int | None = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        options = f"fd={self.fd},rootmode=40000,user_id=0,group_id=0".encode()
+        if _libc.mount(b"ramstage-test", bytes(path), b"fuse.ramstage-test", 0, options) != 0:
+            raise OSError(ctypes.get_errno(), "mount fuse", str(path))
+        self.mounted = True
+
+    def disconnect(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def unmount(self) -> None:
+        """Disconnects first: no look may hang on it (not even umount's)."""
+        self.disconnect()
+        if self.mounted:
+            subprocess.run(["umount", "--lazy", str(self.path)], check=True)
+            self.mounted = False
+
+
+@pytest.fixture
+def fuse_mounts() -> Iterator[list[FuseMount]]:
+    mounts: list[FuseMount] = []
+    yield mounts
+    for mount in mounts:
+        mount.unmount()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def timed(daemon: Daemon, cmd: str, **args: Any) -> Any:
+    """A request, which must be answered within 1 s."""
+    started = time.monotonic()
+    result = daemon.request(cmd, **args)
+    took = time.monotonic() - started
+    assert took < 1.0, f"{cmd} took {took:.2f}s\n{daemon.log()}"
+    return result
+
+
+def models(daemon: Daemon) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in timed(daemon, "status")["models"]}
+
+
+def links_valid(daemon: Daemon, unreachable: set[str] = frozenset()) -> None:
+    """Every link there is leads to a readable file; none leads below a broken mount."""
+    for link in daemon.links.iterdir():
+        target = os.readlink(link)
+        assert not any(target.startswith(str(u)) for u in unreachable), (link, target)
+        assert os.path.isfile(link), (link, target)
+
+
+def set_floor(daemon: Daemon, floor: str, resume: str) -> None:
+    daemon.config["memory"].update(min_available=floor, resume_available=resume)
+    daemon.write_config()
+    daemon.cli("reload", check=True)
+
+
+def test_a_disconnected_source_mount_does_not_stop_pressure_relief_for_the_others(
+    tmp_path, make_daemon, fuse_mounts
+):
+    good = [write_random(tmp_path / "src" / f"good{i}.bin", 4 * M, seed=i) for i in range(2)]
+    bad = write_random(tmp_path / "remote" / "share" / "bad.bin", 4 * M, seed=9)
+    sums = {path: sha256(path) for path in [*good, bad]}
+    daemon = make_daemon(
+        [
+            {"name": "bad", "source": str(bad), "priority": 0},
+            {"name": "good0", "source": str(good[0]), "priority": 1},
+            {"name": "good1", "source": str(good[1]), "priority": 2},
+        ],
+        memory={"cooldown": "1s"},
+        watch={"settle": "300ms", "rescan": "1s"},
+    ).start()
+    for name in ("bad", "good0", "good1"):
+        daemon.wait_state(name, "staged")
+
+    mount = FuseMount(bad.parent)  # the share's server is gone: ENOTCONN from now on
+    fuse_mounts.append(mount)
+    mount.disconnect()
+    # A floor above all the memory there is: every model must go back to its source.
+    set_floor(daemon, "100000G", "100001G")
+    wait_for(
+        lambda: all(m["state"] != "staged" for m in models(daemon).values()),
+        context=daemon.log,
+    )
+    seen = models(daemon)
+    for name, source in (("good0", good[0]), ("good1", good[1])):
+        assert seen[name]["state"] == "fallback" and seen[name]["reason"] == "pressure"
+        assert os.readlink(daemon.links / name) == str(source)
+    assert seen["bad"]["state"] == "missing"
+    assert "Transport endpoint is not connected" in seen["bad"]["reason"]
+    assert not (daemon.links / "bad").exists()
+    links_valid(daemon, {bad.parent})
+    assert wait_for(lambda: not any(daemon.store.glob("*/*/*")), context=daemon.log)  # RAM freed
+    assert "internal error" not in daemon.log()
+
+    mount.unmount()
+    set_floor(daemon, "512M", "1G")
+    for name in ("bad", "good0", "good1"):
+        daemon.wait_state(name, "staged")
+    links_valid(daemon)
+    assert {path: sha256(path) for path in sums} == sums
+
+
+def test_a_hung_source_mount_blocks_neither_the_loop_nor_a_start(
+    tmp_path, make_daemon, fuse_mounts
+):
+    good = write_random(tmp_path / "src" / "good.bin", 4 * M, seed=1)
+    hung = write_random(tmp_path / "remote" / "share" / "hung.bin", 4 * M, seed=2)
+    sums = {good: sha256(good), hung: sha256(hung)}
+    daemon = make_daemon(
+        [
+            {"name": "hung", "source": str(hung), "priority": 0},
+            {"name": "good", "source": str(good), "priority": 1},
+        ],
+        watch={"settle": "300ms", "rescan": "1s"},
+    ).start()
+    daemon.wait_state("hung", "staged")
+    daemon.wait_state("good", "staged")
+
+    mount = FuseMount(hung.parent)  # a server that never answers: every stat waits
+    fuse_mounts.append(mount)
+    timed(daemon, "evict", names=["good"])
+    assert models(daemon)["good"]["state"] == "fallback"
+    # Rescans (every 1 s) and source events look at the hung source; admin requests still
+    # answer within 1 s, every time.
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        models(daemon)
+    assert daemon.request("stage", names=["good"]) == {"staged": ["good"]}  # waits for the copy
+    assert models(daemon)["hung"]["state"] == "staged"  # its verified copy is still served
+    links_valid(daemon)
+
+    # A start while the source hangs opens the socket and places every link.
+    assert daemon.stop() == 0
+    daemon.start()
+    seen = models(daemon)
+    assert seen["hung"]["state"] == "missing"
+    assert "(a hung mount?)" in seen["hung"]["reason"]
+    timed(daemon, "evict", names=["good"])
+    assert daemon.request("stage", names=["good"]) == {"staged": ["good"]}
+    links_valid(daemon, {hung.parent})
+
+    mount.unmount()
+    daemon.wait_state("hung", "staged")
+    links_valid(daemon)
+    assert {path: sha256(path) for path in sums} == sums
+    assert daemon.stop() == 0
