@@ -19,7 +19,7 @@ from ramstage.errors import RamstageError
 from ramstage.eviction import Relief
 from ramstage.generations import Generations
 from ramstage.manifest import Manifest
-from ramstage.model import Action, DropCopy, Job, Model
+from ramstage.model import Action, DropCopy, Job, Model, Reason, Why
 from ramstage.reach import Reach
 from ramstage.sources import list_source
 from ramstage.store import Generation, Store
@@ -137,8 +137,18 @@ class Core:
             return  # evicted, removed or replaced while it was copied
         self.apply(model, [DropCopy()])
         if generation is not None:
-            self.apply(model, lifecycle.copied(model, generation.id, manifest.identities()))
-            return
+            try:
+                self.apply(model, lifecycle.copied(model, generation.id, manifest.identities()))
+                return
+            except links.LinkError as failed:
+                # Not remembered as a failed version: the next rescan tries it again.
+                log.error("%s: staged, but %s", name, failed)
+                self.generations.unpublish(name, generation)
+                self.apply(
+                    model,
+                    lifecycle.refuse(model, Why(Reason.ERROR, str(failed)), source_exists=True),
+                )
+                return
         assert error is not None
         why = lifecycle.copy_failure(error)
         if why is not None and isinstance(error, (RamstageError, OSError)):

@@ -18,6 +18,7 @@ from ramstage import lifecycle, policy
 from ramstage.config import MemoryConfig
 from ramstage.generations import Generations
 from ramstage.holders import FileKey, holders
+from ramstage.links import LinkError
 from ramstage.memwatch import PressureWatcher
 from ramstage.model import Action, Event, Model, Pressure, Serving
 from ramstage.reach import Reach
@@ -108,7 +109,11 @@ class Relief:
         for name in self._eviction_order(models) if keep else []:
             if not policy.keep_evicting(available, floor, event.kind, evicted):
                 break
-            available = self._evict(models[name], event.kind, available)
+            try:
+                available = self._evict(models[name], event.kind, available)
+            except LinkError as error:
+                log.error("%s: cannot be evicted for memory pressure: %s", name, error)
+                continue  # it keeps serving RAM; the next may be freed
             evicted += 1
         stuck = not evicted and policy.keep_evicting(available, floor, event.kind, evicted)
         if stuck and not self._nothing_to_evict:

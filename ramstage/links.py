@@ -7,6 +7,19 @@ import os
 import secrets
 from pathlib import Path
 
+from ramstage.errors import RamstageError
+
+
+class LinkError(RamstageError):
+    """A link that cannot be changed: the links directory is read-only or immutable. Nothing
+    changed; the link still serves what it served."""
+
+    def __init__(self, link: Path, error: OSError) -> None:
+        super().__init__(
+            f"cannot change the link {link}: {error.strerror or error} (is {link.parent}"
+            " read-only or immutable?)"
+        )
+
 
 def read(link: Path) -> str | None:
     try:
@@ -20,20 +33,26 @@ def point(link: Path, target: Path) -> None:
         return
     temporary = link.with_name(f".{link.name}.{secrets.token_hex(4)}.tmp")
     try:
-        os.symlink(target, temporary)
-    except FileNotFoundError:
-        link.parent.mkdir(parents=True, exist_ok=True)  # someone removed the links directory
-        os.symlink(target, temporary)
+        try:
+            os.symlink(target, temporary)
+        except FileNotFoundError:
+            link.parent.mkdir(parents=True, exist_ok=True)  # someone removed the links directory
+            os.symlink(target, temporary)
+    except OSError as error:
+        raise LinkError(link, error) from error
     try:
         os.replace(temporary, link)
-    except OSError:
+    except OSError as error:
         temporary.unlink()
-        raise
+        raise LinkError(link, error) from error
 
 
 def remove(link: Path) -> None:
     if link.is_symlink():
-        link.unlink()
+        try:
+            link.unlink()
+        except OSError as error:
+            raise LinkError(link, error) from error
 
 
 def prepare(links_dir: Path) -> None:

@@ -181,3 +181,62 @@ def test_a_hung_source_mount_blocks_neither_the_loop_nor_a_start(
     links_valid(daemon)
     assert {path: sha256(path) for path in sums} == sums
     assert daemon.stop() == 0
+
+
+def make_read_only(links: Path, how: str) -> None:
+    if how == "immutable":
+        subprocess.run(["chattr", "+i", str(links)], check=True)
+    else:
+        subprocess.run(["mount", "--bind", str(links), str(links)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(links)], check=True)
+
+
+def make_writable(links: Path, how: str) -> None:
+    if how == "immutable":
+        subprocess.run(["chattr", "-i", str(links)], check=True)
+    else:
+        subprocess.run(["umount", str(links)], check=True)
+
+
+@pytest.mark.parametrize("how", ["immutable", "read-only bind mount"])
+def test_a_read_only_links_directory_is_said_and_leaks_nothing(tmp_path, make_daemon, how):
+    source = write_random(tmp_path / "src" / "a.bin", 4 * M, seed=1)
+    other = write_random(tmp_path / "src" / "b.bin", 4 * M, seed=2)
+    daemon = make_daemon(
+        [{"name": "a", "source": str(source)}, {"name": "b", "source": str(other)}],
+        watch={"settle": "300ms", "rescan": "1s"},
+    ).start()
+    first = daemon.wait_state("a", "staged")
+    daemon.wait_state("b", "staged")
+    generations = daemon.store / "a"
+
+    make_read_only(daemon.links, how)
+    try:
+        write_random(source, 4 * M, seed=3)  # an update, copied but not linkable
+        seen = wait_for(
+            lambda: "cannot change the link" in (models(daemon)["a"]["reason"] or "")
+            and models(daemon)["a"],
+            context=daemon.log,
+        )
+        assert seen["state"] == "staged" and seen["generation"] == first["generation"]
+        assert os.readlink(daemon.links / "a") == first["target"]
+        links_valid(daemon)
+        # The unlinked copy is not kept: one generation, the one served.
+        assert wait_for(lambda: len([p for p in generations.iterdir() if p.is_dir()]) == 1)
+        evict = daemon.cli("evict", "b")
+        assert evict.returncode == 1
+        assert "cannot change the link" in evict.stderr and "internal" not in evict.stderr
+        assert models(daemon)["b"]["state"] == "staged"
+    finally:
+        make_writable(daemon.links, how)
+
+    updated = wait_for(
+        lambda: (m := models(daemon)["a"])["generation"] != first["generation"]
+        and m["reason"] is None
+        and m,
+        context=daemon.log,
+    )
+    assert updated["digest"] == f"sha256:{sha256(source)}"
+    daemon.cli("evict", "b", check=True)
+    assert os.readlink(daemon.links / "b") == str(other)
+    assert "internal error" not in daemon.log()
