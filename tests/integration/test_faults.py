@@ -214,8 +214,10 @@ def test_a_read_only_links_directory_is_said_and_leaks_nothing(tmp_path, make_da
     try:
         write_random(source, 4 * M, seed=3)  # an update, copied but not linkable
         seen = wait_for(
-            lambda: "cannot change the link" in (models(daemon)["a"]["reason"] or "")
-            and models(daemon)["a"],
+            lambda: (
+                "cannot change the link" in (models(daemon)["a"]["reason"] or "")
+                and models(daemon)["a"]
+            ),
             context=daemon.log,
         )
         assert seen["state"] == "staged" and seen["generation"] == first["generation"]
@@ -231,9 +233,11 @@ def test_a_read_only_links_directory_is_said_and_leaks_nothing(tmp_path, make_da
         make_writable(daemon.links, how)
 
     updated = wait_for(
-        lambda: (m := models(daemon)["a"])["generation"] != first["generation"]
-        and m["reason"] is None
-        and m,
+        lambda: (
+            (m := models(daemon)["a"])["generation"] != first["generation"]
+            and m["reason"] is None
+            and m
+        ),
         context=daemon.log,
     )
     assert updated["digest"] == f"sha256:{sha256(source)}"
