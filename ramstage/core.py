@@ -109,6 +109,7 @@ class Core:
         model = self.models[name]
         budget = lifecycle.Budget(
             store_free_bytes=self.store.fs.free_bytes(),
+            store_others_bytes=self.store.others_bytes(self.models),
             available_bytes=self.system.available_bytes(),
             floor_bytes=self.config.memory.min_available_bytes,
             paused=self.relief.paused(),
@@ -116,6 +117,16 @@ class Core:
             cooldown_seconds=self.config.memory.effective_cooldown_seconds,
         )
         self.apply(model, lifecycle.admit(model, look(model.settings, self.reach), budget))
+
+    def retry_when_room(self) -> None:
+        """Models refused for a store that others filled go back to pending once they fit."""
+        for model in self.models.values():
+            if model.want or model.held or model.why != Why(Reason.STORE_FULL):
+                continue
+            listing = look(model.settings, self.reach)
+            if not listing.error and listing.size_bytes <= self.store.fs.free_bytes():
+                log.info("%s: the store has room again; staging", model.name)
+                self.apply(model, lifecycle.resume())
 
     def job_done(self, name: str, job: Job) -> None:
         """Only the loop publishes: a copy still wanted becomes a generation and is served; any

@@ -175,6 +175,7 @@ class Daemon:
         if self._every("prune", PRUNE_INTERVAL_SECONDS):
             core.generations.prune()
             core.heal_links()
+            core.retry_when_room()
         if self._every("rescan", core.config.watch.rescan_seconds):
             core.updates.rescan("periodic rescan")
 

@@ -66,6 +66,7 @@ class Budget:
     paused: bool  # within the cooldown of a pressure event, or under the floor
     now: float
     cooldown_seconds: float
+    store_others_bytes: int = 0  # what others fill the store with, which may be freed
 
 
 def waiting_to_copy(model: Model) -> bool:
@@ -127,7 +128,11 @@ def admit(model: Model, listing: Listing, budget: Budget) -> list[Action]:
         return [warning, *refuse(model, listing.error, source_exists=True)]
     need = listing.size_bytes
     refusal = policy.admit(
-        need, budget.store_free_bytes, budget.available_bytes, budget.floor_bytes
+        need,
+        budget.store_free_bytes,
+        budget.store_others_bytes,
+        budget.available_bytes,
+        budget.floor_bytes,
     )
     if refusal is None and budget.paused and not model.waiters:
         refusal = "pressure"
@@ -141,7 +146,8 @@ def admit(model: Model, listing: Listing, budget: Budget) -> list[Action]:
     )
     actions: list[Action] = [Log(WARNING, message)]
     if model.serving is Serving.RAM:
-        # too_large waits for the source to change; pressure for the next rescan.
+        # too_large waits for the source to change; pressure and store_full for the next rescan
+        # (store_full also for room in the store).
         actions.append(Remember(listing.identities if refusal == "too_large" else None))
     actions += refuse(model, Why(Reason(refusal)), source_exists=True)
     if refusal == "pressure":
@@ -170,7 +176,7 @@ def copy_failure(error: BaseException) -> Why | None:
     if isinstance(error, FileNotFoundError):
         return Why(Reason.SOURCE_MISSING)
     if isinstance(error, NoSpace):
-        return Why(Reason.TOO_LARGE)
+        return Why(Reason.STORE_FULL)  # admitted, so something else took the room meanwhile
     if isinstance(error, Untrusted):
         return Why(Reason.UNTRUSTED, str(error))
     return Why(Reason.ERROR, str(error))
@@ -184,6 +190,8 @@ def copy_failed(
         return []
     if why.reason is Reason.SOURCE_MISSING:
         return source_missing(model)
+    if why.reason is Reason.STORE_FULL:
+        return refuse(model, why, source_exists=source_exists)  # tried again once there is room
     # Not tried again on its own until this source version changes.
     return [Remember(identities), *refuse(model, why, source_exists=source_exists)]
 

@@ -244,3 +244,46 @@ def test_a_read_only_links_directory_is_said_and_leaks_nothing(tmp_path, make_da
     daemon.cli("evict", "b", check=True)
     assert os.readlink(daemon.links / "b") == str(other)
     assert "internal error" not in daemon.log()
+
+
+def test_a_store_filled_by_another_process_is_not_too_large_and_room_is_used_again(
+    tmp_path, make_daemon
+):
+    a = write_random(tmp_path / "src" / "a.bin", 4 * M, seed=1)
+    b = tmp_path / "src" / "b.bin"
+    daemon = make_daemon(
+        [{"name": "a", "source": str(a), "priority": 1}, {"name": "b", "source": str(b)}],
+        mount=True,
+        store={"size": "16M"},
+    ).start()
+    first = daemon.wait_state("a", "staged")
+
+    filler = write_random(daemon.store / "filler.bin", 10 * M, seed=2)  # another process's
+    write_random(a, 4 * M, seed=3)  # an update that fits the store, but not now
+    write_random(b, 4 * M, seed=4)  # a new model likewise
+    seen = wait_for(
+        lambda: (
+            (m := models(daemon))["a"]["reason"] == "store_full"
+            and m["b"]["reason"] == "store_full"
+            and m
+        ),
+        context=daemon.log,
+    )
+    assert seen["a"]["state"] == "staged" and seen["a"]["generation"] == first["generation"]
+    assert seen["b"]["state"] == "fallback"
+    assert os.readlink(daemon.links / "b") == str(b)
+    links_valid(daemon)
+    assert "too_large" not in daemon.log()
+
+    filler.unlink()  # room again: both are staged on their own, with no rescan
+    staged = wait_for(
+        lambda: (
+            all(m["reason"] is None and m["state"] == "staged" for m in models(daemon).values())
+            and models(daemon)
+        ),
+        context=daemon.log,
+    )
+    for name, source in (("a", a), ("b", b)):
+        assert staged[name]["digest"] == f"sha256:{sha256(source)}"
+    links_valid(daemon)
+    assert "internal error" not in daemon.log()
