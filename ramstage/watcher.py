@@ -80,14 +80,15 @@ class SourceWatcher:
         self._trees: set[str] = set()  # directory sources: new subdirectories are watched too
         self._failed: dict[str, str] = {}  # directory -> why; the periodic rescan tries again
         self.unavailable: str | None = None  # why there is no inotify instance at all
+        self.started = False
 
     def start(self) -> None:
-        if self._instance() is None:
-            return
-        self.thread = threading.Thread(target=self._read, name="ramstage-inotify", daemon=True)
-        self.thread.start()
+        self.started = True
+        self._instance()
 
     def _instance(self) -> Inotify | None:
+        """The instance, made now if there is none yet: at start, fs.inotify.max_user_instances
+        may be reached, and the next rescan (watch()) tries again."""
         if self.inotify is None:
             try:
                 self.inotify = Inotify()
@@ -98,7 +99,12 @@ class SourceWatcher:
                     self.on_rescan(f"inotify unavailable: {error}")
                 self.unavailable = str(error)
                 return None
+            if self.unavailable is not None:
+                log.info("watching sources again")
             self.unavailable = None
+        if self.started and self.thread is None:
+            self.thread = threading.Thread(target=self._read, name="ramstage-inotify", daemon=True)
+            self.thread.start()
         return self.inotify
 
     def problems(self) -> list[str]:
@@ -114,7 +120,7 @@ class SourceWatcher:
             if self.thread:
                 self.thread.join(timeout=5)
             self.inotify.release()
-        self.inotify, self.thread = None, None
+        self.inotify, self.thread, self.started = None, None, False
 
     def watch(self, sources: dict[str, Path]) -> None:
         """Makes the watches match these sources; called again whenever a watched directory
@@ -127,6 +133,7 @@ class SourceWatcher:
             directories = {w.path for w in wanted} | set().union(
                 *(self._subdirectories(tree) for tree in self._trees)
             )
+            self._failed = {d: why for d, why in self._failed.items() if d in directories}
             for directory in list(self._watched):
                 inode = self._inode(directory)
                 if directory not in directories or inode != self._watched[directory][1]:

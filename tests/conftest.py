@@ -115,6 +115,7 @@ class Daemon:
         self.config_path = root / "ramstage.yaml"
         self.log_path = root / "daemon.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.wrap: list[str] = []  # a command the daemon runs under (unshare …)
         self.mount = mount
         self.config: dict[str, Any] = {
             "store": {"path": str(self.store), "size": "2G", "mount": mount},
@@ -139,7 +140,17 @@ class Daemon:
     def start(self, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "ramstage", "daemon", "--config", str(self.config_path)],
+                [
+                    *self.wrap,
+                    *[
+                        sys.executable,
+                        "-m",
+                        "ramstage",
+                        "daemon",
+                        "--config",
+                        str(self.config_path),
+                    ],
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},

@@ -287,3 +287,80 @@ def test_a_store_filled_by_another_process_is_not_too_large_and_room_is_used_aga
         assert staged[name]["digest"] == f"sha256:{sha256(source)}"
     links_valid(daemon)
     assert "internal error" not in daemon.log()
+
+
+def under_inotify_limits(daemon: Daemon, *, watches: int = 100, instances: int = 128) -> None:
+    """Runs the daemon in a user namespace of its own, whose inotify limits (user_namespaces(7):
+    /proc/sys/user/max_inotify_*) are lowered there only: the machine's stay as they are."""
+    daemon.wrap = [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "sh",
+        "-c",
+        f"echo {watches} > /proc/sys/user/max_inotify_watches"
+        f' && echo {instances} > /proc/sys/user/max_inotify_instances && exec "$@"',
+        "sh",
+    ]
+
+
+def set_inotify_limit(daemon: Daemon, name: str, value: int) -> None:
+    assert daemon.process is not None
+    # The daemon is the shell's exec: its PID is the namespace's.
+    subprocess.run(
+        ["nsenter", "--user", "--target", str(daemon.process.pid), "sh", "-c",
+         f"echo {value} > /proc/sys/user/max_inotify_{name}"],
+        check=True,
+    )  # fmt: skip
+
+
+def watch_status(daemon: Daemon) -> dict[str, Any]:
+    return timed(daemon, "status")["watch"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("limit", ["watches", "instances"])
+def test_inotify_limits_at_start_degrade_watching_and_it_recovers(tmp_path, make_daemon, limit):
+    source = write_random(tmp_path / "src" / "m.bin", 1 * M, seed=1)
+    daemon = make_daemon(
+        [{"name": "m", "source": str(source)}], watch={"settle": "300ms", "rescan": "1s"}
+    )
+    under_inotify_limits(daemon, **{limit: 0})
+    daemon.start()
+    first = daemon.wait_state("m", "staged")
+    problems = watch_status(daemon)
+    assert problems["degraded"] is True
+    expected = "No space left on device" if limit == "watches" else "Too many open files"
+    assert any(expected in p for p in problems["problems"]), problems
+    write_random(source, 1 * M, seed=2)  # seen by the periodic rescan
+    wait_for(lambda: models(daemon)["m"]["generation"] != first["generation"], context=daemon.log)
+
+    set_inotify_limit(daemon, limit, 100)
+    wait_for(lambda: watch_status(daemon) == {"degraded": False, "problems": []})
+    assert "unexpected error" not in daemon.log() and "internal error" not in daemon.log()
+
+
+def test_the_inotify_watch_limit_reached_at_run_time_is_said_and_recovers(tmp_path, make_daemon):
+    first = write_random(tmp_path / "one" / "src" / "a.bin", 1 * M, seed=1)
+    daemon = make_daemon(
+        [{"name": "a", "source": str(first)}], watch={"settle": "300ms", "rescan": "1s"}
+    )
+    under_inotify_limits(daemon, watches=100)
+    daemon.start()
+    daemon.wait_state("a", "staged")
+    assert watch_status(daemon)["degraded"] is False
+    set_inotify_limit(daemon, "watches", 2)  # the two directories above a.bin: no more
+
+    second = write_random(tmp_path / "two" / "src" / "b.bin", 1 * M, seed=2)
+    daemon.config["models"].append({"name": "b", "source": str(second)})
+    daemon.write_config()
+    daemon.cli("reload", check=True)
+    staged = daemon.wait_state("b", "staged")
+    problems = watch_status(daemon)
+    assert problems["degraded"] is True
+    assert any(str(second.parent) in p and "No space left" in p for p in problems["problems"])
+    write_random(second, 1 * M, seed=3)  # unwatched: the periodic rescan sees it
+    wait_for(lambda: models(daemon)["b"]["generation"] != staged["generation"], context=daemon.log)
+
+    set_inotify_limit(daemon, "watches", 100)
+    wait_for(lambda: watch_status(daemon) == {"degraded": False, "problems": []})
+    assert "internal error" not in daemon.log()
