@@ -19,7 +19,7 @@ from ramstage.errors import RamstageError
 from ramstage.eviction import Relief
 from ramstage.generations import Generations
 from ramstage.manifest import Manifest
-from ramstage.model import Action, DropCopy, Job, Model, Reason, Why
+from ramstage.model import Action, DropCopy, Job, Model, Reason, Serving, Want, Why
 from ramstage.reach import Reach
 from ramstage.sources import list_source
 from ramstage.store import Generation, Store
@@ -41,6 +41,7 @@ class Core:
     relief: Relief
     updates: SourceUpdates
     models: dict[str, Model] = field(default_factory=dict)
+    store_lost: bool = False  # the store's tmpfs was unmounted under us and is not back yet
 
     def apply(self, model: Model, actions: list[Action]) -> None:
         self.actuator.apply(model, actions)
@@ -102,10 +103,35 @@ class Core:
         self.apply(model, lifecycle.released(model, "removed from the config", source_exists=False))
         self.generations.forget(name)
 
-    def schedule(self, stopping: bool) -> None:
-        name = None if stopping else lifecycle.next_copy(self.models.values())
-        if name is None:
+    def check_store(self) -> None:
+        """The store's tmpfs unmounted under the daemon (umount -l): its links would dangle,
+        and a copy would land on the file system below the store path. Every model goes back
+        to its source at once, wanting a copy, and the tmpfs is mounted again (or adopted)."""
+        if not self.config.store.mount or self.store.fs.mounted:
+            if self.store_lost:
+                log.info("the store is mounted again at %s", self.store.path)
+            self.store_lost = False
             return
+        if not self.store_lost:
+            why = Why(Reason.ERROR, f"the store at {self.store.path} was unmounted")
+            log.error("%s; every model is served from its source", why.detail)
+            for model in self.models.values():
+                if model.serving is Serving.RAM or model.job:
+                    exists = self.reach.exists(model.settings.source)
+                    actions = lifecycle.fall_back(model, why, source_exists=exists)
+                    self.apply(model, [*actions, Want(exists)])
+        self.store_lost = True
+        try:
+            self.store.open()
+        except (OSError, RamstageError) as error:
+            log.error("cannot mount the store again (tried again in a moment): %s", error)
+
+    def schedule(self, stopping: bool) -> None:
+        if stopping or self.store_lost:
+            return  # a copy would land on the file system below the store path
+        name = lifecycle.next_copy(self.models.values())
+        if name is None or (self.config.store.mount and not self.store.fs.mounted):
+            return  # check_store takes an unmounted store from here
         model = self.models[name]
         budget = lifecycle.Budget(
             store_free_bytes=self.store.fs.free_bytes(),

@@ -45,6 +45,7 @@ from ramstage.updates import SourceUpdates
 log = logging.getLogger("ramstage")
 EXTEND_TIMEOUT_USEC = 30_000_000
 PRUNE_INTERVAL_SECONDS = 5.0  # forget unpinned files, put back links
+STORE_CHECK_SECONDS = 0.5  # is the store's tmpfs still mounted?
 
 
 class Daemon:
@@ -172,6 +173,8 @@ class Daemon:
             # Long copies hold back READY=1 (ready: staged); ask systemd for more time.
             self.notifier.send(f"EXTEND_TIMEOUT_USEC={EXTEND_TIMEOUT_USEC}")
         core.generations.expire(self.system.monotonic())
+        if self._every("store", STORE_CHECK_SECONDS):
+            core.check_store()
         if self._every("prune", PRUNE_INTERVAL_SECONDS):
             core.generations.prune()
             core.heal_links()

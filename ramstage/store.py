@@ -55,7 +55,10 @@ class Generation:
         """(st_dev, st_ino) of each file, with its size: how /proc tells who holds it."""
         keys = {}
         for path in self.file_paths():
-            st = os.stat(path)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # the store was unmounted under the daemon
             keys[(st.st_dev, st.st_ino)] = st.st_size
         return keys
 

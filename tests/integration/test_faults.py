@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from conftest import Daemon, wait_for, write_random
 
+from ramstage.system import System
+
 M = 1 << 20
 pytestmark = pytest.mark.root  # mounts: FUSE, tmpfs, bind mounts
 
@@ -363,4 +365,39 @@ def test_the_inotify_watch_limit_reached_at_run_time_is_said_and_recovers(tmp_pa
 
     set_inotify_limit(daemon, "watches", 100)
     wait_for(lambda: watch_status(daemon) == {"degraded": False, "problems": []})
+    assert "internal error" not in daemon.log()
+
+
+def test_the_store_unmounted_under_the_daemon_is_mounted_again_and_restaged(tmp_path, make_daemon):
+    sources = [write_random(tmp_path / "src" / f"m{i}.bin", 4 * M, seed=i) for i in range(2)]
+    sums = {path: sha256(path) for path in sources}
+    daemon = make_daemon(
+        [{"name": f"m{i}", "source": str(path)} for i, path in enumerate(sources)], mount=True
+    ).start()
+    before = {name: daemon.wait_state(name, "staged")["generation"] for name in ("m0", "m1")}
+
+    System().run_in_init_namespace(["umount", "--lazy", str(daemon.store)])
+    wait_for(lambda: "was unmounted; every model is served from its source" in daemon.log())
+    wait_for(
+        lambda: all(
+            m["state"] == "staged" and m["reason"] is None for m in models(daemon).values()
+        ),
+        context=daemon.log,
+    )
+    status = timed(daemon, "status")
+    assert status["store"]["mounted"] is True
+    assert any(m.mountpoint == daemon.store and m.fstype == "tmpfs" for m in System().mounts())
+    for model in status["models"]:
+        assert model["generation"] == before[model["name"]]  # the same content, copied again
+        assert Path(model["target"]).is_relative_to(daemon.store)
+    links_valid(daemon)
+    # Nothing was written to the file system below the store path.
+    below = tmp_path / "below"
+    below.mkdir()
+    subprocess.run(["mount", "--bind", str(daemon.root), str(below)], check=True)
+    try:
+        assert list((below / "store").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(below)], check=True)
+    assert {path: sha256(path) for path in sums} == sums
     assert "internal error" not in daemon.log()
