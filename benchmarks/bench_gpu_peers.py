@@ -7,7 +7,7 @@ Run on purpose, as root on a machine with a GPU, with the peers' wheels installe
 
 Checkpoints like a mid-sized transformer (bf16 matrices, fp32 norms; the .pth ties its output
 layer to the embedding) of 512 MiB and 4 GiB are staged with the daemon's own copier
-(ramstage.stager.stage_source) into two tmpfs mounts, huge=never and huge=within_size. Each
+(ramstage.copier.stage_source) into two tmpfs mounts, huge=never and huge=within_size. Each
 loader then runs in fresh processes forked from a server that imported only torch (and peers.py):
 the first load of each process is a first-call sample (CUDA context creation timed apart), and
 one of them goes on to time --reps warm loads and to compare fastload's result with the plain
@@ -97,7 +97,7 @@ def write_sources(disk: Path) -> dict[tuple[str, str], Path]:
 
 def stage_all(sources: dict[tuple[str, str], Path], work: Path) -> dict[tuple, Path]:
     """Mounts the two stores and stages every source into each with the daemon's copier."""
-    from ramstage.stager import stage_source
+    from ramstage.copier import stage_source
 
     total = sum(p.stat().st_size for p in sources.values())
     staged: dict[tuple, Path] = {}

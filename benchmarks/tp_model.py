@@ -56,7 +56,7 @@ def write_model(directory: Path, nbytes: int, files: int) -> None:
 
 def stage(source: Path, work: Path, mount: bool) -> Path:
     """The model staged by the daemon's copier, into a tmpfs of its own when mount is set."""
-    from ramstage.stager import stage_source
+    from ramstage.copier import stage_source
 
     store = work / "store"
     store.mkdir(parents=True, exist_ok=True)
@@ -66,5 +66,5 @@ def stage(source: Path, work: Path, mount: bool) -> Path:
         subprocess.run(["mount", "-t", "tmpfs", "-o", options, "ramstage", store], check=True)
     generation = store / "model.gen"
     generation.mkdir()
-    stage_source("model", source, generation, "sha256")
-    return generation
+    stage_source("model", source, generation, "xxh3")
+    return generation / source.name  # a directory is staged under its own name
