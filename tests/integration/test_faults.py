@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import Daemon, wait_for, write_random
+from fuseserver import FuseServer
 
 from ramstage.system import System
 
@@ -401,3 +402,29 @@ def test_the_store_unmounted_under_the_daemon_is_mounted_again_and_restaged(tmp_
         subprocess.run(["umount", str(below)], check=True)
     assert {path: sha256(path) for path in sums} == sums
     assert "internal error" not in daemon.log()
+
+
+@pytest.fixture
+def fuse_servers() -> Iterator[list[FuseServer]]:
+    servers: list[FuseServer] = []
+    yield servers
+    for server in servers:
+        server.close()
+
+
+def test_status_does_not_wait_for_a_hung_mount_a_reader_holds_a_file_on(
+    tmp_path, make_daemon, fuse_servers
+):
+    """Who holds what is read from /proc/PID/fd without asking the file's server."""
+    source = write_random(tmp_path / "src" / "m.bin", 1 * M, seed=1)
+    daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
+    daemon.wait_state("m", "staged")
+    share = tmp_path / "share"
+    share.mkdir()
+    server = FuseServer(share, "other.bin", os.urandom(4096))
+    fuse_servers.append(server)
+    with open(share / "other.bin", "rb"), open(daemon.links / "m", "rb"):
+        server.hang()
+        for _ in range(3):
+            assert models(daemon)["m"]["users"] == [os.getpid()]
+        server.answer()
