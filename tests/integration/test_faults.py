@@ -430,3 +430,30 @@ def test_status_does_not_wait_for_a_hung_mount_a_reader_holds_a_file_on(
                 assert models(daemon)["m"]["users"] == [os.getpid()]
         finally:
             server.answer()  # before the file is closed: close(2) asks the server (FLUSH)
+
+
+def test_a_source_read_failing_with_eio_is_said_and_the_others_are_staged(
+    tmp_path, make_daemon, fuse_servers
+):
+    good = write_random(tmp_path / "src" / "good.bin", 1 * M, seed=1)
+    share = tmp_path / "share"
+    share.mkdir()
+    data = os.urandom(2 * M)
+    server = FuseServer(share, "eio.bin", data)
+    fuse_servers.append(server)
+    server.eio.set()
+    daemon = make_daemon(
+        [
+            {"name": "eio", "source": str(share / "eio.bin"), "priority": 1},
+            {"name": "good", "source": str(good)},
+        ]
+    ).start()
+    failed = daemon.wait_state("eio", "fallback")
+    assert "Input/output error" in failed["reason"]
+    assert os.readlink(daemon.links / "eio") == str(share / "eio.bin")
+    daemon.wait_state("good", "staged")
+    assert not list(daemon.store.glob("eio/*/"))  # its partial copy is gone
+    server.eio.clear()
+    assert daemon.request("stage", names=["eio"]) == {"staged": ["eio"]}
+    assert (daemon.links / "eio").read_bytes() == data
+    links_valid(daemon)
