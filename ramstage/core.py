@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ramstage import lifecycle, links
 from ramstage.actuator import Actuator
-from ramstage.config import Config, ModelConfig
+from ramstage.config import Config, ModelConfig, source_problems
 from ramstage.errors import RamstageError
 from ramstage.eviction import Relief
 from ramstage.generations import Generations
@@ -66,6 +66,13 @@ class Core:
                 log.info("%s: adopted generation %s without copying", config.name, adopted.id)
             else:
                 self.place(model)
+
+    def source_problems(self, config: Config) -> list[str]:
+        """config.source_problems, with a deadline for all of them: a source may hang."""
+        try:
+            return self.reach.call(self.config_path, lambda: source_problems(config))
+        except OSError as error:
+            return [f"sources not checked: {error}"]
 
     def place(self, model: Model) -> None:
         """A model with nothing in RAM: its link on the source, or none; a source that cannot be
@@ -142,14 +149,25 @@ class Core:
             now=self.system.monotonic(),
             cooldown_seconds=self.config.memory.effective_cooldown_seconds,
         )
-        self.apply(model, lifecycle.admit(model, look(model.settings, self.reach), budget))
+        self.apply(
+            model, lifecycle.admit(model, self._unshared(look(model.settings, self.reach)), budget)
+        )
+
+    def _unshared(self, listing: lifecycle.Listing) -> lifecycle.Listing:
+        """A copy needs room only for the files that it cannot share with a copy already in
+        RAM (Generations.copies: the same source file, unchanged). The owner and mode are
+        left out here: a file that differs there is copied after all, and the store's own
+        bound (ENOSPC at posix_fallocate) still refuses what does not fit."""
+        in_ram = {key[0] for key in self.generations.copies()}
+        shared = sum(i[2] for i in {i for _, i in listing.identities if i in in_ram})
+        return replace(listing, size_bytes=max(listing.size_bytes - shared, 0))
 
     def retry_when_room(self) -> None:
         """Models refused for a store that others filled go back to pending once they fit."""
         for model in self.models.values():
             if model.want or model.held or model.why != Why(Reason.STORE_FULL):
                 continue
-            listing = look(model.settings, self.reach)
+            listing = self._unshared(look(model.settings, self.reach))
             if not listing.error and listing.size_bytes <= self.store.fs.free_bytes():
                 log.info("%s: the store has room again; staging", model.name)
                 self.apply(model, lifecycle.resume())
@@ -204,9 +222,15 @@ class Core:
                 generation.target if generation else None,
                 source_exists=self.reach.exists(model.settings.source),
             )
-            if links.read(model.link) == (str(expected) if expected else None):
+            current = links.read(model.link)
+            if current == (str(expected) if expected else None):
                 continue
-            log.warning("%s: link %s was not where it belongs; put back", model.name, model.link)
+            if expected and current and _another_snapshot(Path(current), expected):
+                log.info("%s: the revision moved; the link follows it to %s", model.name, expected)
+            else:
+                log.warning(
+                    "%s: link %s was not where it belongs; put back", model.name, model.link
+                )
             if expected:
                 links.point(model.link, expected)
             else:
@@ -219,3 +243,8 @@ class Core:
             self.apply(
                 model, lifecycle.released(model, "ramstage is stopping", source_exists=exists)
             )
+
+
+def _another_snapshot(current: Path, expected: Path) -> bool:
+    """A link on one snapshot of a hub repo whose source is now another (its ref moved)."""
+    return current.parent == expected.parent and expected.parent.name == "snapshots"

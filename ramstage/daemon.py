@@ -15,7 +15,7 @@ from typing import Any
 
 from ramstage import lifecycle, links
 from ramstage.actuator import Actuator
-from ramstage.config import Config, load_config, source_problems, trust_warnings
+from ramstage.config import Config, load_config, trust_warnings
 from ramstage.control import ControlServer
 from ramstage.core import Core
 from ramstage.errors import RamstageError
@@ -99,7 +99,7 @@ class Daemon:
             signal.signal(signum, lambda signum, frame: post(Stop(signum)))
         signal.signal(signal.SIGHUP, lambda signum, frame: post(Reload()))
         for problem in [
-            *source_problems(core.config, core.reach.stat),
+            *core.source_problems(core.config),
             *trust_warnings(core.config),
         ]:
             log.warning("%s", problem)

@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from ramstage import lifecycle
-from ramstage.config import Config, load_config, source_problems, trust_warnings
+from ramstage.config import Config, load_config, trust_warnings
 from ramstage.core import Core
 from ramstage.digest import hash_file
 from ramstage.errors import ConfigError, NotFound, RamstageError
@@ -89,7 +89,7 @@ class Requests:
             if event.future:
                 event.future.set_exception(error)
             return
-        for problem in [*source_problems(new, self.core.reach.stat), *trust_warnings(new)]:
+        for problem in [*self.core.source_problems(new), *trust_warnings(new)]:
             log.warning("%s", problem)
         self._reconfigure(new)
         log.info("reloaded %s: %d models", self.core.config_path, len(self.core.models))

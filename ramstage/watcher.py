@@ -71,7 +71,8 @@ class SourceWatcher:
         look: Look = _direct,
     ) -> None:
         self.on_change, self.on_rescan, self.look = on_change, on_rescan, look
-        self.sources: dict[str, str] = {}  # name -> source path; replaced whole, never mutated
+        # name -> the paths that concern it (its source, a hub repo's refs); replaced whole
+        self.sources: dict[str, tuple[str, ...]] = {}
         self.inotify: Inotify | None = None  # watches may be added before start()
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()  # watch() runs on the loop's thread, events on the reader's
@@ -122,12 +123,14 @@ class SourceWatcher:
             self.inotify.release()
         self.inotify, self.thread, self.started = None, None, False
 
-    def watch(self, sources: dict[str, Path]) -> None:
+    def watch(self, sources: dict[str, tuple[Path, ...]]) -> None:
         """Makes the watches match these sources; called again whenever a watched directory
         may have been replaced, it moves a watch to the directory now at that path, and after
         a queue overflow it catches up with subdirectories made meanwhile."""
-        self.sources = {name: str(path) for name, path in sources.items()}
-        wanted: set[Watch] = set().union(*(watches_for(p, self.look) for p in sources.values()))
+        self.sources = {name: tuple(map(str, paths)) for name, paths in sources.items()}
+        wanted: set[Watch] = set().union(
+            *(watches_for(path, self.look) for paths in sources.values() for path in paths)
+        )
         with self.lock:
             self._trees = {w.path for w in wanted if w.recursive}
             directories = {w.path for w in wanted} | set().union(
@@ -205,8 +208,8 @@ class SourceWatcher:
             self._dispatch(paths, event.kind)
 
     def _dispatch(self, paths: list[str], kind: str) -> None:
-        for name, source in self.sources.items():
-            if any(affects(path, source, kind) for path in paths):
+        for name, sources in self.sources.items():
+            if any(affects(path, source, kind) for path in paths for source in sources):
                 self.on_change(name)
 
 
