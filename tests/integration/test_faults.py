@@ -379,14 +379,14 @@ def test_the_store_unmounted_under_the_daemon_is_mounted_again_and_restaged(tmp_
 
     System().run_in_init_namespace(["umount", "--lazy", str(daemon.store)])
     wait_for(lambda: "was unmounted; every model is served from its source" in daemon.log())
-    wait_for(
-        lambda: all(
-            m["state"] == "staged" and m["reason"] is None for m in models(daemon).values()
+    status = wait_for(
+        lambda: (
+            (taken := timed(daemon, "status"))["store"]["mounted"]
+            and all(m["state"] == "staged" and m["reason"] is None for m in taken["models"])
+            and taken
         ),
         context=daemon.log,
     )
-    status = timed(daemon, "status")
-    assert status["store"]["mounted"] is True
     assert any(m.mountpoint == daemon.store and m.fstype == "tmpfs" for m in System().mounts())
     for model in status["models"]:
         assert model["generation"] == before[model["name"]]  # the same content, copied again
