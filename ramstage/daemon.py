@@ -250,6 +250,9 @@ class Daemon:
             core.generations,
             core.relief.last_pressure_at,
             core.updates.watcher.problems(),
+            previous=self.snapshot,
+            now=self.system.monotonic(),
+            wall=self.system.time(),
         )
         staged = sum(m.serving is Serving.RAM for m in core.models.values())
         self.notifier.status(f"{staged}/{len(core.models)} models staged")
@@ -263,6 +266,8 @@ class Daemon:
             store=core.store,
             system=self.system,
             memory=core.config.memory,
+            psi_trigger=core.relief.watcher.psi_trigger if core.relief.watcher else None,
+            verifying=self.requests.verifying,
             config_path=core.config_path,
         )
 
