@@ -159,7 +159,7 @@ def test_a_hung_source_mount_blocks_neither_the_loop_nor_a_start(
     mount = FuseMount(hung.parent)  # a server that never answers: every stat waits
     fuse_mounts.append(mount)
     timed(daemon, "evict", names=["good"])
-    assert models(daemon)["good"]["state"] == "fallback"
+    wait_for(lambda: models(daemon)["good"]["state"] == "fallback", context=daemon.log)
     # Rescans (every 1 s) and source events look at the hung source; admin requests still
     # answer within 1 s, every time.
     deadline = time.monotonic() + 4
