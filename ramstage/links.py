@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -15,10 +16,9 @@ class LinkError(RamstageError):
     changed; the link still serves what it served."""
 
     def __init__(self, link: Path, error: OSError) -> None:
-        super().__init__(
-            f"cannot change the link {link}: {error.strerror or error} (is {link.parent}"
-            " read-only or immutable?)"
-        )
+        denied = error.errno in (errno.EPERM, errno.EROFS, errno.EACCES)
+        hint = f" (is {link.parent} read-only or immutable?)" if denied else ""
+        super().__init__(f"cannot change the link {link}: {error.strerror or error}{hint}")
 
 
 def read(link: Path) -> str | None:
