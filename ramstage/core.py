@@ -192,6 +192,7 @@ class Core:
             return  # evicted, removed or replaced while it was copied
         self.apply(model, [DropCopy()])
         if generation is not None:
+            self.actuator.count_copy(model, job, manifest.size_bytes)
             try:
                 self.apply(model, lifecycle.copied(model, generation.id, manifest.identities()))
                 return
