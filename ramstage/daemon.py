@@ -15,13 +15,13 @@ from typing import Any
 
 from ramstage import lifecycle
 from ramstage.actuator import Actuator
-from ramstage.config import Config, load_config, source_problems, trust_warnings
+from ramstage.config import Config, load_config, trust_warnings
 from ramstage.control import ControlServer
 from ramstage.core import Core
 from ramstage.errors import RamstageError
 from ramstage.eviction import Relief
 from ramstage.generations import Generations
-from ramstage.instance import load_held, only_one, save_held
+from ramstage.instance import Evictions, only_one
 from ramstage.metrics import Metrics
 from ramstage.model import (
     Event,
@@ -37,6 +37,7 @@ from ramstage.model import (
     Sync,
     VerifyFailed,
 )
+from ramstage.reach import Reach
 from ramstage.requests import Requests
 from ramstage.service import Notifier
 from ramstage.status import Snapshot, render, snapshot
@@ -47,6 +48,7 @@ from ramstage.updates import SourceUpdates
 log = logging.getLogger("ramstage")
 EXTEND_TIMEOUT_USEC = 30_000_000
 PRUNE_INTERVAL_SECONDS = 5.0  # forget unpinned files, put back links
+STORE_CHECK_SECONDS = 0.5  # is the store's tmpfs still mounted?
 
 
 class Daemon:
@@ -60,24 +62,35 @@ class Daemon:
         generations = Generations(store, system)
         actuator = Actuator(generations, post, config.checksum, config.staging.workers)
         models: dict[str, Model] = {}
-        relief = Relief(config.memory, system, generations, actuator.apply, post)
+        reach = Reach()  # every look at a source, with a deadline
+        relief = Relief(config.memory, system, reach, generations, actuator.apply, post)
         updates = SourceUpdates(
             config.watch,
             system,
+            reach,
             models,
             actuator.apply,
             lambda name: post(SourceEvent(name)),
             lambda reason: post(Rescan(reason)),
         )
         self.core = Core(
-            config_path, config, system, store, generations, actuator, relief, updates, models
+            config_path,
+            config,
+            system,
+            reach,
+            store,
+            generations,
+            actuator,
+            relief,
+            updates,
+            models,
         )
         self.requests = Requests(self.core, notifier, post, self.status)
         self.control: ControlServer | None = None
         self.metrics = Metrics(config.metrics, self.status)
         self.snapshot = Snapshot()
         self.ready_sent = False
-        self.held: set[str] = set()  # the operator's evictions, as saved for the next start
+        self.evictions = Evictions(config)  # the operator's, kept for the next start
         self.stopping = False
         # Periodic work, by name: the next monotonic time it is due. The other timers live on
         # the records (settle, backoff) and in the generations (grace periods).
@@ -86,19 +99,17 @@ class Daemon:
     # ---- life cycle ----------------------------------------------------------------------
 
     def run(self) -> int:
-        with only_one(self.core.config, "start"):
-            return self._run()
-
-    def _run(self) -> int:
         core, post = self.core, self.events.put
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: post(Stop(signum)))
         signal.signal(signal.SIGHUP, lambda signum, frame: post(Reload()))
-        for problem in [*source_problems(core.config), *trust_warnings(core.config)]:
+        for problem in [
+            *core.source_problems(core.config),
+            *trust_warnings(core.config),
+        ]:
             log.warning("%s", problem)
         core.store.open()
-        self.held = load_held(core.config)
-        core.place_all(self.held)
+        core.place_all(self.evictions.load())
         core.updates.start()
         core.relief.watch(core.config.memory)
         self._publish_snapshot()  # before the socket opens: no status without the models
@@ -169,9 +180,12 @@ class Daemon:
             # Long copies hold back READY=1 (ready: staged); ask systemd for more time.
             self.notifier.send(f"EXTEND_TIMEOUT_USEC={EXTEND_TIMEOUT_USEC}")
         core.generations.expire(self.system.monotonic())
+        if self._every("store", STORE_CHECK_SECONDS):
+            core.check_store()
         if self._every("prune", PRUNE_INTERVAL_SECONDS):
             core.generations.prune()
             core.heal_links()
+            core.retry_when_room()
         if self._every("rescan", core.config.watch.rescan_seconds):
             core.updates.rescan("periodic rescan")
         metrics = core.config.metrics
@@ -179,15 +193,8 @@ class Daemon:
             self.metrics.write(metrics.textfile)
 
     def _shutdown(self) -> None:
-        """Keeps every verified generation and its link for the next daemon to adopt (a
-        restart copies nothing); `ramstage unmount` frees them when none follows."""
         core = self.core
-        staged = sum(m.serving is Serving.RAM for m in core.models.values())
-        log.info(
-            "stopping: %d models stay in RAM behind their links for the next start "
-            "(`ramstage unmount` frees them)",
-            staged,
-        )
+        log.info("stopping: copies in RAM and their links stay for the next start to adopt")
         self.notifier.send("STOPPING=1")
         if self.control:
             self.control.close()
@@ -240,7 +247,7 @@ class Daemon:
         core = self.core
         model = core.models.get(event.name)
         if model:
-            exists = model.settings.source.exists()
+            exists = core.reach.exists(model.settings.source)
             actions = lifecycle.verify_failed(model, event.generation_id, source_exists=exists)
             if actions:
                 core.actuator.count_verify_failure(model)
@@ -262,16 +269,14 @@ class Daemon:
             core.models.values(),
             core.generations,
             core.relief.last_pressure_at,
+            core.updates.watcher.problems(),
             previous=self.snapshot,
             now=self.system.monotonic(),
             wall=self.system.time(),
         )
         staged = sum(m.serving is Serving.RAM for m in core.models.values())
         self.notifier.status(f"{staged}/{len(core.models)} models staged")
-        held = {m.name for m in core.models.values() if m.held}
-        if held != self.held:
-            save_held(core.config, held)
-            self.held = held
+        self.evictions.keep({m.name for m in core.models.values() if m.held})
 
     def status(self, name: str | None = None) -> dict[str, Any]:
         """Runs in the control thread, from the latest snapshot plus fresh readings."""
@@ -290,4 +295,5 @@ class Daemon:
 
 def run_daemon(config_path: Path, system: System) -> int:
     config = load_config(config_path)
-    return Daemon(config_path, config, system, Notifier(system)).run()
+    with only_one(config, "start"):
+        return Daemon(config_path, config, system, Notifier(system)).run()

@@ -72,28 +72,34 @@ def only_one(config: Config, doing: str) -> Iterator[None]:
 # ---- the operator's evictions -----------------------------------------------------------
 
 
-def _held_path(config: Config) -> Path:
-    return _beside(config.store.path, "held.json")
-
-
-def load_held(config: Config) -> set[str]:
+class Evictions:
     """The models an operator evicted: they stay on their sources until `ramstage stage`,
     across restarts (a file beside the store, in /run: a reboot forgets it)."""
-    try:
-        names = json.loads(_held_path(config).read_text())
-    except FileNotFoundError:
-        return set()
-    except (OSError, ValueError) as error:
-        log.warning("ignoring %s: %s", _held_path(config), error)
-        return set()
-    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
+    def __init__(self, config: Config) -> None:
+        self.path = _beside(config.store.path, "held.json")
+        self.saved: set[str] = set()
 
-def save_held(config: Config, names: set[str]) -> None:
-    path = _held_path(config)
-    temporary = path.with_name(f"{path.name}.tmp")
-    temporary.write_text(json.dumps(sorted(names)))
-    os.replace(temporary, path)
+    def load(self) -> set[str]:
+        try:
+            names = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            names = []
+        except (OSError, ValueError) as error:
+            log.warning("ignoring %s: %s", self.path, error)
+            names = []
+        listed = names if isinstance(names, list) else []
+        self.saved = {n for n in listed if isinstance(n, str)}
+        return set(self.saved)
+
+    def keep(self, names: set[str]) -> None:
+        """Saves the names when they changed."""
+        if names == self.saved:
+            return
+        temporary = self.path.with_name(f"{self.path.name}.tmp")
+        temporary.write_text(json.dumps(sorted(names)))
+        os.replace(temporary, self.path)
+        self.saved = set(names)
 
 
 # ---- after a stop -----------------------------------------------------------------------

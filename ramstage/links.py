@@ -3,12 +3,25 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from ramstage.errors import RamstageError
+
 Step = Callable[[str], None]  # System.step: the crash hook's count of changes
+
+
+class LinkError(RamstageError):
+    """A link that cannot be changed: the links directory is read-only or immutable. Nothing
+    changed; the link still serves what it served."""
+
+    def __init__(self, link: Path, error: OSError) -> None:
+        denied = error.errno in (errno.EPERM, errno.EROFS, errno.EACCES)
+        hint = f" (is {link.parent} read-only or immutable?)" if denied else ""
+        super().__init__(f"cannot change the link {link}: {error.strerror or error}{hint}")
 
 
 def read(link: Path) -> str | None:
@@ -24,22 +37,28 @@ def point(link: Path, target: Path, *, step: Step) -> None:
     temporary = link.with_name(f".{link.name}.{secrets.token_hex(4)}.tmp")
     step(f"link {temporary.name}")
     try:
-        os.symlink(target, temporary)
-    except FileNotFoundError:
-        link.parent.mkdir(parents=True, exist_ok=True)  # someone removed the links directory
-        os.symlink(target, temporary)
+        try:
+            os.symlink(target, temporary)
+        except FileNotFoundError:
+            link.parent.mkdir(parents=True, exist_ok=True)  # someone removed the links directory
+            os.symlink(target, temporary)
+    except OSError as error:
+        raise LinkError(link, error) from error
     step(f"flip {link.name} -> {target}")
     try:
         os.replace(temporary, link)
-    except OSError:
+    except OSError as error:
         temporary.unlink()
-        raise
+        raise LinkError(link, error) from error
 
 
 def remove(link: Path, *, step: Step) -> None:
     if link.is_symlink():
         step(f"unlink {link.name}")
-        link.unlink()
+        try:
+            link.unlink()
+        except OSError as error:
+            raise LinkError(link, error) from error
 
 
 def prepare(links_dir: Path, names: set[str], *, step: Step) -> None:

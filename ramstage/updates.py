@@ -20,6 +20,7 @@ from ramstage.errors import RamstageError
 from ramstage.holders import writers
 from ramstage.hub import downloads
 from ramstage.model import Action, Model, Reason, Settings, Why
+from ramstage.reach import Reach
 from ramstage.sources import list_source
 from ramstage.system import System
 from ramstage.watcher import SourceWatcher
@@ -27,11 +28,11 @@ from ramstage.watcher import SourceWatcher
 log = logging.getLogger("ramstage")
 
 
-def look(config: Settings) -> lifecycle.Listing:
+def look(config: Settings, reach: Reach) -> lifecycle.Listing:
     """The source as it is now, listed by the model's trust rule, in the terms the lifecycle
     decides on."""
     try:
-        listing = list_source(config.source, config.trust)
+        listing = reach.call(config.source, lambda: list_source(config.source, config.trust))
     except FileNotFoundError:
         return lifecycle.Listing(missing=True)
     except Untrusted as error:
@@ -46,13 +47,15 @@ class SourceUpdates:
         self,
         config: WatchConfig,
         system: System,
+        reach: Reach,
         models: Mapping[str, Model],
         apply: Callable[[Model, list[Action]], None],
         on_change: Callable[[str], None],
         on_rescan: Callable[[str], None],
     ) -> None:
         self.config, self.system, self.models, self.apply = config, system, models, apply
-        self.watcher = SourceWatcher(on_change, on_rescan)
+        self.reach = reach
+        self.watcher = SourceWatcher(on_change, on_rescan, reach.call)
 
     def start(self) -> None:
         self.watcher.watch(self._sources())
@@ -97,7 +100,7 @@ class SourceUpdates:
         for model in list(self.models.values()):
             if model.changed_at is None or now - model.changed_at < self.config.settle_seconds:
                 continue
-            listing = look(model.settings)
+            listing = look(model.settings, self.reach)
             # inotify cannot tell a writer that pauses from one that has finished.
             keys = {(i[0], i[1]) for _, i in listing.identities} | downloads(model.settings.source)
             busy = writers(self.system.proc, keys) if keys else set()

@@ -167,7 +167,7 @@ def test_sigterm_keeps_links_and_store_and_unmount_frees_them(tmp_path, make_dae
     for name, target in staged.items():
         assert os.readlink(daemon.links / name) == target  # still on the copy in RAM
     assert sha256_file(daemon.links / "a") == sha256_file(file_source)
-    assert "stopping: 2 models stay in RAM behind their links" in daemon.log()
+    assert "stopping: copies in RAM and their links stay for the next start" in daemon.log()
 
     freed = daemon.cli("unmount", check=True).stdout
     assert "every link on its source" in freed

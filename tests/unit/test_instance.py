@@ -10,7 +10,7 @@ import pytest
 
 from ramstage.config import Config, parse_config
 from ramstage.errors import RamstageError
-from ramstage.instance import keep_for_restart, load_held, only_one, save_held
+from ramstage.instance import Evictions, keep_for_restart, only_one
 from ramstage.system import System
 
 
@@ -53,12 +53,12 @@ def test_sharing_the_store_or_the_socket_is_enough_to_conflict(tmp_path, shared)
 
 
 def test_evictions_are_saved_and_a_damaged_file_is_ignored(tmp_path):
-    cfg = config(tmp_path)
-    assert load_held(cfg) == set()
-    save_held(cfg, {"b", "a"})
-    assert load_held(cfg) == {"a", "b"}
+    evictions = Evictions(config(tmp_path))
+    assert evictions.load() == set()
+    evictions.keep({"b", "a"})
+    assert Evictions(config(tmp_path)).load() == {"a", "b"}
     (tmp_path / ".store.held.json").write_text("{not json")
-    assert load_held(cfg) == set()
+    assert Evictions(config(tmp_path)).load() == set()
 
 
 class Systemd(System):
