@@ -40,6 +40,7 @@ from ramstage.status import Snapshot, render, snapshot
 from ramstage.store import Store
 from ramstage.system import System
 from ramstage.updates import SourceUpdates
+from ramstage.watcher import ConfigWatcher
 
 log = logging.getLogger("ramstage")
 EXTEND_TIMEOUT_USEC = 30_000_000
@@ -71,6 +72,7 @@ class Daemon:
         )
         self.requests = Requests(self.core, notifier, post, self.status)
         self.control: ControlServer | None = None
+        self.config_watcher = ConfigWatcher(config_path, self._config_changed)
         self.snapshot = Snapshot()
         self.ready_sent = False
         self.stopping = False
@@ -92,6 +94,7 @@ class Daemon:
         core.place_all()
         core.updates.start()
         core.relief.watch(core.config.memory)
+        self.config_watcher.start()
         self._publish_snapshot()  # before the socket opens: no status without the models
         self.control = ControlServer(core.config.socket, self.requests.answer)
         self.control.start()
@@ -169,6 +172,7 @@ class Daemon:
         self.notifier.send("STOPPING=1")
         if self.control:
             self.control.close()
+        self.config_watcher.stop()
         core.updates.stop()
         core.relief.stop()
         core.actuator.stop(core.models.values())
@@ -186,6 +190,13 @@ class Daemon:
                 log.info("reload during shutdown: ignored")
             if isinstance(event, (Reload, Request)) and event.future:
                 event.future.set_exception(RamstageError("ramstage is stopping"))
+
+    def _config_changed(self) -> None:
+        # From the watcher's thread; `watch.config` is read from the running config, so a
+        # reload can turn it on or off.
+        if self.core.config.watch.config:
+            log.info("%s changed: reloading", self.core.config_path)
+            self.events.put(Reload())
 
     # ---- events --------------------------------------------------------------------------
 
