@@ -117,7 +117,7 @@ class Actuator:
         if action.serving is Serving.RAM:
             assert action.generation is not None
             generation = self.generations.find(model.name, action.generation)
-            links.point(model.link, generation.target)
+            links.point(model.link, generation.target, relative=True)
             self.generations.serve(model.name, generation)
             if model.generation != generation.id:
                 manifest = generation.manifest

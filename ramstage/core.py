@@ -149,7 +149,8 @@ class Core:
                 continue
             log.warning("%s: link %s was not where it belongs; put back", model.name, model.link)
             if expected:
-                links.point(model.link, expected)
+                in_ram = generation is not None and expected == generation.target
+                links.point(model.link, expected, relative=in_ram)
             else:
                 links.remove(model.link)
 
