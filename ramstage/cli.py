@@ -215,6 +215,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label_node(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from ramstage import nodelabels
+    from ramstage.service import setup_logging
+
+    system = System()
+    setup_logging(system, args.debug)
+    node = args.node or system.environ.get("NODE_NAME")
+    if not node:
+        raise UsageError("name the node: --node NAME, or NODE_NAME from the downward API")
+    try:
+        nodes = nodelabels.connect()
+    except ImportError:
+        raise UsageError(
+            "label-node needs the kubernetes client: pip install 'ramstage[kubernetes]'"
+        ) from None
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: stop.set())
+    nodelabels.Labeler(nodes, node, _socket(args)).run(stop, args.interval)
+    return 0
+
+
 def _size_argument(text: str) -> int:
     try:
         return parse_size(text, total_bytes=System().meminfo_bytes("MemTotal"))
@@ -266,6 +291,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = command("check-config", cmd_check_config, "validate a config file and list its problems")
     sub.add_argument("path", nargs="?", metavar="PATH")
+    sub = command(
+        "label-node",
+        cmd_label_node,
+        "keep this Kubernetes Node's ramstage.io/MODEL labels equal to the models' states",
+    )
+    sub.add_argument("--node", help="the Node's name (default: $NODE_NAME)")
+    sub.add_argument(
+        "--interval", type=float, default=5.0, help="seconds between looks (default 5)"
+    )
     sub = command("bench", cmd_bench, "time torch.load from a model's source and from RAM")
     sub.add_argument("name", nargs="?", metavar="NAME", help="a configured model")
     sub.add_argument("--size", type=_size_argument, help="generate a state_dict of SIZE (512M)")
