@@ -75,6 +75,10 @@ class KubernetesNodes:
     def __init__(self, api_client: Any) -> None:
         from kubernetes import client
 
+        # Every client version lets default headers override its own, while only newer ones
+        # take `_content_type`: Debian 12's (22.6) would send a dict as a strategic merge
+        # patch. This client sends nothing but GETs and these patches.
+        api_client.set_default_header("Content-Type", MERGE_PATCH)
         self.api = client.CoreV1Api(api_client)
 
     def labels(self, node: str) -> dict[str, str]:
@@ -82,7 +86,7 @@ class KubernetesNodes:
         return dict(metadata.labels or {}) if metadata else {}
 
     def patch(self, node: str, body: dict[str, Any]) -> None:
-        self.api.patch_node(node, body, _content_type=MERGE_PATCH)
+        self.api.patch_node(node, body)
 
 
 def connect() -> KubernetesNodes:
