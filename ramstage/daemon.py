@@ -94,7 +94,7 @@ class Daemon:
         core.place_all()
         core.updates.start()
         core.relief.watch(core.config.memory)
-        self.config_watcher.start()
+        self._watch_config()
         self._publish_snapshot()  # before the socket opens: no status without the models
         self.control = ControlServer(core.config.socket, self.requests.answer)
         self.control.start()
@@ -191,12 +191,17 @@ class Daemon:
             if isinstance(event, (Reload, Request)) and event.future:
                 event.future.set_exception(RamstageError("ramstage is stopping"))
 
+    def _watch_config(self) -> None:
+        """`watch.config`, at start and after every reload: one more inotify instance, on the
+        directory that holds the config file, while it is on."""
+        if not self.core.config.watch.config:
+            self.config_watcher.stop()
+        elif self.config_watcher.thread is None:
+            self.config_watcher.start()
+
     def _config_changed(self) -> None:
-        # From the watcher's thread; `watch.config` is read from the running config, so a
-        # reload can turn it on or off.
-        if self.core.config.watch.config:
-            log.info("%s changed: reloading", self.core.config_path)
-            self.events.put(Reload())
+        log.info("%s changed: reloading", self.core.config_path)  # the watcher's thread
+        self.events.put(Reload())
 
     # ---- events --------------------------------------------------------------------------
 
@@ -207,6 +212,7 @@ class Daemon:
             self.stopping = True
         elif isinstance(event, Reload):
             self.requests.reload(event)
+            self._watch_config()
         elif isinstance(event, Request):
             self.requests.handle(event)
         elif isinstance(event, JobDone):

@@ -187,9 +187,10 @@ class ConfigWatcher:
         self.path, self.on_change = path, on_change
         self.inotify: Inotify | None = None
         self.thread: threading.Thread | None = None
-        self.contents = _contents(path)
+        self.contents: bytes | None = None
 
     def start(self) -> None:
+        self.contents = _contents(self.path)
         try:
             self.inotify = Inotify()
             self.inotify.add_watch(str(self.path.parent))

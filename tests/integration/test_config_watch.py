@@ -3,6 +3,9 @@ it, with no signal and no restart."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import yaml
 from conftest import wait_for, write_random
 from kubelet import project
@@ -41,6 +44,16 @@ def test_a_configmap_update_is_reloaded_and_a_bad_one_keeps_the_running_config(
     wait_for(lambda: "reload refused" in daemon.log(), context=daemon.log)
     assert names() == ["a", "b"]
 
-    publish({**daemon.config, "models": [{"name": "b", "source": str(b)}]})
+    assert inotify_instances(daemon.process.pid) == 2  # sources, and the config's directory
+
+    # Turned off by the reload it triggers: the config's watch goes.
+    off = {**daemon.config, "watch": {"config": False}}
+    publish({**off, "models": [{"name": "b", "source": str(b)}]})
     wait_for(lambda: names() == ["b"], context=daemon.log)
+    wait_for(lambda: inotify_instances(daemon.process.pid) == 1)
     assert daemon.log().count("changed: reloading") == 3
+
+
+def inotify_instances(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(os.readlink(fds / fd) == "anon_inode:inotify" for fd in os.listdir(fds))
