@@ -8,14 +8,15 @@ generation it leaves is released, so no reader ever follows it into a deleted co
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from ramstage import links
 from ramstage.checkpoint import check_generation
 from ramstage.copier import stage_source
 from ramstage.generations import Generations
-from ramstage.manifest import Manifest
+from ramstage.manifest import CopyKey, Manifest
 from ramstage.model import (
     Action,
     Answer,
@@ -53,7 +54,12 @@ _FIELDS: dict[type, str] = {
 
 
 def copy_source(
-    settings: Settings, job: Job, checksum: str, workers: int, system: System
+    settings: Settings,
+    job: Job,
+    checksum: str,
+    workers: int,
+    system: System,
+    copies: Mapping[CopyKey, tuple[Path, str]],
 ) -> Manifest:
     """Runs in the copy worker and writes nothing but the job's partial directory; the loop
     publishes it. A torn or truncated checkpoint hashes fine, so its format is checked too."""
@@ -72,6 +78,7 @@ def copy_source(
         on_progress=progress,
         cancel=job.cancel,
         expected_digest=settings.digest,
+        copies=copies,
         sleep=system.sleep,
     )
     relpaths = [f.relpath for f in manifest.files]
@@ -140,8 +147,9 @@ class Actuator:
 
     def _start(self, model: Model, action: StartCopy) -> None:
         job = Job(self.generations.new_partial(model.name), identities=action.identities)
+        copies = self.generations.copies()
         future = self.copier.submit(
-            copy_source, model.settings, job, self.checksum, self.workers, self.system
+            copy_source, model.settings, job, self.checksum, self.workers, self.system, copies
         )
         job.future = future
         name = model.name

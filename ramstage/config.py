@@ -15,6 +15,7 @@ from ramstage import converters as convert
 from ramstage.access import Trust, group_name, user_name
 from ramstage.digest import BLAKE3_INSTALL, DEFAULT_ALGORITHM, available_algorithms
 from ramstage.errors import ConfigError
+from ramstage.hub import HubRepo, default_cache
 from ramstage.system import System
 
 DEFAULT_CONFIG = Path("/etc/ramstage/ramstage.yaml")
@@ -78,13 +79,32 @@ class StagingConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    source: Path
+    origin: Path | HubRepo  # `source:`, or `hf:` with its revision and cache
     priority: int = 0
     digest: str | None = None  # "sha256:<hex>", "xxh3:<hex>" or "blake3:<hex>"
     validate: str = "format"
     trust: Trust = field(
         default_factory=Trust
     )  # the top-level trust: and the model's own, together
+
+    @property
+    def source(self) -> Path:
+        """What is staged, and what the link points at in fallback: `source:`, or the hub
+        snapshot that the revision names now."""
+        if isinstance(self.origin, HubRepo):
+            return self.origin.snapshot(self.trust)
+        return self.origin
+
+    @property
+    def watched(self) -> tuple[Path, ...]:
+        """The paths whose changes concern the model: its source, and a hub repo's refs."""
+        if isinstance(self.origin, HubRepo):
+            return (self.source, self.origin.refs)
+        return (self.origin,)
+
+    def problem(self) -> str | None:
+        """Why there is nothing to stage now, if so."""
+        return _problem(self.origin, self.trust)
 
 
 @dataclass(frozen=True)
@@ -117,6 +137,12 @@ def parse_psi(text: Any) -> PsiTrigger:
     return PsiTrigger(match.group(1), stall, window)
 
 
+def _problem(origin: Path | HubRepo, trust: Trust) -> str | None:
+    if isinstance(origin, HubRepo):
+        return origin.problem(trust)
+    return _source_problem(origin)
+
+
 def _source_problem(source: Path) -> str | None:
     if not source.exists():
         return "no such file or directory"
@@ -125,8 +151,12 @@ def _source_problem(source: Path) -> str | None:
     return None
 
 
+_ORIGIN_KEYS = ("source", "hf", "revision", "hf_cache")
+MODEL_KEYS = ("name", *_ORIGIN_KEYS, "priority", "digest", "validate", "trust")
+
+
 def _parse_models(
-    data: Any, problems: convert.Problems, check_sources: bool, trust: Trust
+    data: Any, problems: convert.Problems, check_sources: bool, trust: Trust, cache: Path
 ) -> tuple[ModelConfig, ...]:
     if data is None:
         return ()
@@ -137,42 +167,31 @@ def _parse_models(
     seen: set[str] = set()
     for index, item in enumerate(data):
         key = f"models[{index}]"
-        section = convert.Section(
-            item, key, problems, ("name", "source", "priority", "digest", "validate", "trust")
-        )
+        section = convert.Section(item, key, problems, MODEL_KEYS)
         name = section.require("name", convert.name)
-        source = section.require("source", convert.absolute_path)
+        origin = convert.origin(section, cache)
         # Every key is converted even when name or source is bad, so all problems show at once.
         priority = section.get("priority", convert.integer, 0)
         digest = section.get("digest", convert.digest, None)
         validate = section.get("validate", convert.choice(VALIDATE_MODES), "format")
         own_trust = convert.trust(section.data.get("trust"), f"{key}.trust", problems)
-        problem = _source_problem(source) if check_sources and source is not None else None
-        if problem:
-            problems.add(f"{key}.source", problem, str(source))
+        problem = _problem(origin, trust | own_trust) if check_sources and origin else None
+        if problem and origin:
+            problems.add(f"{key}.{_origin_key(origin)}", problem, str(origin))
         if name is not None and name in seen:
             problems.add(f"{key}.name", "duplicate name", name)
-        elif name is not None:
+        elif name is not None and origin is not None:
             seen.add(name)
-            if source is not None:
-                models.append(
-                    ModelConfig(name, source, priority, digest, validate, trust | own_trust)
-                )
+            models.append(ModelConfig(name, origin, priority, digest, validate, trust | own_trust))
     return tuple(models)
 
 
-TOP_KEYS = (
-    "store",
-    "links_dir",
-    "socket",
-    "checksum",
-    "ready",
-    "memory",
-    "watch",
-    "staging",
-    "trust",
-    "models",
-)
+def _origin_key(origin: Path | HubRepo) -> str:
+    return "hf" if isinstance(origin, HubRepo) else "source"
+
+
+_SETTINGS_KEYS = ("store", "links_dir", "socket", "checksum", "ready", "memory", "watch")
+TOP_KEYS = (*_SETTINGS_KEYS, "staging", "trust", "hf_cache", "models")
 
 
 def parse_config(data: Any, *, check_sources: bool = False, system: System | None = None) -> Config:
@@ -182,13 +201,15 @@ def parse_config(data: Any, *, check_sources: bool = False, system: System | Non
     MemTotal that `system` reads."""
     problems = convert.Problems()
     top = convert.Section(data, "", problems, TOP_KEYS)
-    total = (system or System()).meminfo_bytes("MemTotal")
+    system = system or System()
+    total = system.meminfo_bytes("MemTotal")
     size = partial(convert.parse_size, total_bytes=total)
     section = partial(_section, top, problems)
     store = section("store", ("path", "size", "mount", "huge"))
     watch = section("watch", ("settle", "rescan", "config"))
     defaults = Config()
     trust = convert.trust(top.data.get("trust"), "trust", problems)
+    hf_cache = top.get("hf_cache", convert.hub_cache, None)
     config = Config(
         store=StoreConfig(
             path=store.get("path", convert.absolute_path, defaults.store.path),
@@ -212,7 +233,13 @@ def parse_config(data: Any, *, check_sources: bool = False, system: System | Non
             )
         ),
         trust=trust,
-        models=_parse_models(top.data.get("models"), problems, check_sources, trust),
+        models=_parse_models(
+            top.data.get("models"),
+            problems,
+            check_sources,
+            trust,
+            hf_cache or default_cache(system.environ),
+        ),
     )
     _check_algorithms(config, problems)
     if config.store.size_bytes == 0:
@@ -268,9 +295,9 @@ def source_problems(config: Config) -> list[str]:
     """Sources that are missing now, for the daemon to log: it serves them once they appear."""
     problems = convert.Problems()
     for index, model in enumerate(config.models):
-        problem = _source_problem(model.source)
+        problem = model.problem()
         if problem:
-            problems.add(f"models[{index}].source", problem, str(model.source))
+            problems.add(f"models[{index}].{_origin_key(model.origin)}", problem, str(model.origin))
     return problems.items
 
 

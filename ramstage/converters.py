@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ramstage.access import Trust
+from ramstage.hub import HubRepo, user_cache
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_REPO_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,96}(/[A-Za-z0-9_.-]{1,96})?")
 _DIGEST_RE = re.compile(r"(xxh3:[0-9a-f]{32}|(sha256|blake3):[0-9a-f]{64})")
 MAX_SIZE_BYTES = 1 << 60
 MAX_SECONDS = 366 * 86400.0
@@ -156,6 +158,36 @@ def digest(value: Any) -> str:
     return value
 
 
+def hub_repo(value: Any) -> str:
+    """A Hugging Face repo id: ORG/NAME or NAME, as the hub allows them."""
+    if (
+        not isinstance(value, str)
+        or not _REPO_ID_RE.fullmatch(value)
+        or "--" in value
+        or ".." in value
+    ):
+        raise Invalid("expected a Hugging Face repo id such as org/name")
+    return value
+
+
+def revision(value: Any) -> str:
+    """A branch, a tag (refs/REVISION in the cache) or a commit hash."""
+    parts = value.split("/") if isinstance(value, str) and "\0" not in value else [""]
+    if any(part in ("", ".", "..") for part in parts):
+        raise Invalid("expected a branch, a tag or a commit hash, such as main")
+    return str(value)
+
+
+def hub_cache(value: Any) -> Path:
+    """A hub cache: an absolute path, or ~USER for that user's ~/.cache/huggingface/hub."""
+    if isinstance(value, str) and value.startswith("~"):
+        try:
+            return user_cache(value[1:])
+        except (KeyError, ValueError):  # ValueError: a NUL in the name
+            raise Invalid(f"no such user: {shown(value[1:])}") from None
+    return absolute_path(value)
+
+
 def _ids(lookup: Callable[[str], int], what: str) -> Callable[[Any], frozenset[int]]:
     def convert(value: Any) -> frozenset[int]:
         if not isinstance(value, list):
@@ -207,6 +239,9 @@ class Section:
             name = unknown if isinstance(unknown, str) else shown(unknown)
             problems.add(self._path(name), "unknown key", data[unknown])
 
+    def problem(self, name: str, message: str) -> None:
+        self.problems.add(self._path(name), message, self.data.get(name))
+
     def _path(self, name: str) -> str:
         return f"{self.key}.{name}" if self.key else name
 
@@ -224,3 +259,20 @@ class Section:
             self.problems.add(self._path(name), "is required", None)
             return None
         return self.get(name, convert, None)
+
+
+def origin(section: Section, cache: Path) -> Path | HubRepo | None:
+    """`source: PATH`, or `hf: ORG/NAME` with `revision:` (default main) and `hf_cache:`."""
+    if "hf" not in section.data:
+        for key in ("revision", "hf_cache"):
+            if key in section.data:
+                section.problem(key, "only taken with hf:")
+        source: Path | None = section.require("source", absolute_path)
+        return source
+    if "source" in section.data:
+        section.problem("source", "a model has source: or hf:, not both")
+        return None
+    repo_id = section.get("hf", hub_repo, None)
+    named = section.get("revision", revision, "main")
+    cache = section.get("hf_cache", hub_cache, cache)
+    return HubRepo(repo_id, named, cache) if repo_id else None

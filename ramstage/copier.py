@@ -12,6 +12,7 @@ import mmap
 import os
 import stat
 import time
+from collections.abc import Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,8 @@ import xxhash
 from ramstage.access import NO_TRUST, Owner, Trust
 from ramstage.digest import Hasher, combine, new_hasher
 from ramstage.errors import RamstageError
-from ramstage.manifest import Manifest, StagedFile
+from ramstage.hub import check_blob
+from ramstage.manifest import CopyKey, Manifest, StagedFile
 from ramstage.sources import (
     SourceChanged,
     SourceFile,
@@ -32,7 +34,7 @@ from ramstage.sources import (
     list_source,
     open_source,
 )
-from ramstage.store import remove_tree
+from ramstage.store import link_copy, remove_tree
 
 # Small enough that a chunk is still in the CPU caches when it is hashed, read back and
 # compared: 1 MiB took 13% (sha256) to 28% (blake3) less CPU per GiB than 8 MiB
@@ -251,6 +253,7 @@ def _copy_file(copier: _Copier, source: SourceFile, target: Path, src_fd: int) -
         _set_owner(dst_fd, source.owner)
     finally:
         os.close(dst_fd)
+    check_blob(source.path, digest)
     after = os.fstat(src_fd)
     now = os.lstat(source.path)
     if identity(before) != identity(after) or identity(after) != identity(now):
@@ -266,6 +269,7 @@ def _copy_all(
     trust: Trust,
     workers: int,
     new_copier: Callable[[Event], _Copier],
+    copies: Mapping[CopyKey, tuple[Path, str]],
 ) -> tuple[StagedFile, ...]:
     """Copies every file of a listing, `workers` at a time (the shards of a directory model),
     then gives the directories their owners and the generation its gate."""
@@ -273,11 +277,11 @@ def _copy_all(
     for path in [base, *(base / d.relpath for d in listing.dirs)]:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     abort = Event()
-    copies = [source for source in listing.files if source.same_as is None]
+    firsts = [source for source in listing.files if source.same_as is None]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ramstage-copy") as pool:
         futures = [
-            pool.submit(_copy_one, new_copier(abort), source, listing, base, trust)
-            for source in copies
+            pool.submit(_copy_one, new_copier(abort), source, listing, base, trust, copies)
+            for source in firsts
         ]
         wait(futures, return_when=FIRST_EXCEPTION)
         abort.set()  # when one failed, the others stop at their next chunk
@@ -302,10 +306,21 @@ def _copy_all(
 
 
 def _copy_one(
-    copier: _Copier, source: SourceFile, listing: SourceListing, base: Path, trust: Trust
+    copier: _Copier,
+    source: SourceFile,
+    listing: SourceListing,
+    base: Path,
+    trust: Trust,
+    copies: Mapping[CopyKey, tuple[Path, str]],
 ) -> StagedFile:
     src_fd = _open_listed(source, listing, trust)
     try:
+        # The same source file, unchanged, already copied with the same access: shared.
+        now, access = identity(os.fstat(src_fd)), source.owner.as_tuple()
+        known = copies.get((now, access, copier.algorithm))
+        if known and link_copy(*known, base / source.relpath, access, now[2]):
+            copier.on_bytes(now[2])
+            return StagedFile(source.relpath, now[2], known[1], now, access)
         return _copy_file(copier, source, base / source.relpath, src_fd)
     finally:
         os.close(src_fd)
@@ -335,6 +350,7 @@ def stage_source(
     on_progress: Callable[[float], None] = lambda fraction: None,
     cancel: Event | None = None,
     expected_digest: str | None = None,
+    copies: Mapping[CopyKey, tuple[Path, str]] | None = None,  # Generations.copies()
     sleep: Callable[[float], None] = time.sleep,  # System.sleep, in the daemon
 ) -> Manifest:
     """Fills the empty directory `generation` with a verified copy of `source` that no one
@@ -351,6 +367,7 @@ def stage_source(
                 trust,
                 workers,
                 partial(_Copier, algorithm, progress, cancel),
+                copies or {},
             )
             break
         except (SourceChanged, FileNotFoundError):

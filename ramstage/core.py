@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ramstage import lifecycle, links
@@ -103,7 +103,16 @@ class Core:
             now=self.system.monotonic(),
             cooldown_seconds=self.config.memory.effective_cooldown_seconds,
         )
-        self.apply(model, lifecycle.admit(model, look(model.settings), budget))
+        self.apply(model, lifecycle.admit(model, self._unshared(look(model.settings)), budget))
+
+    def _unshared(self, listing: lifecycle.Listing) -> lifecycle.Listing:
+        """A copy needs room only for the files that it cannot share with a copy already in
+        RAM (Generations.copies: the same source file, unchanged). The owner and mode are
+        left out here: a file that differs there is copied after all, and the store's own
+        bound (ENOSPC at posix_fallocate) still refuses what does not fit."""
+        in_ram = {key[0] for key in self.generations.copies()}
+        shared = sum(i[2] for i in {i for _, i in listing.identities if i in in_ram})
+        return replace(listing, size_bytes=max(listing.size_bytes - shared, 0))
 
     def job_done(self, name: str, job: Job) -> None:
         """Only the loop publishes: a copy still wanted becomes a generation and is served; any
@@ -145,9 +154,15 @@ class Core:
                 generation.target if generation else None,
                 source_exists=model.settings.source.exists(),
             )
-            if links.read(model.link) == (str(expected) if expected else None):
+            current = links.read(model.link)
+            if current == (str(expected) if expected else None):
                 continue
-            log.warning("%s: link %s was not where it belongs; put back", model.name, model.link)
+            if expected and current and _another_snapshot(Path(current), expected):
+                log.info("%s: the revision moved; the link follows it to %s", model.name, expected)
+            else:
+                log.warning(
+                    "%s: link %s was not where it belongs; put back", model.name, model.link
+                )
             if expected:
                 in_ram = generation is not None and expected == generation.target
                 links.point(model.link, expected, relative=in_ram)
@@ -161,3 +176,8 @@ class Core:
             self.apply(
                 model, lifecycle.released(model, "ramstage is stopping", source_exists=exists)
             )
+
+
+def _another_snapshot(current: Path, expected: Path) -> bool:
+    """A link on one snapshot of a hub repo whose source is now another (its ref moved)."""
+    return current.parent == expected.parent and expected.parent.name == "snapshots"

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ramstage.holders import FileKey, holders
-from ramstage.manifest import Manifest
+from ramstage.manifest import CopyKey, Manifest
 from ramstage.store import Generation, Store, remove_tree
 from ramstage.system import System
 
@@ -47,6 +47,25 @@ class Generations:
     def next_expiry(self) -> float | None:
         due = [when for entries in self._outgoing.values() for when, _ in entries]
         return min(due) if due else None
+
+    def _live(self) -> list[Generation]:
+        outgoing = [g for entries in self._outgoing.values() for _, g in entries]
+        return [*self._fresh.values(), *self._current.values(), *outgoing]
+
+    def copies(self) -> dict[CopyKey, tuple[Path, str]]:
+        """Every file in RAM that a new copy may share instead of reading its source again,
+        with its digest: by the source file's identity, the copy's owner, group and mode,
+        and the digest's algorithm. Revisions and models that have a file in common (one
+        Hugging Face blob, a hard link) so hold it once; a shared inode's bytes stay until
+        its last generation is deleted, whatever deletes the others."""
+        found = {}
+        for generation in self._live():
+            for file, path in zip(generation.manifest.files, generation.file_paths()):
+                found[(file.identity, file.access, file.digest.partition(":")[0])] = (
+                    path,
+                    file.digest,
+                )
+        return found
 
     def scan(self, names: set[str]) -> dict[str, list[Generation]]:
         """At start: the published generations of these models, debris removed."""
@@ -136,8 +155,11 @@ class Generations:
             self._refs[generation.path] = count
             return
         self._refs.pop(generation.path, None)
-        # file_keys reads the files' inodes, so it is taken before they are unlinked.
-        self.retired.setdefault(name, {}).update(generation.file_keys)
+        # file_keys reads the files' inodes, so it is taken before they are unlinked; an inode
+        # that another generation still holds is not this model's to report as pinned.
+        live = {key for g in self._live() if g.path != generation.path for key in g.file_keys}
+        retired = {k: v for k, v in generation.file_keys.items() if k not in live}
+        self.retired.setdefault(name, {}).update(retired)
         self.store.remove(generation)
         self.prune()
 

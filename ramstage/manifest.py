@@ -10,6 +10,7 @@ from typing import Any
 
 Identity = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns of a source file
 Access = tuple[int, int, int]  # uid, gid, mode of a copied file or directory
+CopyKey = tuple[Identity, Access, str]  # a source file, its copy's access, the digest's algorithm
 # 2: copies keep their sources' owners and modes. Generations of format 1 are world-readable
 # whatever their sources were: a start removes them (and copies again) rather than adopt them.
 FORMAT = 2

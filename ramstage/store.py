@@ -13,11 +13,13 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from ramstage.config import StoreConfig
+from ramstage.digest import hash_file
 from ramstage.errors import RamstageError
 from ramstage.manifest import Manifest
 from ramstage.system import System
@@ -72,6 +74,30 @@ def remove_tree(path: Path) -> None:
         for name in subdirs:
             _take_back(Path(directory, name))
     shutil.rmtree(path)
+
+
+def link_copy(
+    existing: Path, digest: str, target: Path, access: tuple[int, int, int], size: int
+) -> bool:
+    """Makes `target` another name of a copy already in the store, while that is still the
+    copy published: a regular file of this owner, group, mode and size, whose bytes still hash
+    to its digest (its owner may have changed them since). False when it has gone or changed,
+    or when the kernel refuses the link (fs.protected_hardlinks: a file ramstage does not own,
+    without CAP_FOWNER); the caller then copies."""
+    try:
+        st = os.lstat(existing)
+        shown = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_size)
+        if not stat.S_ISREG(st.st_mode) or shown != (*access, size):
+            return False
+        os.link(existing, target, follow_symlinks=False)
+    except (FileNotFoundError, PermissionError):
+        return False
+    linked = os.lstat(target)
+    same = (linked.st_dev, linked.st_ino) == (st.st_dev, st.st_ino)  # not replaced in between
+    if not same or hash_file(target, digest.partition(":")[0]) != digest:
+        target.unlink()
+        return False
+    return True
 
 
 def _take_back(directory: Path) -> None:

@@ -8,6 +8,7 @@ corner cases (earlyoom's procdir_path); everything else uses the real thing.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Mapping
@@ -49,11 +50,12 @@ class System:
     def mounts(self, pid: str = "self") -> list[MountEntry]:
         """Parses /proc/PID/mountinfo (proc(5)): fields, " - ", fstype, source, super options."""
         entries = []
-        for line in (self.proc / pid / "mountinfo").read_text().splitlines():
-            before, _, after = line.partition(" - ")
-            fields, tail = before.split(), after.split()
-            options = set(fields[5].split(",")) | set(tail[2].split(",") if len(tail) > 2 else ())
-            mountpoint = fields[4].encode().decode("unicode_escape")
+        for line in (self.proc / pid / "mountinfo").read_bytes().splitlines():
+            before, _, after = line.partition(b" - ")
+            fields, tail = before.split(), [os.fsdecode(_unescape(f)) for f in after.split()]
+            options = set(os.fsdecode(fields[5]).split(","))
+            options |= set(tail[2].split(",") if len(tail) > 2 else ())
+            mountpoint = os.fsdecode(_unescape(fields[4]))
             entries.append(MountEntry(Path(mountpoint), tail[0], tail[1], frozenset(options)))
         return entries
 
@@ -77,5 +79,15 @@ class System:
             raise OSError(f"{' '.join(argv)}: {result.stderr.strip() or 'failed'}")
 
 
-def _mount_ids(mountinfo: Path) -> set[str]:
-    return {line.split(maxsplit=1)[0] for line in mountinfo.read_text().splitlines()}
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def _unescape(field: bytes) -> bytes:
+    """A mountinfo field as bytes: the kernel writes a space, tab, newline or backslash in a
+    path as a backslash and three octal digits (fs/proc_namespace.c, mangle()), and every
+    other byte as it is, UTF-8 or not."""
+    return _OCTAL_ESCAPE.sub(lambda match: bytes([int(match.group(1), 8)]), field)
+
+
+def _mount_ids(mountinfo: Path) -> set[bytes]:
+    return {line.split(maxsplit=1)[0] for line in mountinfo.read_bytes().splitlines()}

@@ -61,6 +61,12 @@ class Tmpfs:
         log.info("adopted the tmpfs already mounted at %s", self.path)
 
     def _mount(self) -> None:
+        if self.path.is_dir() and any(self.path.iterdir()):
+            # A mount hides what is below it: whatever was there would seem lost.
+            raise RamstageError(
+                f"store.path {self.path} is a directory that is not empty: a tmpfs mounted over "
+                "it would hide its files; empty it, or choose another path"
+            )
         self.system.run_in_init_namespace(["mkdir", "-p", str(self.path)])
         base = f"size={self.config.size_bytes},mode=0755,nosuid,nodev,noexec"
         # Optional options, best first, each dropped where the kernel refuses it:

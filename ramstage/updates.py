@@ -18,6 +18,7 @@ from ramstage.access import Untrusted
 from ramstage.config import WatchConfig
 from ramstage.errors import RamstageError
 from ramstage.holders import writers
+from ramstage.hub import downloads
 from ramstage.model import Action, Model, Reason, Settings, Why
 from ramstage.sources import list_source
 from ramstage.system import System
@@ -70,8 +71,8 @@ class SourceUpdates:
         due = [m.changed_at for m in self.models.values() if m.changed_at is not None]
         return min(due) + self.config.settle_seconds if due else None
 
-    def _sources(self) -> dict[str, Path]:
-        return {name: model.settings.source for name, model in self.models.items()}
+    def _sources(self) -> dict[str, tuple[Path, ...]]:
+        return {name: model.settings.watched for name, model in self.models.items()}
 
     def on_event(self, name: str) -> None:
         model = self.models.get(name)
@@ -98,7 +99,7 @@ class SourceUpdates:
                 continue
             listing = look(model.settings)
             # inotify cannot tell a writer that pauses from one that has finished.
-            keys = {(i[0], i[1]) for _, i in listing.identities}
+            keys = {(i[0], i[1]) for _, i in listing.identities} | downloads(model.settings.source)
             busy = writers(self.system.proc, keys) if keys else set()
             if busy:
                 log.debug("%s: still open for writing by %s", model.name, sorted(busy))

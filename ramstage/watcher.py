@@ -50,7 +50,8 @@ class SourceWatcher:
 
     def __init__(self, on_change: Callable[[str], None], on_rescan: Callable[[str], None]) -> None:
         self.on_change, self.on_rescan = on_change, on_rescan
-        self.sources: dict[str, str] = {}  # name -> source path; replaced whole, never mutated
+        # name -> the paths that concern it (its source, a hub repo's refs); replaced whole
+        self.sources: dict[str, tuple[str, ...]] = {}
         self.inotify: Inotify | None = None  # watches may be added before start()
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()  # watch() runs on the loop's thread, events on the reader's
@@ -83,12 +84,14 @@ class SourceWatcher:
             self.inotify.release()
         self.inotify, self.thread = None, None
 
-    def watch(self, sources: dict[str, Path]) -> None:
+    def watch(self, sources: dict[str, tuple[Path, ...]]) -> None:
         """Makes the watches match these sources; called again whenever a watched directory
         may have been replaced, it moves a watch to the directory now at that path, and after
         a queue overflow it catches up with subdirectories made meanwhile."""
-        self.sources = {name: str(path) for name, path in sources.items()}
-        wanted: set[Watch] = set().union(*(watches_for(p) for p in sources.values()))
+        self.sources = {name: tuple(map(str, paths)) for name, paths in sources.items()}
+        wanted: set[Watch] = set().union(
+            *(watches_for(path) for paths in sources.values() for path in paths)
+        )
         with self.lock:
             self._trees = {w.path for w in wanted if w.recursive}
             directories = {w.path for w in wanted} | set().union(
@@ -151,8 +154,8 @@ class SourceWatcher:
             self._dispatch(paths, event.kind)
 
     def _dispatch(self, paths: list[str], kind: str) -> None:
-        for name, source in self.sources.items():
-            if any(affects(path, source, kind) for path in paths):
+        for name, sources in self.sources.items():
+            if any(affects(path, source, kind) for path in paths for source in sources):
                 self.on_change(name)
 
 

@@ -136,10 +136,13 @@ class Daemon:
     def write_config(self) -> None:
         self.config_path.write_text(yaml.safe_dump(self.config))
 
-    def start(self, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+    def start(
+        self, env: dict[str, str] | None = None, wait: bool = True, debug: bool = False
+    ) -> Daemon:
+        argv = [sys.executable, "-m", "ramstage", "daemon", "--config", str(self.config_path)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "ramstage", "daemon", "--config", str(self.config_path)],
+                argv + ["--debug"] * debug,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},

@@ -3,6 +3,7 @@ source, and nobody who can write a source's path can make the root daemon read f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -425,7 +426,10 @@ def test_symlinks_within_one_owners_cache_are_followed_and_others_refused(
     """A Hugging Face-style cache repo: snapshot files are symlinks into blobs/ of the same
     owner, and staged as the files they lead to."""
     repo = public_dir / "models--org--name"
-    blob = write_random(repo / "blobs" / ("a" * 64), 8192)
+    data = os.urandom(8192)
+    blob = repo / "blobs" / hashlib.sha256(data).hexdigest()  # named as huggingface_hub names it
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
     snapshot = repo / "snapshots" / ("1" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "model.safetensors").symlink_to(f"../../blobs/{blob.name}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,44 @@ def test_hard_links_are_copied_once_and_odd_names_keep_their_bytes(tmp_path, mak
     with open(os.fsencode(copy) + b"/caf\xe9-latin1.bin", "rb") as f:
         assert f.read() == b"odd name"
     assert daemon.cli("verify", check=True).returncode == 0
+
+
+SHARE_SCRIPT = """
+import os, sys
+from pathlib import Path
+from ramstage.copier import stage_source
+from ramstage.store import Generation
+source, store = Path(sys.argv[1]), Path(sys.argv[2])
+first = stage_source("m", source, store / "g1", "xxh3")
+files = zip(first.files, Generation(store / "g1", first).file_paths())
+copies = {(f.identity, f.access, "xxh3"): (path, f.digest) for f, path in files}
+stage_source("m", source, store / "g2", "xxh3", copies=copies)
+inodes = {os.stat(store / g / "m" / n).st_ino for g in ("g1", "g2") for n in ("a.bin", "b.bin")}
+print(len(inodes))
+"""
+
+
+def test_the_units_capabilities_let_copies_a_user_owns_be_shared(tmp_path):
+    """fs.protected_hardlinks lets only a file's owner, or CAP_FOWNER, link a file it cannot
+    write: with no more than the unit's capabilities, a model of another user's with a hard
+    link stages, and a second generation shares its copy."""
+    unit = (Path(__file__).parents[2] / "units" / "ramstage.service").read_text()
+    caps = next(line for line in unit.splitlines() if line.startswith("CapabilityBoundingSet="))
+    allowed = ",".join("+" + cap[4:].lower() for cap in caps.split("=", 1)[1].split())
+    source = tmp_path / "m"
+    write_random(source / "a.bin", 1 << 20)
+    os.link(source / "a.bin", source / "b.bin")
+    for path in (source, source / "a.bin"):
+        os.chown(path, 65534, 65534)
+    store = tmp_path / "store"
+    for generation in ("g1", "g2"):
+        (store / generation).mkdir(parents=True)
+    result = subprocess.run(
+        ["setpriv", f"--bounding-set=-all,{allowed}", "--inh-caps=-all", sys.executable]
+        + ["-c", SHARE_SCRIPT, str(source), str(store)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"  # one inode for both names in both generations

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from conftest import sha256_file, wait_for, write_random
 
+from ramstage.system import System
+
 
 def findmnt(path: Path) -> dict[str, Any] | None:
     result = subprocess.run(
@@ -175,3 +177,54 @@ def test_sigterm_puts_links_back_frees_the_store_and_removes_the_socket(
             daemon.store / ".ramstage-store"
         ]
     assert "stopping: links back to their sources, RAM freed" in daemon.log()
+
+
+def mounted_at(path: Path) -> bool:
+    return any(entry.mountpoint == path for entry in System().mounts())
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    "name",
+    ["with space", "with\ttab", "with\nnewline", "with\\backslash", "ünïcödé-模型", "a \\040 b"],
+    ids=["space", "tab", "newline", "backslash", "non-ascii", "escape-lookalike"],
+)
+def test_a_store_path_with_any_name_mounts_serves_and_unmounts(tmp_path, make_daemon, name):
+    """mountinfo writes space, tab, newline and backslash as octal escapes and everything else
+    as raw bytes: the daemon must find its own mount again, whatever the name."""
+    source = write_random(tmp_path / "m.ckpt", 1 << 20)
+    store = tmp_path / name / "store"
+    daemon = make_daemon(
+        [{"name": "m", "source": str(source)}], mount=True, store={"path": str(store)}
+    )
+    try:
+        daemon.start()
+        model = daemon.wait_state("m", "staged")
+        assert model["target"].startswith(str(store) + "/")
+        assert sha256_file(daemon.links / "m") == sha256_file(source)
+        assert daemon.request("status")["store"]["mounted"] is True
+        # The kernel's own record, as PID 1 sees it, names this very directory.
+        raw = Path("/proc/1/mountinfo").read_bytes().splitlines()
+        escaped = os.fsencode(store)
+        for char in b"\\ \t\n":
+            escaped = escaped.replace(bytes([char]), b"\\%03o" % char)
+        assert any(line.split()[4] == escaped for line in raw)
+        assert mounted_at(store)
+        assert daemon.stop() == 0
+        assert not mounted_at(store)  # a clean stop leaves nothing mounted
+    finally:
+        subprocess.run(["umount", "--lazy", str(store)], capture_output=True, check=False)
+
+
+@pytest.mark.root
+def test_mounting_over_a_directory_that_is_not_empty_is_refused(tmp_path, make_daemon):
+    source = write_random(tmp_path / "m.ckpt", 4096)
+    daemon = make_daemon([{"name": "m", "source": str(source)}], mount=True)
+    daemon.store.mkdir()
+    (daemon.store / "notes.txt").write_text("keep me")
+    daemon.start(wait=False)
+    assert daemon.process is not None
+    assert daemon.process.wait(30) != 0
+    assert "is a directory that is not empty: a tmpfs mounted over it would hide" in daemon.log()
+    assert not mounted_at(daemon.store)
+    assert (daemon.store / "notes.txt").read_text() == "keep me"

@@ -14,6 +14,7 @@ import yaml
 from ramstage.cli import main
 from ramstage.config import load_config, parse_config
 from ramstage.converters import parse_duration, parse_size
+from ramstage.hub import HubRepo
 from ramstage.system import System
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,7 +169,35 @@ BAD = [
     ("model not a mapping", lambda s: {"models": ["m"]}, "models[0]", "'m'"),
     ("store not a mapping", lambda s: {"store": "/run/store"}, "store", "'/run/store'"),
     ("top not a mapping", lambda s: ["models"], "(top level)", "['models']"),
+    ("hf repo id", lambda s: {"models": [hf("a/b/c")]}, "models[0].hf", "'a/b/c'"),
+    ("hf repo dashes", lambda s: {"models": [hf("a--b")]}, "models[0].hf", "'a--b'"),
+    ("hf dot-dot", lambda s: {"models": [hf("../x")]}, "models[0].hf", "'../x'"),
+    (
+        "hf revision",
+        lambda s: {"models": [hf(revision="../main")]},
+        "models[0].revision",
+        "'../main'",
+    ),
+    ("hf cache relative", lambda s: {"hf_cache": "hub"}, "hf_cache", "'hub'"),
+    (
+        "hf cache user",
+        lambda s: {"models": [hf(hf_cache="~nobody-x")]},
+        "models[0].hf_cache",
+        "'~nobody-x'",
+    ),
+    ("hf and source", lambda s: {"models": [hf(source="/x")]}, "models[0].source", "'/x'"),
+    (
+        "revision alone",
+        lambda s: {"models": [model(s, revision="v1")]},
+        "models[0].revision",
+        "'v1'",
+    ),
+    ("neither", lambda s: {"models": [{"name": "m"}]}, "models[0].source", "None"),
 ]
+
+
+def hf(repo_id: str = "org/name", **changes: Any) -> dict[str, Any]:
+    return {"name": "m", "hf": repo_id, **changes}
 
 
 @pytest.mark.parametrize(("build", "key", "value"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
@@ -238,6 +267,29 @@ def test_a_missing_config_file_says_so(tmp_path, capsys):
 )
 def test_sizes_parse(text, expected):
     assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("model_cache", "top_cache", "environ", "expected"),
+    [
+        ("/m/hub", "/top/hub", {"HF_HUB_CACHE": "/env/hub"}, "/m/hub"),
+        (None, "/top/hub", {"HF_HUB_CACHE": "/env/hub"}, "/top/hub"),
+        (None, None, {"HF_HUB_CACHE": "/env/hub", "HF_HOME": "/hf"}, "/env/hub"),
+        (None, None, {"HF_HOME": "/hf", "HOME": "/home/x"}, "/hf/hub"),
+        (None, None, {"HOME": "/home/x"}, "/home/x/.cache/huggingface/hub"),
+        (None, None, {"HOME": "/home/x", "XDG_CACHE_HOME": "/xdg"}, "/xdg/huggingface/hub"),
+        ("~root", None, {"HF_HUB_CACHE": "/env/hub"}, "/root/.cache/huggingface/hub"),
+    ],
+)
+def test_an_hf_model_finds_its_cache_config_first_then_as_huggingface_hub_does(
+    model_cache, top_cache, environ, expected
+):
+    data: dict[str, Any] = {"models": [hf(**({"hf_cache": model_cache} if model_cache else {}))]}
+    if top_cache:
+        data["hf_cache"] = top_cache
+    (model_config,) = parse_config(data, system=System(environ=environ)).models
+    assert model_config.origin == HubRepo("org/name", "main", Path(expected))
+    assert model_config.source == Path(expected) / "models--org--name" / "snapshots" / "main"
 
 
 def test_a_percentage_is_of_total_ram():
@@ -317,6 +369,13 @@ def test_the_example_models_pass_once_their_sources_exist(tmp_path, capsys):
     )
     data["models"] = yaml.safe_load(commented)["models"]
     for index, entry in enumerate(data["models"]):
+        if "hf" in entry:
+            repo = tmp_path / "hub" / ("models--" + entry["hf"].replace("/", "--"))
+            (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+            (repo / "refs").mkdir()
+            (repo / "refs" / entry["revision"]).write_text("0" * 40)
+            entry["hf_cache"] = str(tmp_path / "hub")
+            continue
         entry["source"] = str(tmp_path / f"source{index}")
         Path(entry["source"]).write_bytes(b"x")
     code, output = check(tmp_path, data, capsys)

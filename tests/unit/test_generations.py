@@ -3,6 +3,7 @@ references, grace periods, copies in flight and reuse of the same content."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ramstage.config import StoreConfig
@@ -92,3 +93,26 @@ def test_a_forgotten_model_goes_once_its_copy_in_flight_reports_back(tmp_path):
     assert model_dir.exists() and [p.name for p in model_dir.iterdir()] == [partial.name]
     generations.discard("m", partial)
     assert not model_dir.exists()
+
+
+def test_a_file_two_models_share_stays_until_the_last_of_them_goes(tmp_path):
+    """A copy shared by a hard link (Generations.copies) is offered by its source identity,
+    access and algorithm; deleting one model's generation neither frees it nor counts it as
+    that model's pinned bytes while the other still serves it."""
+    generations, _ = make(tmp_path)
+    a = copy(generations, "a", 1)
+    generations.serve("a", a)
+    (file,) = a.manifest.files
+    path, digest = generations.copies()[(file.identity, file.access, "sha256")]
+    assert path == a.target and digest == file.digest
+    partial = generations.new_partial("b")
+    os.link(path, partial / "m.ckpt")
+    manifest = Manifest("b", "/ssd/m.ckpt", "file", digest, a.manifest.files)
+    b = generations.publish("b", partial, manifest)
+    generations.serve("b", b)
+    with open(b.target, "rb"):  # a reader of b holds it
+        generations.release("a")
+        assert not a.path.exists() and b.target.read_bytes() == bytes([1]) * 4096
+        assert generations.retired.get("a") == {}  # b's, not pinned by a
+        generations.release("b")
+        assert list(generations.retired["b"].values()) == [4096]  # now pinned, by b's reader

@@ -21,6 +21,6 @@ def test_a_watch_that_cannot_be_made_asks_for_one_rescan_not_one_per_attempt(tmp
     monkeypatch.setattr(watcher._instance(), "add_watch", no_room)
     source = write_random(tmp_path / "src" / "m.ckpt", 1024)
     for _ in range(5):
-        watcher.watch({"m": source})
+        watcher.watch({"m": (source,)})
     assert len(rescans) == 2  # one per directory watched (the parent and the grandparent)
     watcher.stop()
