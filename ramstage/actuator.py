@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
-from ramstage import links
+from ramstage import links, units
 from ramstage.checkpoint import check_generation
 from ramstage.copier import stage_source
 from ramstage.generations import Generations
@@ -38,6 +39,7 @@ from ramstage.model import (
     Settings,
     StartCopy,
     Want,
+    Work,
 )
 from ramstage.system import System
 
@@ -65,9 +67,11 @@ def copy_source(
     publishes it. A torn or truncated checkpoint hashes fine, so its format is checked too."""
     algorithm = settings.digest.partition(":")[0] if settings.digest else checksum
 
-    def progress(fraction: float) -> None:
-        job.progress = fraction
+    def progress(done_bytes: int, total_bytes: int) -> None:
+        job.work.done_bytes, job.work.total_bytes = done_bytes, total_bytes
+        job.progress = min(done_bytes / total_bytes, 1.0) if total_bytes else 1.0
 
+    started = system.monotonic()
     manifest = stage_source(
         settings.name,
         settings.source,
@@ -83,7 +87,7 @@ def copy_source(
     )
     relpaths = [f.relpath for f in manifest.files]
     check_generation(job.partial / manifest.root, relpaths, settings.validate)
-    return manifest
+    return replace(manifest, staged_at=system.time(), copy_seconds=system.monotonic() - started)
 
 
 class Actuator:
@@ -128,11 +132,14 @@ class Actuator:
             self.generations.serve(model.name, generation)
             if model.generation != generation.id:
                 manifest = generation.manifest
+                took = manifest.copy_seconds
+                copy = f" in {units.duration(took)}" if took is not None else ""
                 log.info(
-                    "%s: staged generation %s (%d bytes, %s)",
+                    "%s: staged generation %s (%s%s, %s)",
                     model.name,
                     generation.id,
-                    manifest.size_bytes,
+                    units.size(manifest.size_bytes),
+                    copy,
                     manifest.digest,
                 )
                 for skipped in manifest.skipped:
@@ -146,7 +153,11 @@ class Actuator:
         model.serving, model.generation = action.serving, action.generation
 
     def _start(self, model: Model, action: StartCopy) -> None:
-        job = Job(self.generations.new_partial(model.name), identities=action.identities)
+        job = Job(
+            self.generations.new_partial(model.name),
+            identities=action.identities,
+            work=Work(self.system.monotonic()),
+        )
         copies = self.generations.copies()
         future = self.copier.submit(
             copy_source, model.settings, job, self.checksum, self.workers, self.system, copies

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ramstage import units
 from ramstage.checkpoint import Kind, kind_of
 from ramstage.config import config_path, load_config
 from ramstage.errors import ConfigError, NotFound, NotRunning, RamstageError
@@ -139,11 +140,20 @@ def wait_staged(
             last = error.message
         else:
             model = status["models"][0]
-            if model["state"] == "staged":
+            if staged(model):
                 return model  # type: ignore[no-any-return]
-            if model["state"] in ("fallback", "missing"):
-                raise NotStaged(f"{name} is not staged ({model['state']}): {model['reason']}")
             last = f"{model['state']} {model['progress']:.0%}"
         if time.monotonic() >= deadline:
             raise RamstageError(f"{name} was not staged within {timeout:g}s (last: {last})")
         time.sleep(POLL_SECONDS)
+
+
+def staged(model: dict[str, Any]) -> bool:
+    """True once a status entry says staged; raises NotStaged when it will not be without a
+    change (fallback or missing), with the reason and its figures."""
+    if model["state"] == "staged":
+        return True
+    if model["state"] in ("fallback", "missing"):
+        reason = units.reason(model["reason"], model.get("reason_figures"))
+        raise NotStaged(f"{model['name']} is not staged ({model['state']}): {reason}")
+    return False

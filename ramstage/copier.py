@@ -67,15 +67,15 @@ class _Aborted(Exception):
 
 
 class _Progress:
-    def __init__(self, total_bytes: int, report: Callable[[float], None]) -> None:
-        self.total, self.done, self.report = max(total_bytes, 1), 0, report
+    def __init__(self, total_bytes: int, report: Callable[[int, int], None]) -> None:
+        self.total, self.done, self.report = total_bytes, 0, report
         self.lock = Lock()  # the files of one model copy on several threads
 
     def __call__(self, nbytes: int) -> None:
         with self.lock:
             self.done += nbytes
-            fraction = min(self.done / self.total, 1.0)
-        self.report(fraction)
+            done = self.done
+        self.report(done, self.total)
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -347,7 +347,7 @@ def stage_source(
     *,
     trust: Trust = NO_TRUST,
     workers: int = 1,
-    on_progress: Callable[[float], None] = lambda fraction: None,
+    on_progress: Callable[[int, int], None] = lambda done_bytes, total_bytes: None,
     cancel: Event | None = None,
     expected_digest: str | None = None,
     copies: Mapping[CopyKey, tuple[Path, str]] | None = None,  # Generations.copies()

@@ -244,7 +244,12 @@ class Daemon:
     def _publish_snapshot(self) -> None:
         core = self.core
         self.snapshot = snapshot(
-            core.models.values(), core.generations, core.relief.last_pressure_at
+            core.models.values(),
+            core.generations,
+            core.relief.last_pressure_at,
+            previous=self.snapshot,
+            now=self.system.monotonic(),
+            wall=self.system.time(),
         )
         staged = sum(m.serving is Serving.RAM for m in core.models.values())
         self.notifier.status(f"{staged}/{len(core.models)} models staged")
@@ -258,6 +263,8 @@ class Daemon:
             store=core.store,
             system=self.system,
             memory=core.config.memory,
+            psi_trigger=core.relief.watcher.psi_trigger if core.relief.watcher else None,
+            verifying=self.requests.verifying,
             config_path=core.config_path,
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Protocol, cast
+from typing import Any, Callable, Protocol, cast
 
 import xxhash
 
@@ -49,10 +49,15 @@ def combine(algorithm: str, lines: list[str]) -> str:
     return f"{algorithm}:{hasher.hexdigest()}"
 
 
-def hash_file(path: str | os.PathLike[str], algorithm: str) -> str:
+def hash_file(
+    path: str | os.PathLike[str],
+    algorithm: str,
+    on_bytes: Callable[[int], None] = lambda nbytes: None,
+) -> str:
     hasher = new_hasher(algorithm)
     buffer = bytearray(8 << 20)
     with open(path, "rb", buffering=0) as f:
         while count := f.readinto(buffer):
             hasher.update(memoryview(buffer)[:count])
+            on_bytes(count)
     return f"{algorithm}:{hasher.hexdigest()}"

@@ -14,7 +14,7 @@ import os
 from collections.abc import Collection, Mapping
 from typing import Callable
 
-from ramstage import lifecycle, policy
+from ramstage import lifecycle, policy, units
 from ramstage.config import MemoryConfig
 from ramstage.generations import Generations
 from ramstage.holders import FileKey, holders
@@ -88,11 +88,11 @@ class Relief:
         copying = next((m for m in models.values() if m.job), None)
         if copying and policy.keep_evicting(available, floor, event.kind, evicted):
             log.warning(
-                "%s: copy cancelled for memory pressure (%s): MemAvailable %d, floor %d",
+                "%s: copy cancelled for memory pressure (%s): %s available, floor %s",
                 copying.name,
                 event.kind,
-                available,
-                floor,
+                units.size(available),
+                units.size(floor),
             )
             exists = copying.settings.source.exists()
             self.apply(
@@ -110,12 +110,12 @@ class Relief:
         stuck = not evicted and policy.keep_evicting(available, floor, event.kind, evicted)
         if stuck and not self._nothing_to_evict:
             log.warning(
-                "memory pressure (%s): MemAvailable %d, floor %d, nothing left to evict"
-                " (%d bytes pinned by readers)",
+                "memory pressure (%s): %s available, floor %s, nothing left to evict"
+                " (%s pinned by readers)",
                 event.kind,
-                available,
-                floor,
-                sum(sum(keys.values()) for keys in self.generations.retired.values()),
+                units.size(available),
+                units.size(floor),
+                units.size(sum(sum(keys.values()) for keys in self.generations.retired.values())),
             )
         self._nothing_to_evict = stuck
 
@@ -145,16 +145,16 @@ class Relief:
         backoff = model.backoff
         assert backoff is not None
         log.warning(
-            "%s: evicted for memory pressure (%s): MemAvailable %d -> %d, floor %d; freed %d"
-            " bytes, %d pinned by readers; staged again no sooner than %.1fs from now"
+            "%s: evicted for memory pressure (%s): available %s -> %s, floor %s; freed %s,"
+            " %s pinned by readers; staged again no sooner than %.1fs from now"
             " (eviction %d in a row)",
             model.name,
             trigger,
-            available_before,
-            available,
-            self.memory.min_available_bytes,
-            generation.manifest.size_bytes - pinned,
-            pinned,
+            units.size(available_before),
+            units.size(available),
+            units.size(self.memory.min_available_bytes),
+            units.size(generation.manifest.size_bytes - pinned),
+            units.size(pinned),
             backoff.delay_seconds,
             backoff.count,
         )
@@ -172,9 +172,9 @@ class Relief:
             return
         self.apply(models[name], lifecycle.resume())
         log.info(
-            "%s: staging again: MemAvailable %d >= resume %d, no pressure for %s",
+            "%s: staging again: %s available >= resume %s, no pressure for %s",
             name,
-            available,
-            memory.resume_available_bytes,
+            units.size(available),
+            units.size(memory.resume_available_bytes),
             "ever" if since is None else f"{since:.1f}s",
         )

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ramstage import policy
+from ramstage import policy, units
 from ramstage.access import Untrusted
 from ramstage.copier import Cancelled, NoSpace
 from ramstage.model import (
@@ -89,15 +89,20 @@ def fall_back(model: Model, why: Why, *, source_exists: bool) -> list[Action]:
     """The link goes to the source (or away, with no source); the RAM copy is then deleted."""
     actions: list[Action] = [DropCopy()] if model.job else []
     serving = Serving.SOURCE if source_exists else Serving.NOTHING
-    return [*actions, Serve(serving), Note(why), Want(False), Answer(str(why))]
+    return [*actions, Serve(serving), Note(why), Want(False), Answer(_told(why))]
 
 
 def refuse(model: Model, why: Why, *, source_exists: bool) -> list[Action]:
     """A copy that cannot be made, or that failed: a verified version in RAM stays served (an
     update never replaces it with nothing), else the model falls back."""
     if model.serving is Serving.RAM:
-        return [Note(why), Want(False), Answer(str(why))]
+        return [Note(why), Want(False), Answer(_told(why))]
     return fall_back(model, why, source_exists=source_exists)
+
+
+def _told(why: Why) -> str:
+    """What a waiter (`ramstage stage`) is told: the reason with its figures."""
+    return units.reason(str(why), dict(why.figures))
 
 
 def source_missing(model: Model) -> list[Action]:
@@ -129,21 +134,32 @@ def admit(model: Model, listing: Listing, budget: Budget) -> list[Action]:
     refusal = policy.admit(
         need, budget.store_free_bytes, budget.available_bytes, budget.floor_bytes
     )
+    # The figures explain the floor and the store; a refusal in the cooldown has none.
+    figures: tuple[tuple[str, int], ...] = (
+        ("need_bytes", need),
+        ("store_free_bytes", budget.store_free_bytes),
+        ("available_bytes", budget.available_bytes),
+        ("floor_bytes", budget.floor_bytes),
+    )
+    if refusal is None:
+        figures = ()
     if refusal is None and budget.paused and not model.waiters:
         refusal = "pressure"
     if refusal is None:
         why = Why(Reason.SOURCE_CHANGED) if model.serving is Serving.RAM else None
-        log = Log(INFO, f"staging {need} bytes from {model.settings.source}")
+        log = Log(INFO, f"staging {units.size(need)} from {model.settings.source}")
         return [StartCopy(listing.identities), Note(why), log]
+    why = Why(Reason(refusal), figures=figures)
     message = (
-        f"not staged ({refusal}): needs {need} bytes, store has {budget.store_free_bytes} free,"
-        f" MemAvailable {budget.available_bytes}, floor {budget.floor_bytes}"
+        f"not staged ({refusal}): needs {units.size(need)},"
+        f" store has {units.size(budget.store_free_bytes)} free,"
+        f" {units.size(budget.available_bytes)} available, floor {units.size(budget.floor_bytes)}"
     )
     actions: list[Action] = [Log(WARNING, message)]
     if model.serving is Serving.RAM:
         # too_large waits for the source to change; pressure for the next rescan.
         actions.append(Remember(listing.identities if refusal == "too_large" else None))
-    actions += refuse(model, Why(Reason(refusal)), source_exists=True)
+    actions += refuse(model, why, source_exists=True)
     if refusal == "pressure":
         actions.append(back_off(model, budget.now, budget.cooldown_seconds))
     return actions

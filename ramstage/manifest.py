@@ -36,6 +36,8 @@ class Manifest:
     root: str = ""  # a directory source's copy: GEN/root/…
     gate: Access = (0, 0, 0o111)  # the generation directory (access.gate)
     dirs: tuple[tuple[str, int, int, int], ...] = ()  # relpath, uid, gid, mode
+    staged_at: float | None = None  # unix time the copy was verified (None: not recorded)
+    copy_seconds: float | None = None  # how long the copy and its checks took
 
     @property
     def generation_id(self) -> str:

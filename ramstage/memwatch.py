@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ramstage import units
 from ramstage.config import MemoryConfig, PsiTrigger
 from ramstage.model import Pressure
 from ramstage.system import System
@@ -121,6 +122,7 @@ class PressureWatcher:
     ) -> None:
         self.memory, self.system, self.post = memory, system, post
         self.channels: dict[int, _Channel] = {}
+        self.psi_trigger: str | None = None  # the trigger the kernel took, if any
         self._lost: list[_Channel] = []
         self._last_reopen = 0.0
         self._poller = select.poll()
@@ -148,6 +150,7 @@ class PressureWatcher:
         for number, line in enumerate(dict.fromkeys(lines)):
             try:
                 self._add(open_psi_trigger(psi_path, line))
+                self.psi_trigger = line
                 if number:
                     log.warning(
                         "PSI trigger %r refused (no CAP_SYS_RESOURCE?); using %r", lines[0], line
@@ -172,12 +175,12 @@ class PressureWatcher:
             except (OSError, binascii.Error) as error:
                 log.warning("cannot watch $MEMORY_PRESSURE_WATCH=%s: %s", watch, error)
         log.info(
-            "watching memory: %s; MemAvailable every %.2fs against floor %d, resume %d,"
+            "watching memory: %s; MemAvailable every %.2fs against floor %s, resume %s,"
             " cooldown %.1fs",
             ", ".join(f"{c.kind} {c.path}" for c in self.channels.values()) or "no PSI",
             CHECK_INTERVAL_SECONDS,
-            self.memory.min_available_bytes,
-            self.memory.resume_available_bytes,
+            units.size(self.memory.min_available_bytes),
+            units.size(self.memory.resume_available_bytes),
             self.memory.effective_cooldown_seconds,
         )
 

@@ -72,6 +72,9 @@ class Why:
 
     reason: Reason
     detail: str = ""
+    # What the decision was made on (need_bytes, store_free_bytes, …): shown in status, and
+    # not part of the reason, so the same refusal with other figures is the same reason.
+    figures: tuple[tuple[str, int], ...] = field(default=(), compare=False)
 
     def __str__(self) -> str:
         return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
@@ -89,6 +92,15 @@ class Backoff:
 
 
 @dataclass
+class Work:
+    """Bytes done of a long piece of work (a copy, a verify), for status to show the rate."""
+
+    started_at: float  # monotonic
+    done_bytes: int = 0
+    total_bytes: int = 0
+
+
+@dataclass
 class Job:
     """One copy in flight. The worker writes only `partial` and `progress`; the loop publishes."""
 
@@ -96,6 +108,7 @@ class Job:
     identities: Identities  # the source version being copied
     cancel: threading.Event = field(default_factory=threading.Event)
     progress: float = 0.0
+    work: Work = field(default_factory=lambda: Work(0.0))
     future: Future[Any] | None = None
 
 

@@ -14,7 +14,7 @@ from ramstage.config import Config, load_config, source_problems, trust_warnings
 from ramstage.core import Core
 from ramstage.digest import hash_file
 from ramstage.errors import ConfigError, NotFound, RamstageError
-from ramstage.model import Await, Configure, Event, Model, Reload, Request, VerifyFailed
+from ramstage.model import Await, Configure, Event, Model, Reload, Request, VerifyFailed, Work
 from ramstage.service import Notifier
 from ramstage.store import Generation
 
@@ -31,6 +31,7 @@ class Requests:
         status: Callable[[str | None], dict[str, Any]],
     ) -> None:
         self.core, self.notifier, self.post, self.status = core, notifier, post, status
+        self.verifying: dict[str, Work] = {}  # written by control threads, read by status
 
     # ---- in the loop's thread ------------------------------------------------------------
 
@@ -151,6 +152,8 @@ class Requests:
         future: Future[Any] = Future()
         self.post(Reload(future) if cmd == "reload" else Request(cmd, args, future))
         result = future.result(timeout=REQUEST_TIMEOUT_SECONDS)
+        if cmd == "stage" and args.get("wait") is False:
+            return {"staging": sorted(result)}
         if cmd == "stage":
             outcomes = {
                 name: waiter.result(timeout=REQUEST_TIMEOUT_SECONDS)
@@ -168,20 +171,35 @@ class Requests:
 
     def _verify(self, generations: dict[str, Generation]) -> dict[str, Any]:
         """A generation deleted meanwhile is still readable through the descriptor opened here."""
-        mismatched = []
-        for name, generation in generations.items():
-            manifest = generation.manifest
-            for staged_file, path in zip(manifest.files, generation.file_paths()):
-                try:
-                    actual = hash_file(path, manifest.algorithm)
-                except FileNotFoundError:
-                    continue  # replaced since: its successor was verified when it was made
-                if actual != staged_file.digest:
-                    mismatched.append(name)
-                    self.post(VerifyFailed(name, generation.id))
-                    break
+        mismatched = [
+            name
+            for name, generation in generations.items()
+            if not self._verify_one(name, generation)
+        ]
         if mismatched:
             raise RamstageError(
                 f"digest mismatch in RAM: {', '.join(mismatched)}; falling back and staging again"
             )
         return {"verified": sorted(generations)}
+
+    def _verify_one(self, name: str, generation: Generation) -> bool:
+        manifest = generation.manifest
+        work = Work(self.core.system.monotonic(), 0, manifest.size_bytes)
+        self.verifying[name] = work
+
+        def done(nbytes: int) -> None:
+            work.done_bytes += nbytes
+
+        try:
+            for staged_file, path in zip(manifest.files, generation.file_paths()):
+                try:
+                    actual = hash_file(path, manifest.algorithm, done)
+                except FileNotFoundError:
+                    continue  # replaced since: its successor was verified when it was made
+                if actual != staged_file.digest:
+                    self.post(VerifyFailed(name, generation.id))
+                    return False
+            return True
+        finally:
+            if self.verifying.get(name) is work:  # not a later verify of the same model
+                del self.verifying[name]

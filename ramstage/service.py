@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TextIO
 
 import sdnotify
 
@@ -46,10 +47,44 @@ class Notifier:
             self.send("WATCHDOG=1")
 
 
+# syslog(3) priorities, which journald reads from a "<N>" prefix on each line (sd-daemon(3)).
+SYSLOG_PRIORITIES = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class JournalFormatter(logging.Formatter):
+    """Every line carries its priority, so `journalctl -p warning` finds the warnings; a
+    message of several lines is several journal entries, each with the prefix."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = SYSLOG_PRIORITIES.get(record.levelno, 6)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def journal_stream(system: System, stream: TextIO) -> bool:
+    """Whether stream is the one systemd connected to the journal: $JOURNAL_STREAM is its
+    "device:inode" (systemd.exec(5)); a stderr redirected elsewhere gets no prefixes."""
+    expected = system.environ.get("JOURNAL_STREAM")
+    if not expected:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except OSError:  # io.UnsupportedOperation too: a stream with no descriptor
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
 def setup_logging(system: System, debug: bool = False) -> None:
-    """One line per event on stderr; under systemd that is the journal, which adds the time."""
-    under_journal = "JOURNAL_STREAM" in system.environ
-    fmt = "%(levelname)s %(message)s" if under_journal else "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO, format=fmt
-    )
+    """One line per event on stderr; under systemd that is the journal, which adds the time and
+    reads each line's priority."""
+    handler = logging.StreamHandler(sys.stderr)
+    if journal_stream(system, sys.stderr):
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])

@@ -20,7 +20,7 @@ from ramstage.errors import NotFound
 from ramstage.generations import Generations
 from ramstage.holders import FileKey, holders
 from ramstage.memwatch import psi_avg10
-from ramstage.model import Model, Serving, phase
+from ramstage.model import Model, Serving, Work, phase
 from ramstage.store import Store
 from ramstage.system import System
 
@@ -35,10 +35,24 @@ class Snapshot:
     unlinked: dict[str, dict[FileKey, int]] = field(default_factory=dict)
 
 
-def model_entry(model: Model, generations: Generations) -> dict[str, Any]:
+def work_entry(work: Work | None, now: float) -> dict[str, Any] | None:
+    """A copy or verify in flight: bytes done of the total, and the rate so far."""
+    if work is None:
+        return None
+    seconds = max(now - work.started_at, 0.0)
+    return {
+        "done_bytes": work.done_bytes,
+        "total_bytes": work.total_bytes,
+        "seconds": seconds,
+        "rate_bytes_per_second": work.done_bytes / seconds if seconds > 0 else None,
+    }
+
+
+def model_entry(model: Model, generations: Generations, now: float) -> dict[str, Any]:
     generation = generations.current(model.name)
     manifest = generation.manifest if generation else None
     in_ram = model.serving is Serving.RAM
+    figures = dict(model.why.figures) if model.why and model.why.figures else None
     return {
         "name": model.name,
         "state": phase(model).value,
@@ -49,6 +63,7 @@ def model_entry(model: Model, generations: Generations) -> dict[str, Any]:
         "digest": manifest.digest if manifest else None,
         "generation": generation.id if generation else None,
         "reason": None if model.why is None else str(model.why),
+        "reason_figures": figures,
         # The copy's progress: 1 once it is done, 0 while a copy is wanted and not started.
         "progress": model.job.progress
         if model.job
@@ -57,27 +72,47 @@ def model_entry(model: Model, generations: Generations) -> dict[str, Any]:
         "pressure_evictions": model.backoff.count if model.backoff else 0,
         "backoff_seconds": model.backoff.delay_seconds if model.backoff else None,
         "skipped": list(manifest.skipped) if manifest else [],
+        "staged_at": manifest.staged_at if manifest else None,
+        "copy_seconds": manifest.copy_seconds if manifest else None,
+        "copy": work_entry(model.job.work if model.job else None, now),
     }
 
 
 def snapshot(
-    models: Iterable[Model], generations: Generations, last_pressure_at: float | None
+    models: Iterable[Model],
+    generations: Generations,
+    last_pressure_at: float | None,
+    *,
+    previous: Snapshot,
+    now: float,
+    wall: float,
 ) -> Snapshot:
+    """`since` (wall-clock) carries over from the previous snapshot while the state holds."""
     models = list(models)
+    before = {entry["name"]: entry for entry in previous.models}
     current = {}
     for model in models:
         generation = generations.current(model.name)
         current[model.name] = dict(generation.file_keys) if generation else {}
     return Snapshot(
-        models=tuple(model_entry(m, generations) for m in models),
+        models=tuple(_since(model_entry(m, generations, now), before, wall) for m in models),
         last_pressure_at=last_pressure_at,
         current=current,
         unlinked={m.name: generations.pinned_candidates(m.name) for m in models},
     )
 
 
+def _since(entry: dict[str, Any], before: dict[str, dict[str, Any]], wall: float) -> dict[str, Any]:
+    old = before.get(entry["name"])
+    return {**entry, "since": old["since"] if old and old["state"] == entry["state"] else wall}
+
+
 def memory_status(
-    memory: MemoryConfig, system: System, since_pressure: float | None, pinned_bytes: int
+    memory: MemoryConfig,
+    system: System,
+    since_pressure: float | None,
+    pinned_bytes: int,
+    psi_trigger: str | None,
 ) -> dict[str, Any]:
     """The `memory` object of `status --json`."""
     available = system.available_bytes()
@@ -92,7 +127,7 @@ def memory_status(
             memory.effective_cooldown_seconds,
         ),
         "psi_avg10": psi_avg10(system),
-        "psi_trigger": memory.psi.trigger_line(),
+        "psi_trigger": psi_trigger,
         "cooldown_seconds": memory.effective_cooldown_seconds,
         "seconds_since_pressure": since_pressure,
         "pinned_bytes": pinned_bytes,
@@ -106,6 +141,8 @@ def render(
     store: Store,
     system: System,
     memory: MemoryConfig,
+    psi_trigger: str | None,
+    verifying: dict[str, Work],
     config_path: Path,
 ) -> dict[str, Any]:
     """Runs in the control thread: the snapshot's models plus fresh readings."""
@@ -123,7 +160,15 @@ def render(
         current, unlinked = taken.current[entry["name"]], taken.unlinked[entry["name"]]
         pinned = {k: v for k, v in unlinked.items() if k in held}
         users = set().union(*(held[k] for k in [*current, *pinned] if k in held))
-        result.append({**entry, "pinned_bytes": sum(pinned.values()), "users": sorted(users)})
+        result.append(
+            {
+                **entry,
+                "pinned_bytes": sum(pinned.values()),
+                "users": sorted(users),
+                "verify": work_entry(verifying.get(entry["name"]), system.monotonic()),
+                "holders": [{"pid": pid, "command": command(system, pid)} for pid in sorted(users)],
+            }
+        )
     since = None
     if taken.last_pressure_at is not None:
         since = system.monotonic() - taken.last_pressure_at
@@ -137,6 +182,16 @@ def render(
             "used_bytes": used,
             "swappable": store.fs.swappable,
         },
-        "memory": memory_status(memory, system, since, sum(m["pinned_bytes"] for m in result)),
+        "memory": memory_status(
+            memory, system, since, sum(m["pinned_bytes"] for m in result), psi_trigger
+        ),
         "models": result,
     }
+
+
+def command(system: System, pid: int) -> str | None:
+    """The holder's command name (proc(5) comm); None once it has exited."""
+    try:
+        return (system.proc / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return None

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ramstage.config import StoreConfig
+from ramstage import units
+from ramstage.config import Config, StoreConfig
 from ramstage.digest import hash_file
 from ramstage.errors import RamstageError
 from ramstage.manifest import Manifest
+from ramstage.sources import list_source
 from ramstage.system import System
 from ramstage.tmpfs import Tmpfs
 
@@ -196,3 +198,20 @@ class Store:
 
     def remove_model(self, name: str) -> None:
         remove_tree(self.path / name)
+
+
+def fit_warnings(config: Config) -> list[str]:
+    """Models larger than the whole store: the daemon would leave them on their sources."""
+    store = config.store.size_bytes
+    warnings = []
+    for index, model in enumerate(config.models):
+        try:
+            need = list_source(model.source, model.trust).size_bytes
+        except (OSError, RamstageError):
+            continue  # the daemon says why when it looks; the size is what matters here
+        if need > store:
+            warnings.append(
+                f"models[{index}] ({model.name}): needs {units.size(need)}, more than"
+                f" store.size {units.size(store)}; it will stay on its source (too_large)"
+            )
+    return warnings

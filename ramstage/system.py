@@ -34,6 +34,10 @@ class System:
     def monotonic(self) -> float:
         return time.monotonic()
 
+    def time(self) -> float:
+        """Wall-clock time, for what people read (since when, staged at)."""
+        return time.time()
+
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ramstage import units
 from ramstage.config import StoreConfig
 from ramstage.errors import RamstageError
 from ramstage.system import MountEntry, System
@@ -54,7 +55,7 @@ class Tmpfs:
             )
         self.swappable = "noswap" not in entry.options
         if self.usage()[0] != _page_rounded(self.config.size_bytes):
-            log.info("resizing the store to %d bytes", self.config.size_bytes)
+            log.info("resizing the store to %s", units.size(self.config.size_bytes))
             self.system.run_in_init_namespace(
                 ["mount", "-o", f"remount,size={self.config.size_bytes}", str(self.path)]
             )
@@ -92,8 +93,8 @@ class Tmpfs:
                 "seen from ramstage's own (a private namespace?); run ramstage without one"
             )
         log.info(
-            "mounted a %d-byte tmpfs at %s (%s)",
-            self.config.size_bytes,
+            "mounted a %s tmpfs at %s (%s)",
+            units.size(self.config.size_bytes),
             self.path,
             extras.strip(",") or "swappable, small pages",
         )

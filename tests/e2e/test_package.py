@@ -52,7 +52,9 @@ def configure(machine: Machine, names: list[str]) -> None:
 
 
 def status(machine: Machine) -> dict[str, Any]:
-    return json.loads(machine.run("ramstage", "status", "--json").stdout)  # type: ignore[no-any-return]
+    result = machine.run("ramstage", "status", "--json", check=False)
+    assert result.returncode in (0, 1), result.stderr  # 1: running, a model in trouble
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
 def model(machine: Machine, name: str) -> dict[str, Any]:
@@ -171,6 +173,31 @@ def test_reload_stages_a_model_added_to_the_config(
         "cat", f"{LINKS}/sd15", sd15["target"], check=False,
     )  # fmt: skip
     assert denied.returncode != 0 and denied.stderr.count("Permission denied") == 2, denied
+
+
+def test_the_journal_files_each_line_under_its_priority(
+    machine: Machine, digests: dict[str, str]
+) -> None:
+    """The daemon prefixes each line with its syslog priority (sd-daemon(3)): a missing
+    source is a warning that `journalctl -p warning` shows, and an info line is not."""
+    cursor = machine.run("journalctl", "-n", "0", "--show-cursor", "--no-pager").stdout
+    after = cursor.strip().rpartition("cursor: ")[2]
+    configure(machine, ["lama", "sd15", "gone"])
+    machine.run("systemctl", "restart", "ramstage")
+    warning = f"gone: source {SOURCES}/gone.safetensors is missing; no link until it is back"
+
+    def journal(*args: str) -> str:
+        command = ["journalctl", "-u", "ramstage", "-o", "cat", "--no-pager", "--after-cursor"]
+        return machine.run(*command, after, *args).stdout
+
+    machine.wait_for(lambda: warning in journal("-p", "warning"), "the warning in the journal")
+    assert "ready: 3 models" in journal("-p", "info")
+    assert "ready: 3 models" not in journal("-p", "warning")
+    assert not any(line.startswith("<") for line in journal().splitlines())  # prefixes read
+    assert machine.run("ramstage", "status", check=False).returncode == 1  # gone is missing
+    configure(machine, ["lama", "sd15"])
+    machine.run("systemctl", "restart", "ramstage")
+    assert machine.run("ramstage", "status", check=False).returncode == 0
 
 
 def restarted(machine: Machine, old_pid: str) -> bool:

@@ -4,6 +4,7 @@ one that does not leaves the link where it was."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -30,19 +31,26 @@ def test_a_model_larger_than_the_store_falls_back_as_too_large(tmp_path, make_da
     daemon.wait_state("fits", "staged")
     big = daemon.wait_state("big", "fallback")
     assert big["reason"] == "too_large"
+    figures = big["reason_figures"]
+    assert figures["need_bytes"] == too_big.stat().st_size
+    assert 0 < figures["store_free_bytes"] < figures["need_bytes"]
     assert os.readlink(daemon.links / "big") == str(too_big)
     assert not list(daemon.store.glob("big/*"))
-    assert "big: not staged (too_large)" in daemon.log()
+    # The journal's line and the table both speak in human units.
+    assert re.search(
+        r"big: not staged \(too_large\): needs \S+ MiB, store has \S+ \w+ free", daemon.log()
+    )
     status = daemon.status()
     assert status["store"]["mounted"] is True
     mount = next(m for m in System().mounts() if m.mountpoint == daemon.store)
     assert status["store"]["swappable"] is ("noswap" not in mount.options)
     assert isinstance(status["memory"]["psi_avg10"], float)
     table = daemon.cli("status", check=True).stdout
-    assert "PSI some avg10" in table
+    assert re.search(r"too_large: needs \S+ MiB, store has \S+ \w+ free", table)
+    assert "PSI some " in table and "avg10" in table
     assert ("can swap" if status["store"]["swappable"] else "never swapped") in table
     result = daemon.cli("stage", "big")
-    assert result.returncode == 1 and "big: not staged (too_large)" in result.stderr
+    assert result.returncode == 1 and "big: not staged (too_large: needs" in result.stderr
 
 
 @pytest.mark.parametrize("floor", ["100%", "far above"])

@@ -113,8 +113,8 @@ def test_stage_retries_a_new_version_that_failed(tmp_path, make_daemon):
     )
     assert model["state"] == "staged" and model["generation"] == first["generation"]
     assert model["reason"].startswith("error: invalid checkpoint")
-    attempts = len(re.findall(r"m: staging \d+ bytes", daemon.log()))
+    attempts = len(re.findall(r"m: staging \S+ \S+ from", daemon.log()))
     result = daemon.cli("stage", "m")
     assert result.returncode == 1 and "invalid checkpoint" in result.stderr
-    assert len(re.findall(r"m: staging \d+ bytes", daemon.log())) == attempts + 1
+    assert len(re.findall(r"m: staging \S+ \S+ from", daemon.log())) == attempts + 1
     assert (daemon.links / "m").read_bytes() == good  # still the verified previous version

@@ -375,9 +375,9 @@ def test_c2_a_world_writable_source_directory_is_refused(public_dir, make_daemon
         [sys.executable, "-m", "ramstage", "status", "--config", str(daemon.config_path)],
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
     )
-    assert "untrusted" in result.stdout
+    assert result.returncode == 1 and "untrusted" in result.stdout  # 1: a model in trouble
 
 
 def test_c3_a_symlink_planted_in_a_sticky_directory_is_refused(public_dir, make_daemon, people):

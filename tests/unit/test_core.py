@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from ramstage.daemon import Daemon
 from ramstage.generations import SWAP_GRACE_SECONDS
 from ramstage.model import Event, JobDone, Pressure, Serving
 from ramstage.service import Notifier
-from ramstage.status import snapshot
+from ramstage.status import Snapshot, snapshot
 from ramstage.system import System
 
 G = 1 << 30
@@ -75,7 +76,14 @@ class Core:
 
     def entry(self, name: str) -> dict[str, Any]:
         core = self.core
-        taken = snapshot(core.models.values(), core.generations, core.relief.last_pressure_at)
+        taken = snapshot(
+            core.models.values(),
+            core.generations,
+            core.relief.last_pressure_at,
+            previous=Snapshot(),
+            now=time.monotonic(),
+            wall=time.time(),
+        )
         return next(m for m in taken.models if m["name"] == name)
 
     def close(self) -> None:

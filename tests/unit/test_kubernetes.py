@@ -96,7 +96,7 @@ def command_problems(docs: list[dict[str, Any]]) -> list[str]:
                 if command[:1] != ["ramstage"]:
                     continue
                 try:
-                    cli._parser().parse_args(command[1:])
+                    cli.build_parser().parse_args(command[1:])
                 except SystemExit:
                     problems.append(f"{container['name']}: no such command: {command}")
     return problems

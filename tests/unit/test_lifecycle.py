@@ -43,6 +43,9 @@ OLD = (("m.ckpt", (1, 10, 100, 5, 5)),)
 NEW = (("m.ckpt", (1, 11, 120, 6, 6)),)
 SOURCE, NOTHING, RAM = Serving.SOURCE, Serving.NOTHING, Serving.RAM
 PRESSURE, TOO_LARGE = Why(Reason.PRESSURE), Why(Reason.TOO_LARGE)
+# What `ramstage stage` is told: the reason with the figures it was decided on.
+TOO_LARGE_TOLD = "too_large: needs 2.0 GiB, store has 1.0 GiB free"
+PRESSURE_TOLD = "pressure: needs 1.0 MiB, 1.0 GiB available, floor 1.0 GiB"
 CHANGED, MISSING = Why(Reason.SOURCE_CHANGED), Why(Reason.SOURCE_MISSING)
 EVICTED = Why(Reason.EVICTED)
 UNTRUSTED = Why(Reason.UNTRUSTED, "/ssd is group-writable")
@@ -101,13 +104,13 @@ FIRST_BACKOFF = BackOff(Backoff(1, 100.0, 2.0))
         pytest.param(
             record(),
             lambda m: lifecycle.admit(m, Listing(NEW, 2 << 30), budget()),
-            [Serve(SOURCE), Note(TOO_LARGE), Want(False), Answer("too_large")],
+            [Serve(SOURCE), Note(TOO_LARGE), Want(False), Answer(TOO_LARGE_TOLD)],
             id="too-large-falls-back",
         ),
         pytest.param(
             record(),
             lambda m: lifecycle.admit(m, Listing(NEW, 1 << 20), budget(available=1 << 30)),
-            [Serve(SOURCE), Note(PRESSURE), Want(False), Answer("pressure"), FIRST_BACKOFF],
+            [Serve(SOURCE), Note(PRESSURE), Want(False), Answer(PRESSURE_TOLD), FIRST_BACKOFF],
             id="under-floor-falls-back-and-backs-off",
         ),
         pytest.param(
@@ -125,13 +128,13 @@ FIRST_BACKOFF = BackOff(Backoff(1, 100.0, 2.0))
         pytest.param(
             in_ram(want=True),
             lambda m: lifecycle.admit(m, Listing(NEW, 2 << 30), budget()),
-            [Remember(NEW), Note(TOO_LARGE), Want(False), Answer("too_large")],
+            [Remember(NEW), Note(TOO_LARGE), Want(False), Answer(TOO_LARGE_TOLD)],
             id="update-too-large-keeps-ram-until-source-changes",
         ),
         pytest.param(
             in_ram(want=True),
             lambda m: lifecycle.admit(m, Listing(NEW, 1 << 20), budget(available=1 << 30)),
-            [Remember(None), Note(PRESSURE), Want(False), Answer("pressure"), FIRST_BACKOFF],
+            [Remember(None), Note(PRESSURE), Want(False), Answer(PRESSURE_TOLD), FIRST_BACKOFF],
             id="update-under-pressure-keeps-ram-until-rescan",
         ),
         pytest.param(
