@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-from ramstage import __version__, bench, progress, units, view
+from ramstage import __version__, bench, nodelabels, progress, units, view
 from ramstage.client import staged
 from ramstage.config import Config, config_path, load_config, read_yaml
 from ramstage.converters import Invalid, parse_size
@@ -227,27 +227,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_label_node(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
-    from ramstage import nodelabels
     from ramstage.service import setup_logging
 
     system = System()
     setup_logging(system, args.debug)
-    node = args.node or system.environ.get("NODE_NAME")
-    if not node:
-        raise UsageError("name the node: --node NAME, or NODE_NAME from the downward API")
-    try:
-        nodes = nodelabels.connect()
-    except ImportError:
-        raise UsageError(
-            "label-node needs the kubernetes client: pip install 'ramstage[kubernetes]'"
-        ) from None
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, frame: stop.set())
-    nodelabels.Labeler(nodes, node, _socket(args)).run(stop, args.interval)
+    nodelabels.serve(args.node or system.environ.get("NODE_NAME"), _socket(args), args.interval)
     return 0
 
 

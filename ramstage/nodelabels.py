@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import signal
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from ramstage.errors import NotRunning
+from ramstage.errors import NotRunning, UsageError
 from ramstage.protocol import request
 
 log = logging.getLogger(__name__)
@@ -135,3 +136,19 @@ class Labeler:
             if stop.wait(interval_seconds):
                 break
         self.sync({})
+
+
+def serve(node: str | None, socket: Path, interval_seconds: float) -> None:
+    """`ramstage label-node`: until SIGTERM or SIGINT, then the labels are removed."""
+    if not node:
+        raise UsageError("name the node: --node NAME, or NODE_NAME from the downward API")
+    try:
+        nodes = connect()
+    except ImportError:
+        raise UsageError(
+            "label-node needs the kubernetes client: pip install 'ramstage[kubernetes]'"
+        ) from None
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: stop.set())
+    Labeler(nodes, node, socket).run(stop, interval_seconds)

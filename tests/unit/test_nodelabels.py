@@ -4,6 +4,8 @@ through the official client to a recorded-API fake, checked against the API's sh
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 
 import kubernetes_validate
@@ -187,3 +189,13 @@ def test_an_unknown_node_is_an_error_that_names_it(api, tmp_path):
     _, nodes = api
     with pytest.raises(client.ApiException, match="not found"):
         Labeler(nodes, "no-such-node", tmp_path / "no.sock").sync({})
+
+
+def test_the_daemon_and_the_cli_never_import_the_kubernetes_client():
+    code = (
+        "import sys, ramstage.cli, ramstage.daemon, ramstage.nodelabels\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
