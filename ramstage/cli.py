@@ -17,13 +17,14 @@ from typing import Any, Callable
 
 from ramstage import __version__, bench, nodelabels, progress, units, view
 from ramstage.client import staged
-from ramstage.config import Config, config_path, load_config, read_yaml
+from ramstage.config import Config, config_path, load_config
 from ramstage.converters import Invalid, parse_size
 from ramstage.errors import ConfigError, NotFound, RamstageError, UsageError
 from ramstage.protocol import request
 from ramstage.service import journal_stream
 from ramstage.store import Store, fit_warnings
 from ramstage.system import System
+from ramstage.yamlfile import read_yaml
 
 CLEAR = "\x1b[H\x1b[2J"
 

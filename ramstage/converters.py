@@ -38,11 +38,21 @@ class Problems:
 
 def shown(value: Any) -> str:
     """repr(), cut short: a value may be a megabyte of text, or aliases that expand to gigabytes
-    (reprlib looks at the first few items of each container, a few levels deep)."""
+    (reprlib looks at the first few items of each container, a few levels deep; what that
+    leaves is cut again as a whole)."""
     short = reprlib.Repr()
     short.maxstring = short.maxother = SHOWN_CHARS
     short.maxlevel, short.maxlist, short.maxdict, short.maxlong = 3, 8, 8, 40
-    return short.repr(value)
+    text = short.repr(value)
+    return text if len(text) <= 2 * SHOWN_CHARS else text[: 2 * SHOWN_CHARS - 3] + "..."
+
+
+def key_name(key: Any) -> str:
+    """A key of the file as a key path names it: a short printable string as written, else
+    shown(), so that every problem is one line (a message crosses the socket as lines)."""
+    if isinstance(key, str) and len(key) <= SHOWN_CHARS and key.isprintable():
+        return key
+    return shown(key)
 
 
 class Invalid(Exception):
@@ -116,6 +126,12 @@ def absolute_path(value: Any) -> Path:
 
 def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
+        if isinstance(value, bool):
+            # YAML 1.1 reads an unquoted yes, no, on or off as a boolean.
+            raise Invalid(
+                f"expected one of {', '.join(options)}"
+                " (an unquoted yes, no, on or off is a YAML boolean)"
+            )
         if value not in options:
             raise Invalid("expected one of " + ", ".join(options))
         return str(value)
@@ -234,10 +250,10 @@ class Section:
             problems.add(key or "(top level)", "expected a mapping", data)
             data = {}
         self.data = data
-        # Keys may be numbers, dates or null as well as strings; each is named as written.
+        # Keys may be numbers, dates or null as well as strings; each is named as written
+        # (cut short).
         for unknown in sorted((k for k in data if k not in known), key=shown):
-            name = unknown if isinstance(unknown, str) else shown(unknown)
-            problems.add(self._path(name), "unknown key", data[unknown])
+            problems.add(self._path(key_name(unknown)), "unknown key", data[unknown])
 
     def problem(self, name: str, message: str) -> None:
         self.problems.add(self._path(name), message, self.data.get(name))

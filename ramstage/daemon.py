@@ -32,6 +32,7 @@ from ramstage.model import (
     Serving,
     SourceEvent,
     Stop,
+    Sync,
     VerifyFailed,
 )
 from ramstage.requests import Requests
@@ -131,6 +132,8 @@ class Daemon:
             return
         self._handle(event)
         self._publish_snapshot()  # what the event changed, before the next turn's work
+        if isinstance(event, Sync):
+            event.future.set_result(None)
 
     def _every(self, name: str, seconds: float) -> bool:
         """Whether periodic work `name` is due now; if so, it is due again in `seconds`."""
@@ -190,6 +193,8 @@ class Daemon:
                 log.info("reload during shutdown: ignored")
             if isinstance(event, (Reload, Request)) and event.future:
                 event.future.set_exception(RamstageError("ramstage is stopping"))
+            if isinstance(event, Sync):
+                event.future.set_result(None)
 
     def _watch_config(self) -> None:
         """`watch.config`, at start and after every reload: one more inotify instance, on the

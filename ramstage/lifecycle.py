@@ -157,7 +157,8 @@ def admit(model: Model, listing: Listing, budget: Budget) -> list[Action]:
     )
     actions: list[Action] = [Log(WARNING, message)]
     if model.serving is Serving.RAM:
-        # too_large waits for the source to change; pressure for the next rescan.
+        # too_large waits for the source to change; pressure for calm (to_resume), and the
+        # identities are forgotten so that the version refused is the one copied then.
         actions.append(Remember(listing.identities if refusal == "too_large" else None))
     actions += refuse(model, why, source_exists=True)
     if refusal == "pressure":
@@ -283,7 +284,8 @@ def pressure_evict(
 def to_resume(models: Iterable[Model], now: float, *, calm: bool) -> str | None:
     """Once memory is calm (policy.may_resume), one model evicted or refused for pressure goes
     back to pending, the highest priority first, unless another copy is wanted or running or its
-    backoff has not run out."""
+    backoff has not run out. That includes a model whose update was refused for pressure while
+    it kept serving the older version from RAM."""
     models = list(models)
     busy = any(m.job or waiting_to_copy(m) for m in models)
     if busy or not calm:
@@ -291,8 +293,7 @@ def to_resume(models: Iterable[Model], now: float, *, calm: bool) -> str | None:
     return policy.next_to_stage(
         policy.Candidate(m.name, m.settings.priority)
         for m in models
-        if m.serving is Serving.SOURCE
-        and m.why == Why(Reason.PRESSURE)
+        if m.why == Why(Reason.PRESSURE)
         and not m.held
         and (m.backoff is None or m.backoff.not_before <= now)
     )

@@ -192,7 +192,15 @@ class Pressure:
     available_bytes: int
 
 
-Event = Union[Stop, Reload, Request, JobDone, VerifyFailed, SourceEvent, Rescan, Pressure]
+@dataclass(frozen=True)
+class Sync:
+    """Answered once the loop has published a snapshot of everything sent before it: a request
+    that changed something waits for it, so that a status asked next shows the change."""
+
+    future: Future[None]
+
+
+Event = Union[Stop, Reload, Request, JobDone, VerifyFailed, SourceEvent, Rescan, Pressure, Sync]
 
 
 # ---- actions: what the loop carries out on one model, in order ----------------------------

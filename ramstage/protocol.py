@@ -39,6 +39,8 @@ def decode(data: bytes) -> dict[str, Any]:
         message = json.loads(data)
     except ValueError:
         raise UsageError("not a JSON message") from None
+    except RecursionError:  # json nests by recursion: [[[… a thousand deep fits in 2 KiB
+        raise UsageError("not a JSON message: nested too deep") from None
     if not isinstance(message, dict):
         raise UsageError("a message is a JSON object")
     return message

@@ -14,7 +14,17 @@ from ramstage.config import Config, load_config, source_problems, trust_warnings
 from ramstage.core import Core
 from ramstage.digest import hash_file
 from ramstage.errors import ConfigError, NotFound, RamstageError
-from ramstage.model import Await, Configure, Event, Model, Reload, Request, VerifyFailed, Work
+from ramstage.model import (
+    Await,
+    Configure,
+    Event,
+    Model,
+    Reload,
+    Request,
+    Sync,
+    VerifyFailed,
+    Work,
+)
 from ramstage.service import Notifier
 from ramstage.store import Generation
 
@@ -152,22 +162,31 @@ class Requests:
         future: Future[Any] = Future()
         self.post(Reload(future) if cmd == "reload" else Request(cmd, args, future))
         result = future.result(timeout=REQUEST_TIMEOUT_SECONDS)
-        if cmd == "stage" and args.get("wait") is False:
-            return {"staging": sorted(result)}
-        if cmd == "stage":
-            outcomes = {
-                name: waiter.result(timeout=REQUEST_TIMEOUT_SECONDS)
-                for name, waiter in result.items()
-            }
-            failed = {name: reason for name, reason in outcomes.items() if reason}
-            if failed:
-                raise RamstageError(
-                    "; ".join(f"{name}: not staged ({reason})" for name, reason in failed.items())
-                )
-            return {"staged": sorted(outcomes)}
-        if cmd == "verify":
-            return self._verify(result)
-        return result
+        try:
+            if cmd == "stage" and args.get("wait") is False:
+                return {"staging": sorted(result)}
+            if cmd == "stage":
+                return self._staged(result)
+            if cmd == "verify":
+                return self._verify(result)
+            return result
+        finally:
+            # The loop answers before it publishes what the request changed: wait for that,
+            # so that whoever asks for status next sees the change.
+            synced: Future[None] = Future()
+            self.post(Sync(synced))
+            synced.result(timeout=REQUEST_TIMEOUT_SECONDS)
+
+    def _staged(self, waiters: dict[str, Future[str | None]]) -> dict[str, Any]:
+        outcomes = {
+            name: waiter.result(timeout=REQUEST_TIMEOUT_SECONDS) for name, waiter in waiters.items()
+        }
+        failed = {name: reason for name, reason in outcomes.items() if reason}
+        if failed:
+            raise RamstageError(
+                "; ".join(f"{name}: not staged ({reason})" for name, reason in failed.items())
+            )
+        return {"staged": sorted(outcomes)}
 
     def _verify(self, generations: dict[str, Generation]) -> dict[str, Any]:
         """A generation deleted meanwhile is still readable through the descriptor opened here."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +25,7 @@ import yaml
 
 from ramstage import links
 from ramstage.errors import NotRunning
-from ramstage.protocol import request
+from ramstage.protocol import read_message, request
 
 IS_ROOT = os.geteuid() == 0
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -67,6 +69,18 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {predicate}\n{context()}")
         time.sleep(interval)
+
+
+def raw_request(path: Path, payload: bytes, timeout: float = 10.0) -> dict[str, Any]:
+    """Sends bytes as they are, ends the request there (newline or not) and reads the answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        # It may stop reading after the limit; its answer is waiting then.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        return read_message(sock)
 
 
 def write_random(path: Path, size: int, seed: int = 0) -> Path:

@@ -3,7 +3,6 @@ answered as errors while it keeps running."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -11,22 +10,9 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
-from conftest import sha256_file, wait_for, write_random
-
-from ramstage.protocol import read_message
-
-
-def raw_request(path: Path, payload: bytes) -> dict:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(path))
-        # It may stop reading after the limit; its answer is waiting then.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(payload)
-        return read_message(sock)
+from conftest import raw_request, sha256_file, wait_for, write_random
 
 
 @pytest.mark.parametrize(
@@ -147,3 +133,25 @@ def test_an_error_inside_the_loop_fails_the_request_not_the_daemon(tmp_path, mak
     assert os.path.realpath(daemon.links / "m").startswith(str(daemon.store))
     assert sha256_file(daemon.links / "m") == sha256_file(source)
     assert daemon.cli("evict", "m").returncode == 0
+
+
+def test_status_right_after_a_request_shows_what_it_changed(tmp_path, make_daemon):
+    """The loop answered a request before publishing the snapshot status reads, so a status
+    asked at once could show the state from before an evict, a stage or a reload."""
+    sources = [write_random(tmp_path / f"{name}.ckpt", 4096, seed=i) for i, name in enumerate("mn")]
+    models = [{"name": s.stem, "source": str(s)} for s in sources]
+    daemon = make_daemon(models).start()
+    daemon.wait_state("m", "staged")
+    for _ in range(10):
+        daemon.request("evict", names=["m"])
+        assert (daemon.model("m")["state"], daemon.model("m")["reason"]) == ("fallback", "evicted")
+        daemon.request("stage", names=["m"])
+        assert daemon.model("m")["state"] == "staged"
+        daemon.config["models"] = models[:1]
+        daemon.write_config()
+        daemon.request("reload")
+        assert [m["name"] for m in daemon.request("status")["models"]] == ["m"]
+        daemon.config["models"] = models
+        daemon.write_config()
+        daemon.request("reload")
+        assert [m["name"] for m in daemon.request("status")["models"]] == ["m", "n"]

@@ -207,3 +207,28 @@ def test_a_memory_hog_crossing_the_floor_gets_the_lowest_priority_copy_back_then
     daemon.wait_state("low", "staged", timeout=60)
     assert daemon.process is not None and daemon.process.poll() is None
     assert _oom_kills() == oom_kills
+
+
+def test_an_update_refused_for_pressure_is_staged_once_memory_is_calm(tmp_path, make_daemon):
+    """An update that arrives within a pressure event's cooldown is refused while the older
+    version stays in RAM; it used to wait for the next rescan (5 minutes), not for calm."""
+    model = write_random(tmp_path / "src" / "m.ckpt", 64 << 10, seed=1)
+    low = write_random(tmp_path / "src" / "low.ckpt", 64 << 10, seed=2)
+    fifo = tmp_path / "pressure.fifo"
+    os.mkfifo(fifo)
+    daemon = make_daemon(
+        [
+            {"name": "m", "source": str(model), "priority": 10},
+            {"name": "low", "source": str(low), "priority": 0},  # the one pressure takes
+        ],
+        memory={"cooldown": "3s", "psi": "full 1900ms 2s"},
+    ).start(env={"MEMORY_PRESSURE_WATCH": str(fifo)})
+    daemon.wait_state("m", "staged")
+    daemon.wait_state("low", "staged")
+    inject(fifo)
+    daemon.wait_state("low", "fallback", timeout=10)
+    write_random(model.with_name("m.new"), 64 << 10, seed=3).rename(model)
+    wait_for(lambda: "m: not staged (pressure)" in daemon.log(), timeout=10, context=daemon.log)
+    assert daemon.model("m")["state"] == "staged"
+    new = f"sha256:{sha256(model.read_bytes())}"
+    wait_for(lambda: daemon.model("m")["digest"] == new, timeout=30, context=daemon.log)

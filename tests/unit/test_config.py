@@ -241,10 +241,25 @@ def test_every_problem_is_listed_at_once(tmp_path, source, capsys):
     )
 
 
-def test_yaml_that_does_not_parse_is_a_config_error(tmp_path, capsys):
-    code, output = check(tmp_path, "store: [unclosed", capsys)
+def test_yaml_that_does_not_parse_is_a_config_error_naming_the_file_and_line(tmp_path, capsys):
+    code, output = check(tmp_path, "store:\n  size: [unclosed\nmodels: []\n", capsys)
     assert code == 2
-    assert "not valid YAML" in output
+    problems = output.splitlines()[1:]
+    assert problems == [
+        f"  {tmp_path / 'ramstage.yaml'}: not valid YAML: expected ',' or ']', but got ':'"
+        " (line 3, column 7), while parsing a flow sequence (line 2, column 9)"
+    ], output
+
+
+def test_a_yaml_boolean_where_a_word_is_expected_names_the_words(tmp_path, source, capsys):
+    code, output = check(
+        tmp_path, f"models: [{{name: m, source: {source}, validate: yes}}]", capsys
+    )
+    assert code == 2
+    assert output.splitlines()[1:] == [
+        "  models[0].validate: expected one of format, torch, none (an unquoted yes, no, on or"
+        " off is a YAML boolean): True"
+    ], output
 
 
 def test_a_missing_config_file_says_so(tmp_path, capsys):

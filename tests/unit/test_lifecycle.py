@@ -481,6 +481,9 @@ def test_resume_only_when_calm_idle_and_past_the_backoff():
     by_hand = record("h", want=False, why=EVICTED, held=True)
     assert lifecycle.to_resume([by_hand], 100.0, calm=True) is None
     assert lifecycle.resume() == [Note(None), Want(True)]
+    # An update refused for pressure while the older version stays in RAM comes back too.
+    update_refused = in_ram(want=False, why=PRESSURE)
+    assert lifecycle.to_resume([update_refused], 100.0, calm=True) == "m"
 
 
 @pytest.mark.parametrize(
