@@ -228,11 +228,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_label_node(args: argparse.Namespace) -> int:
-    from ramstage.service import setup_logging
-
-    system = System()
-    setup_logging(system, args.debug)
-    nodelabels.serve(args.node or system.environ.get("NODE_NAME"), _socket(args), args.interval)
+    nodelabels.serve(args.node, _socket(args), args.interval, debug=args.debug)
     return 0
 
 

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 from ramstage.errors import NotRunning, UsageError
 from ramstage.protocol import request
+from ramstage.service import setup_logging
+from ramstage.system import System
 
 log = logging.getLogger(__name__)
 PREFIX = "ramstage.io/"
@@ -138,8 +140,11 @@ class Labeler:
         self.sync({})
 
 
-def serve(node: str | None, socket: Path, interval_seconds: float) -> None:
+def serve(node: str | None, socket: Path, interval_seconds: float, *, debug: bool) -> None:
     """`ramstage label-node`: until SIGTERM or SIGINT, then the labels are removed."""
+    system = System()
+    setup_logging(system, debug)
+    node = node or system.environ.get("NODE_NAME")
     if not node:
         raise UsageError("name the node: --node NAME, or NODE_NAME from the downward API")
     try:
