@@ -99,8 +99,33 @@ class Actuator:
         self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramstage-copy")
 
     def apply(self, model: Model, actions: Iterable[Action]) -> None:
+        served = model.serving
         for action in actions:
             self._apply(model, action)
+        self._tally(model, served)
+
+    def _tally(self, model: Model, served: Serving) -> None:
+        tally = model.tally
+        # Given up for a reason: a stop or a removal from the config (no reason) is no eviction.
+        if served is Serving.RAM and model.serving is not Serving.RAM and model.why:
+            cause = model.why.reason.value
+            tally.evictions[cause] = tally.evictions.get(cause, 0) + 1
+        # A newer version waits until a copy of it is published (count_copy), even when its copy
+        # is refused while the version before stays served; a model off RAM on purpose or for
+        # a reason its state shows does not wait.
+        if model.held or (model.serving is not Serving.RAM and not model.want):
+            tally.wanted_since = None
+        elif model.want and tally.wanted_since is None:
+            tally.wanted_since = self.system.monotonic()
+
+    def count_copy(self, model: Model, job: Job, size_bytes: int) -> None:
+        model.tally.copies += 1
+        model.tally.last_copy_seconds = self.system.monotonic() - job.work.started_at
+        model.tally.last_copy_bytes = size_bytes
+        model.tally.wanted_since = None
+
+    def count_verify_failure(self, model: Model) -> None:
+        model.tally.verify_failures += 1
 
     def _apply(self, model: Model, action: Action) -> None:
         if isinstance(action, Serve):

@@ -1,35 +1,48 @@
-"""`ramstage bench`: how long torch.load takes on this machine, from the source and from RAM.
+"""`ramstage bench`: how long loading a model takes on this machine, from the source and from RAM.
 
-Runs in the CLI's process (never in the daemon), so it may import torch, lazily. The source's
-page cache is dropped for that one file with posix_fadvise(POSIX_FADV_DONTNEED), which needs no
-root and leaves the rest of the cache alone; benchmarks/ in the source tree does the thorough
-version with throttled devices and drop_caches.
+Runs in the CLI's process (never in the daemon), so it may import torch and safetensors, lazily.
+Each file is loaded as an application would: torch checkpoints with torch.load, .safetensors
+files with safetensors' own loader, anything else (and everything, when no loader is installed)
+with plain reads; a directory model is loaded whole, every file of it. The source's page cache
+is dropped for those files only, with posix_fadvise(POSIX_FADV_DONTNEED), which needs no root
+and leaves the rest of the cache alone; benchmarks/ in the source tree does the thorough version
+with throttled devices and drop_caches.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
-from ramstage.checkpoint import TORCH_SUFFIXES
+from ramstage import units
+from ramstage.checkpoint import Kind, kind_of
 from ramstage.config import load_config
 from ramstage.errors import NotFound, RamstageError, UsageError
 
 TENSOR_BYTES = 64 << 20
 SHM = Path("/dev/shm")
 CACHE_NOTE = (
-    "'page cache dropped' drops this machine's cache of the file only; on a virtual machine the"
+    "'page cache dropped' drops this machine's cache of the files only; on a virtual machine the"
     " host may still cache the disk, so that row can be faster than the disk really is"
 )
-MMAP_NOTE = "mmap=True maps the tensors: their pages are read when first used, not during the load"
+MMAP_NOTE = (
+    "mmap: torch.load(mmap=True) and safetensors' safe_open map the tensors: their pages are"
+    " read when first used, not during the load"
+)
+PLAIN_NOTE = "plain reads: no loader for {what} is installed ({install})"
+LABELS = ("source, page cache dropped", "source, page cache hot", "RAM copy", "RAM copy, mmap")
+Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,8 @@ class Case:
 @dataclass(frozen=True)
 class BenchResult:
     title: str
+    loader: str  # "torch.load", "safetensors", "plain reads", or several joined with " + "
+    files: int
     size_bytes: int
     source: Path
     ram_copy: Path
@@ -52,8 +67,49 @@ class BenchResult:
     notes: tuple[str, ...]
 
     def ratio(self, case: Case) -> float:
-        """Time relative to a plain torch.load through the RAM copy (the third case)."""
+        """Time relative to a plain load through the RAM copy (the third case)."""
         return case.median_seconds / self.cases[2].median_seconds
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "loader": self.loader,
+            "files": self.files,
+            "size_bytes": self.size_bytes,
+            "source": str(self.source),
+            "ram_copy": str(self.ram_copy),
+            "runs": len(self.cases[0].seconds),
+            "cases": [
+                {
+                    "label": case.label,
+                    "seconds": list(case.seconds),
+                    "median_seconds": case.median_seconds,
+                    "vs_ram_copy": self.ratio(case),
+                }
+                for case in self.cases
+            ],
+            "notes": list(self.notes),
+        }
+
+
+def table(result: BenchResult) -> str:
+    """The result as the table `ramstage bench` prints."""
+    files = f", {result.files} files" if result.files > 1 else ""
+    lines = [
+        (
+            f"{result.loader} of {result.title} ({units.size(result.size_bytes)}{files}),"
+            f" median of {len(result.cases[0].seconds)} runs"
+        ),
+        f"  source:   {result.source}",
+        f"  RAM copy: {result.ram_copy}",
+        "",
+        f"{'':<28}  {'median':>9}  {'vs RAM copy':>11}",
+    ]
+    for case in result.cases:
+        lines.append(
+            f"{case.label:<28}  {case.median_seconds:>7.3f} s  {result.ratio(case):>10.2f}x"
+        )
+    return "\n".join(lines + [""] + [f"note: {note}" for note in result.notes])
 
 
 def drop_file_cache(path: Path) -> None:
@@ -71,65 +127,139 @@ def read_into_cache(path: Path) -> None:
             pass
 
 
-def timed_load(path: Path, *, mmap: bool) -> float:
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def loader_for(path: Path) -> str:
+    """torch.load for torch checkpoints, safetensors for .safetensors files (with torch's or
+    numpy's tensors), plain reads for the rest and where the loader is missing."""
+    kind = kind_of(path)
+    if kind in (Kind.TORCH_ZIP, Kind.TORCH_LEGACY) and _installed("torch"):
+        return "torch.load"
+    tensors = _installed("torch") or _installed("numpy")
+    if kind is Kind.SAFETENSORS and _installed("safetensors") and tensors:
+        return "safetensors"
+    return "plain reads"
+
+
+def _torch_load(path: Path, mmap: bool) -> None:
     import torch
 
+    # Only the zip format (torch >= 1.6) can be mapped.
+    mmap = mmap and zipfile.is_zipfile(path)
+    torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+
+
+def _safetensors_load(path: Path, mmap: bool) -> None:
+    framework = "pt" if _installed("torch") else "numpy"
+    if mmap:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework=framework) as f:
+            f.keys()
+        return
+    if framework == "pt":
+        import safetensors.torch
+
+        safetensors.torch.load_file(str(path))
+    else:
+        import safetensors.numpy
+
+        safetensors.numpy.load_file(str(path))
+
+
+LOADERS: dict[str, Callable[[Path, bool], None]] = {
+    "torch.load": _torch_load,
+    "safetensors": _safetensors_load,
+    "plain reads": lambda path, mmap: read_into_cache(path),
+}
+
+
+def timed_load(paths: Sequence[Path], loaders: Sequence[str], *, mmap: bool) -> float:
     gc.collect()
     start = time.perf_counter()
-    state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    for path, loader in zip(paths, loaders):
+        LOADERS[loader](path, mmap)
     elapsed = time.perf_counter() - start
-    del state
+    gc.collect()
     return elapsed
 
 
-def measure(source: Path, ram_copy: Path, runs: int) -> tuple[Case, ...]:
+def measure(
+    sources: Sequence[Path], copies: Sequence[Path], runs: int, progress: Progress
+) -> tuple[Case, ...]:
     """Each run goes through all four cases in turn, so drift hits them alike."""
-    labels = (
-        "source, page cache dropped",
-        "source, page cache hot",
-        "RAM copy",
-        "RAM copy, mmap=True",
-    )
-    timings: list[list[float]] = [[] for _ in labels]
-    timed_load(ram_copy, mmap=False)  # imports torch and warms its code paths, untimed
-    for _ in range(runs):
-        drop_file_cache(source)
-        timings[0].append(timed_load(source, mmap=False))
-        read_into_cache(source)
-        timings[1].append(timed_load(source, mmap=False))
-        timings[2].append(timed_load(ram_copy, mmap=False))
-        timings[3].append(timed_load(ram_copy, mmap=True))
-    return tuple(Case(label, tuple(t)) for label, t in zip(labels, timings))
+    loaders = [loader_for(path) for path in copies]
+    timings: list[list[float]] = [[] for _ in LABELS]
+    progress("warming up")
+    timed_load(copies, loaders, mmap=False)  # imports the loaders, untimed
+    for run in range(1, runs + 1):
+        for index, label in enumerate(LABELS):
+            progress(f"run {run}/{runs}: {label}")
+            if index == 0:
+                for source in sources:
+                    drop_file_cache(source)
+            elif index == 1:
+                for source in sources:
+                    read_into_cache(source)
+            paths = sources if index < 2 else copies
+            timings[index].append(timed_load(paths, loaders, mmap=index == 3))
+    return tuple(Case(label, tuple(t)) for label, t in zip(LABELS, timings))
 
 
-def _largest_checkpoint(directory: Path) -> str:
-    candidates = [p for p in directory.rglob("*") if p.is_file() and p.suffix in TORCH_SUFFIXES]
-    if not candidates:
-        raise UsageError(f"{directory}: no torch checkpoint (*.pt, *.pth, *.ckpt, *.bin) inside")
-    return str(max(candidates, key=lambda p: p.stat().st_size).relative_to(directory))
+def _model_files(directory: Path, file: str | None) -> list[str]:
+    if file is not None:
+        if not (directory / file).is_file():
+            raise UsageError(f"--file {file}: no such file in {directory}")
+        return [file]
+    relpaths = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    if not relpaths:
+        raise UsageError(f"{directory}: no files inside")
+    return relpaths
 
 
-def bench_model(config_path: Path, name: str, runs: int, file: str | None = None) -> BenchResult:
-    """A configured model: its source against its link (a directory model: one file of it)."""
+def _loader_notes(loaders: Sequence[str], paths: Sequence[Path]) -> list[str]:
+    notes = []
+    for path, loader in zip(paths, loaders):
+        kind = kind_of(path)
+        if loader == "plain reads" and kind in (Kind.TORCH_ZIP, Kind.TORCH_LEGACY):
+            notes.append(PLAIN_NOTE.format(what="torch checkpoints", install="pip install torch"))
+        elif loader == "plain reads" and kind is Kind.SAFETENSORS:
+            notes.append(
+                PLAIN_NOTE.format(what=".safetensors", install="pip install safetensors numpy")
+            )
+    return sorted(set(notes))
+
+
+def bench_model(
+    config_path: Path, name: str, runs: int, file: str | None, progress: Progress
+) -> BenchResult:
+    """A configured model: its source against its link; a directory model is loaded whole, or
+    only `file` of it."""
     config = load_config(config_path)
     model = config.model(name)
     if model is None:
         raise NotFound(f"no model named {name} in {config_path}")
     source, link = model.source, config.links_dir / name
-    if source.is_dir():
-        file = file or _largest_checkpoint(source)
-        source, link = source / file, link / file
     if not link.exists():
         raise RamstageError(
             f"{link} does not exist: is ramstage running? (systemctl start ramstage)"
         )
-    notes = [CACHE_NOTE, MMAP_NOTE]
+    sources, copies = [source], [link]
+    if source.is_dir():
+        relpaths = _model_files(source, file)
+        sources, copies = [source / r for r in relpaths], [link / r for r in relpaths]
+    loaders = [loader_for(path) for path in copies]
+    notes = [*_loader_notes(loaders, copies), CACHE_NOTE, MMAP_NOTE]
     if not Path(os.path.realpath(link)).is_relative_to(os.path.realpath(config.store.path)):
         notes.insert(
             0, f"{name} is not staged now: its link points at the source (ramstage status)"
         )
-    cases = measure(source, link, runs)
-    return BenchResult(name, source.stat().st_size, source, link, cases, tuple(notes))
+    cases = measure(sources, copies, runs, progress)
+    size = sum(path.stat().st_size for path in sources)
+    loader = " + ".join(dict.fromkeys(loaders))
+    return BenchResult(name, loader, len(sources), size, source, link, cases, tuple(notes))
 
 
 def save_state_dict(path: Path, size_bytes: int) -> None:
@@ -161,9 +291,14 @@ def generated_model(size_bytes: int, directory: Path) -> Iterator[tuple[Path, Pa
         yield source, ram_copy
 
 
-def bench_generated(size_bytes: int, directory: Path, runs: int) -> BenchResult:
+def bench_generated(size_bytes: int, directory: Path, runs: int, progress: Progress) -> BenchResult:
+    if not _installed("torch"):
+        raise UsageError("--size generates a torch state_dict: pip install torch, or bench a model")
+    progress("writing a state_dict")
     with generated_model(size_bytes, directory) as (source, ram_copy):
-        cases = measure(source, ram_copy, runs)
+        cases = measure([source], [ram_copy], runs, progress)
         size = source.stat().st_size
     notes = (f"generated a state_dict in {directory}, RAM copy in {SHM}", CACHE_NOTE, MMAP_NOTE)
-    return BenchResult("a generated state_dict", size, source, ram_copy, cases, notes)
+    return BenchResult(
+        "a generated state_dict", "torch.load", 1, size, source, ram_copy, cases, notes
+    )

@@ -13,7 +13,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 from ramstage import __version__, bench, nodelabels, progress, units, view
 from ramstage.client import staged
@@ -196,40 +196,40 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_table(result: bench.BenchResult) -> str:
-    lines = [
-        (
-            f"torch.load of {result.title} ({units.size(result.size_bytes)}),"
-            f" median of {len(result.cases[0].seconds)} runs"
-        ),
-        f"  source:   {result.source}",
-        f"  RAM copy: {result.ram_copy}",
-        "",
-        f"{'':<28}  {'median':>9}  {'vs RAM copy':>11}",
-    ]
-    for case in result.cases:
-        lines.append(
-            f"{case.label:<28}  {case.median_seconds:>7.3f} s  {result.ratio(case):>10.2f}x"
-        )
-    return "\n".join(lines + [""] + [f"note: {note}" for note in result.notes])
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     if (args.name is None) == (args.size is None):
         raise UsageError("name a configured model, or give --size for a generated one")
     if args.runs < 1:
         raise UsageError("--runs must be at least 1")
-    if args.name is not None:
-        result = bench.bench_model(config_path(args.config), args.name, args.runs, args.file)
-    else:
-        result = bench.bench_generated(args.size, Path(args.dir), args.runs)
-    print(_bench_table(result))
+    progress = _progress_line(sys.stderr)
+    try:
+        if args.name is not None:
+            path = config_path(args.config)
+            result = bench.bench_model(path, args.name, args.runs, args.file, progress)
+        else:
+            result = bench.bench_generated(args.size, Path(args.dir), args.runs, progress)
+    finally:
+        progress("")
+    print(json.dumps(result.as_json(), indent=2) if args.json else bench.table(result))
     return 0
 
 
 def cmd_label_node(args: argparse.Namespace) -> int:
     nodelabels.serve(args.node, _socket(args), args.interval, debug=args.debug)
     return 0
+
+
+def _progress_line(stream: TextIO) -> Callable[[str], None]:
+    """On a terminal one line rewritten in place (and cleared by ""); elsewhere a line each."""
+
+    def show(text: str) -> None:
+        if stream.isatty():
+            stream.write(f"\r\x1b[K{text}")
+        elif text:
+            stream.write(f"{text}\n")
+        stream.flush()
+
+    return show
 
 
 def _size_argument(text: str) -> int:
@@ -312,10 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("path", nargs="?", metavar="PATH", help="the file (default: --config's)")
     sub = command("label-node", cmd_label_node, "keep this Kubernetes Node's labels on the models")
     sub.add_argument("--node", help="the Node's name (default: $NODE_NAME)")
-    sub.add_argument(
-        "--interval", type=float, default=5.0, metavar="S", help="seconds between looks (default 5)"
+    sub.add_argument("--interval", type=float, default=5.0, metavar="S", help="default 5 s")
+    _bench_arguments(
+        command("bench", cmd_bench, "time loading a model from its source and from RAM")
     )
-    _bench_arguments(command("bench", cmd_bench, "time torch.load from a source and from RAM"))
     return parser
 
 
@@ -323,8 +323,11 @@ def _bench_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("name", nargs="?", metavar="NAME", help="a configured model")
     sub.add_argument("--size", type=_size_argument, help="generate a state_dict of SIZE (512M)")
     sub.add_argument("--dir", default="/var/tmp", help="where to write it (default /var/tmp)")
-    sub.add_argument("--file", metavar="RELPATH", help="the file to load in a directory model")
+    sub.add_argument(
+        "--file", metavar="RELPATH", help="load only this file of a directory model (default: all)"
+    )
     sub.add_argument("--runs", type=int, default=5, help="runs per case (default 5)")
+    sub.add_argument("--json", action="store_true", help="the table as JSON")
 
 
 def _mistyped(argv: list[str], parser: argparse.ArgumentParser) -> str | None:

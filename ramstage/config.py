@@ -71,6 +71,13 @@ class StagingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    textfile: Path | None = None  # for node_exporter's textfile collector
+    listen: tuple[str, int] | None = None  # (host, port) of the HTTP endpoint
+    interval_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     origin: Path | HubRepo  # `source:`, or `hf:` with its revision and cache
@@ -111,6 +118,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     staging: StagingConfig = field(default_factory=StagingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     trust: Trust = field(default_factory=Trust)
     models: tuple[ModelConfig, ...] = ()
 
@@ -185,7 +193,7 @@ def _origin_key(origin: Path | HubRepo) -> str:
 
 
 _SETTINGS_KEYS = ("store", "links_dir", "socket", "checksum", "ready", "memory", "watch")
-TOP_KEYS = (*_SETTINGS_KEYS, "staging", "trust", "hf_cache", "models")
+TOP_KEYS = (*_SETTINGS_KEYS, "staging", "metrics", "trust", "hf_cache", "models")
 
 
 def parse_config(data: Any, *, check_sources: bool = False, system: System | None = None) -> Config:
@@ -226,6 +234,7 @@ def parse_config(data: Any, *, check_sources: bool = False, system: System | Non
                 "workers", convert.workers, StagingConfig.workers
             )
         ),
+        metrics=_metrics(section("metrics", ("textfile", "listen", "interval"))),
         trust=trust,
         models=_parse_models(
             top.data.get("models"),
@@ -271,6 +280,14 @@ def _memory(
         resume_available_bytes=resume_available,
         psi=memory.get("psi", parse_psi, defaults.psi),
         cooldown_seconds=memory.get("cooldown", convert.parse_duration, 0.0),
+    )
+
+
+def _metrics(metrics: convert.Section) -> MetricsConfig:
+    return MetricsConfig(
+        textfile=metrics.get("textfile", convert.textfile, None),
+        listen=metrics.get("listen", convert.listen_address, None),
+        interval_seconds=metrics.get("interval", convert.interval, MetricsConfig.interval_seconds),
     )
 
 

@@ -114,6 +114,33 @@ def _bounded_seconds(seconds: float) -> float:
     return float(seconds)
 
 
+def interval(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds < 1:
+        raise Invalid("expected at least 1s")
+    return seconds
+
+
+def textfile(value: Any) -> Path:
+    path = absolute_path(value)
+    if path.suffix != ".prom":
+        raise Invalid("must end in .prom: node_exporter's textfile collector reads only those")
+    return path
+
+
+def listen_address(value: Any) -> tuple[str, int]:
+    """`9101`, `:9101` or `HOST:PORT` (`[::1]:9101`): loopback unless a host is given."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    host, _, port = text.rpartition(":") if isinstance(text, str) else ("", "", "")
+    if (
+        not (port.isascii() and port.isdigit())
+        or not 1 <= int(port) <= 65535
+        or any(c.isspace() for c in host)
+    ):
+        raise Invalid("expected PORT or HOST:PORT, such as 127.0.0.1:9101")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def absolute_path(value: Any) -> Path:
     if not isinstance(value, str) or not value:
         raise Invalid("expected a path")

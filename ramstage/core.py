@@ -134,6 +134,7 @@ class Core:
             return  # evicted, removed or replaced while it was copied
         self.apply(model, [DropCopy()])
         if generation is not None:
+            self.actuator.count_copy(model, job, manifest.size_bytes)
             self.apply(model, lifecycle.copied(model, generation.id, manifest.identities()))
             return
         assert error is not None

@@ -21,6 +21,7 @@ from ramstage.core import Core
 from ramstage.errors import RamstageError
 from ramstage.eviction import Relief
 from ramstage.generations import Generations
+from ramstage.metrics import Metrics
 from ramstage.model import (
     Event,
     JobDone,
@@ -74,6 +75,7 @@ class Daemon:
         self.requests = Requests(self.core, notifier, post, self.status)
         self.control: ControlServer | None = None
         self.config_watcher = ConfigWatcher(config_path, self._config_changed)
+        self.metrics = Metrics(config.metrics, self.status)
         self.snapshot = Snapshot()
         self.ready_sent = False
         self.stopping = False
@@ -99,6 +101,7 @@ class Daemon:
         self._publish_snapshot()  # before the socket opens: no status without the models
         self.control = ControlServer(core.config.socket, self.requests.answer)
         self.control.start()
+        self.metrics.start()
         log.info(
             "ready: %d models, every link in place under %s",
             len(core.models),
@@ -168,6 +171,9 @@ class Daemon:
             core.heal_links()
         if self._every("rescan", core.config.watch.rescan_seconds):
             core.updates.rescan("periodic rescan")
+        metrics = core.config.metrics
+        if metrics.textfile and self._every("metrics", metrics.interval_seconds):
+            self.metrics.write(metrics.textfile)
 
     def _shutdown(self) -> None:
         core = self.core
@@ -180,6 +186,10 @@ class Daemon:
         core.relief.stop()
         core.actuator.stop(core.models.values())
         core.release_all()
+        self.metrics.stop()
+        if core.config.metrics.textfile:
+            self._publish_snapshot()
+            self.metrics.write(core.config.metrics.textfile)  # nothing in RAM any more
         core.store.fs.close()
         self._refuse_late_events()
 
@@ -228,13 +238,19 @@ class Daemon:
             self.due["rescan"] = self.system.monotonic() + core.config.watch.rescan_seconds
             core.updates.rescan(event.reason)
         elif isinstance(event, VerifyFailed):
-            model = core.models.get(event.name)
-            if model:
-                exists = model.settings.source.exists()
-                actions = lifecycle.verify_failed(model, event.generation_id, source_exists=exists)
-                core.apply(model, actions)
+            self._verify_failed(event)
         elif isinstance(event, Pressure):
             core.relief.relieve(event, core.models)
+
+    def _verify_failed(self, event: VerifyFailed) -> None:
+        core = self.core
+        model = core.models.get(event.name)
+        if model:
+            exists = model.settings.source.exists()
+            actions = lifecycle.verify_failed(model, event.generation_id, source_exists=exists)
+            if actions:
+                core.actuator.count_verify_failure(model)
+            core.apply(model, actions)
 
     # ---- what others see -----------------------------------------------------------------
 

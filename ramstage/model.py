@@ -113,6 +113,18 @@ class Job:
 
 
 @dataclass
+class Tally:
+    """What a model went through since the daemon started, for status and metrics."""
+
+    copies: int = 0  # copies published
+    last_copy_seconds: float | None = None
+    last_copy_bytes: int | None = None
+    evictions: dict[str, int] = field(default_factory=dict)  # RAM given up, by reason
+    verify_failures: int = 0
+    wanted_since: float | None = None  # monotonic: since a version not yet in RAM was wanted
+
+
+@dataclass
 class Model:
     settings: Settings
     link: Path
@@ -126,6 +138,7 @@ class Model:
     seen: Identities | None = None  # the source version last taken up
     backoff: Backoff | None = None  # after evictions for pressure (backoff timer)
     waiters: list[Future[str | None]] = field(default_factory=list)
+    tally: Tally = field(default_factory=Tally)
 
     @property
     def name(self) -> str:

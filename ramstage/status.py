@@ -33,6 +33,7 @@ class Snapshot:
     # still hold (deleted, or swapped out and in their grace period).
     current: dict[str, dict[FileKey, int]] = field(default_factory=dict)
     unlinked: dict[str, dict[FileKey, int]] = field(default_factory=dict)
+    wanted_since: dict[str, float | None] = field(default_factory=dict)  # monotonic
 
 
 def work_entry(work: Work | None, now: float) -> dict[str, Any] | None:
@@ -72,6 +73,11 @@ def model_entry(model: Model, generations: Generations, now: float) -> dict[str,
         "pressure_evictions": model.backoff.count if model.backoff else 0,
         "backoff_seconds": model.backoff.delay_seconds if model.backoff else None,
         "skipped": list(manifest.skipped) if manifest else [],
+        "copies": model.tally.copies,
+        "last_copy_seconds": model.tally.last_copy_seconds,
+        "last_copy_bytes": model.tally.last_copy_bytes,
+        "evictions": dict(model.tally.evictions),
+        "verify_failures": model.tally.verify_failures,
         "staged_at": manifest.staged_at if manifest else None,
         "copy_seconds": manifest.copy_seconds if manifest else None,
         "copy": work_entry(model.job.work if model.job else None, now),
@@ -99,6 +105,7 @@ def snapshot(
         last_pressure_at=last_pressure_at,
         current=current,
         unlinked={m.name: generations.pinned_candidates(m.name) for m in models},
+        wanted_since={m.name: m.tally.wanted_since for m in models},
     )
 
 
@@ -156,22 +163,24 @@ def render(
     held = holders(system.proc, wanted)
     size, used = store.fs.usage()
     result = []
+    now = system.monotonic()
     for entry in models:
         current, unlinked = taken.current[entry["name"]], taken.unlinked[entry["name"]]
         pinned = {k: v for k, v in unlinked.items() if k in held}
         users = set().union(*(held[k] for k in [*current, *pinned] if k in held))
+        wanted_since = taken.wanted_since[entry["name"]]
+        stale = 0.0 if wanted_since is None else now - wanted_since
         result.append(
             {
                 **entry,
                 "pinned_bytes": sum(pinned.values()),
                 "users": sorted(users),
-                "verify": work_entry(verifying.get(entry["name"]), system.monotonic()),
+                "stale_seconds": stale,
+                "verify": work_entry(verifying.get(entry["name"]), now),
                 "holders": [{"pid": pid, "command": command(system, pid)} for pid in sorted(users)],
             }
         )
-    since = None
-    if taken.last_pressure_at is not None:
-        since = system.monotonic() - taken.last_pressure_at
+    since = None if taken.last_pressure_at is None else now - taken.last_pressure_at
     return {
         "version": __version__,
         "pid": os.getpid(),

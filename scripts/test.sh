@@ -5,6 +5,10 @@ cd "$(dirname "$0")/.."
 # The end-to-end tests build the .deb and .rpm and boot a Debian container.
 E2E_APT="debootstrap systemd-container dpkg-dev debhelper dh-python pybuild-plugin-pyproject"
 E2E_APT+=" python3-all python3-setuptools lintian rpm git"
+# The package builds generate the man pages and completion with Debian's own tools.
+E2E_APT+=" python3-argparse-manpage python3-shtab python3-prometheus-client python3-xxhash python3-yaml"
+# The unit tests render the man pages and load the completion in bash and zsh.
+E2E_APT+=" man-db groff-base zsh"
 RAMSTAGE_EXTRA_APT="$E2E_APT" bash scripts/setup.sh -e ".[test]"
 # Lint first: it takes seconds, and a failure there needs no test run to be seen.
 .venv/bin/ruff check ramstage tests benchmarks scripts

@@ -98,11 +98,14 @@ def digests(machine: Machine) -> dict[str, str]:
 
 def test_apt_installs_enables_and_starts_the_service(machine: Machine) -> None:
     machine.run("apt-get", "update", "-qq")
+    # man-db: `systemd-analyze verify` then checks that the unit's Documentation= pages exist.
+    machine.run("apt-get", "install", "-y", "-qq", "--no-install-recommends", "man-db")
     deb = next(machine.root.glob("root/ramstage_*_all.deb"))
     machine.run("apt-get", "install", "-y", "-qq", f"/root/{deb.name}")
     assert machine.run("systemctl", "is-enabled", "ramstage").stdout.strip() == "enabled"
     assert machine.run("systemctl", "is-active", "ramstage").stdout.strip() == "active"
-    for dependency in ("python3-yaml", "python3-sdnotify", "python3-xxhash"):
+    for dependency in ("python3-yaml", "python3-sdnotify", "python3-xxhash",
+                       "python3-prometheus-client"):  # fmt: skip
         assert "ok installed" in machine.run("dpkg-query", "-W", "-f=${Status}", dependency).stdout
     conffiles = machine.run("dpkg-query", "-W", "-f=${Conffiles}", "ramstage").stdout
     assert "/etc/ramstage/ramstage.yaml" in conffiles
@@ -114,6 +117,8 @@ def test_the_installed_unit_verifies_and_is_hardened(machine: Machine) -> None:
     unit = "/lib/systemd/system/ramstage.service"
     verify = machine.run("systemd-analyze", "verify", unit, check=False)
     assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    for page in ("8 ramstage", "5 ramstage.yaml"):
+        assert machine.run("man", "-w", *page.split()).stdout.startswith("/usr/share/man/")
     security = machine.run("systemd-analyze", "security", "--offline=true", "--threshold=30",
                            "--no-pager", unit, check=False)  # fmt: skip
     assert security.returncode == 0, security.stdout
