@@ -5,11 +5,13 @@ memory limit against store.size, the paths the links need."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -17,6 +19,7 @@ import yaml
 from ramstage import cli
 from ramstage.config import parse_config
 from ramstage.nodelabels import label_key
+from ramstage.schema import SCHEMA_FILE
 
 DEPLOY = Path(__file__).parents[2] / "deploy" / "kubernetes"
 CONTAINERFILE = DEPLOY / "Containerfile"
@@ -217,3 +220,8 @@ def test_the_containerfile_installs_the_package_and_the_kubernetes_client():
     assert re.search(r"^ARG BASE=debian:12", text, re.M) and "FROM ${BASE}" in text
     assert "ramstage_" in text and ".deb" in text
     assert "python3-kubernetes" in text
+
+
+def test_the_configmap_fits_the_config_schema_that_editors_and_tooling_use():
+    data = yaml.safe_load(find("ConfigMap")["data"]["ramstage.yaml"])
+    jsonschema.validate(data, json.loads(SCHEMA_FILE.read_text()))
