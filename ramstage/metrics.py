@@ -151,7 +151,8 @@ class Metrics:
     def __init__(self, config: MetricsConfig, status: Callable[[], dict[str, Any]]) -> None:
         self.config = config  # as the daemon started
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StatusCollector(status))  # type: ignore[arg-type]
+        # Debian's prometheus_client (0.16) and newer releases type register() differently.
+        self.registry.register(StatusCollector(status))  # type: ignore[arg-type, unused-ignore]
         self.server: _Server | None = None
         self.failed: str | None = None  # the last write's error, logged once
 
