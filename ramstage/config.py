@@ -146,9 +146,9 @@ def _problem(origin: Path | HubRepo, trust: Trust) -> str | None:
 
 
 def _source_problem(source: Path) -> str | None:
-    if not source.exists():
+    if not os.path.exists(source):  # nor reachable: os.path's checks take any OSError as no
         return "no such file or directory"
-    if not (source.is_file() or source.is_dir()):
+    if not (os.path.isfile(source) or os.path.isdir(source)):
         return "not a regular file or directory"
     return None
 

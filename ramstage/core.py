@@ -14,12 +14,13 @@ from pathlib import Path
 
 from ramstage import lifecycle, links
 from ramstage.actuator import Actuator
-from ramstage.config import Config, ModelConfig
+from ramstage.config import Config, ModelConfig, source_problems
 from ramstage.errors import RamstageError
 from ramstage.eviction import Relief
 from ramstage.generations import Generations
 from ramstage.manifest import Manifest
-from ramstage.model import Action, DropCopy, Job, Model
+from ramstage.model import Action, DropCopy, Job, Model, Reason, Serving, Want, Why
+from ramstage.reach import Reach
 from ramstage.sources import list_source
 from ramstage.store import Generation, Store
 from ramstage.system import System
@@ -33,12 +34,14 @@ class Core:
     config_path: Path
     config: Config
     system: System
+    reach: Reach
     store: Store
     generations: Generations
     actuator: Actuator
     relief: Relief
     updates: SourceUpdates
     models: dict[str, Model] = field(default_factory=dict)
+    store_lost: bool = False  # the store's tmpfs was unmounted under us and is not back yet
 
     def apply(self, model: Model, actions: list[Action]) -> None:
         self.actuator.apply(model, actions)
@@ -62,7 +65,22 @@ class Core:
                 self.apply(model, lifecycle.adopted(adopted.id, adopted.manifest.identities()))
                 log.info("%s: adopted generation %s without copying", config.name, adopted.id)
             else:
-                self.apply(model, lifecycle.placed(model, source_exists=config.source.exists()))
+                self.place(model)
+
+    def source_problems(self, config: Config) -> list[str]:
+        """config.source_problems, with a deadline for all of them: a source may hang."""
+        try:
+            return self.reach.call(self.config_path, lambda: source_problems(config))
+        except OSError as error:
+            return [f"sources not checked: {error}"]
+
+    def place(self, model: Model) -> None:
+        """A model with nothing in RAM: its link on the source, or none; a source that cannot be
+        reached (a disconnected or hung mount) is said to be so."""
+        problem = self.reach.problem(model.settings.source)
+        self.apply(model, lifecycle.placed(model, source_exists=problem is None))
+        if problem is not None and not isinstance(problem, FileNotFoundError):
+            self.apply(model, lifecycle.unreachable(model, problem))
 
     def _adoptable(self, config: ModelConfig, generations: list[Generation]) -> Generation | None:
         for generation in generations:
@@ -72,7 +90,9 @@ class Core:
             ):
                 continue
             try:
-                listing = list_source(config.source, config.trust)
+                listing = self.reach.call(
+                    config.source, lambda: list_source(config.source, config.trust)
+                )
                 same_source = listing.identities() == manifest.identities()
                 complete = all(
                     os.stat(path).st_size == f.size_bytes
@@ -90,20 +110,48 @@ class Core:
         self.apply(model, lifecycle.released(model, "removed from the config", source_exists=False))
         self.generations.forget(name)
 
-    def schedule(self, stopping: bool) -> None:
-        name = None if stopping else lifecycle.next_copy(self.models.values())
-        if name is None:
+    def check_store(self) -> None:
+        """The store's tmpfs unmounted under the daemon (umount -l): its links would dangle,
+        and a copy would land on the file system below the store path. Every model goes back
+        to its source at once, wanting a copy, and the tmpfs is mounted again (or adopted)."""
+        if not self.config.store.mount or self.store.fs.mounted:
+            if self.store_lost:
+                log.info("the store is mounted again at %s", self.store.path)
+            self.store_lost = False
             return
+        if not self.store_lost:
+            why = Why(Reason.ERROR, f"the store at {self.store.path} was unmounted")
+            log.error("%s; every model is served from its source", why.detail)
+            for model in self.models.values():
+                if model.serving is Serving.RAM or model.job:
+                    exists = self.reach.exists(model.settings.source)
+                    actions = lifecycle.fall_back(model, why, source_exists=exists)
+                    self.apply(model, [*actions, Want(exists)])
+        self.store_lost = True
+        try:
+            self.store.open()
+        except (OSError, RamstageError) as error:
+            log.error("cannot mount the store again (tried again in a moment): %s", error)
+
+    def schedule(self, stopping: bool) -> None:
+        if stopping or self.store_lost:
+            return  # a copy would land on the file system below the store path
+        name = lifecycle.next_copy(self.models.values())
+        if name is None or (self.config.store.mount and not self.store.fs.mounted):
+            return  # check_store takes an unmounted store from here
         model = self.models[name]
         budget = lifecycle.Budget(
             store_free_bytes=self.store.fs.free_bytes(),
+            store_others_bytes=self.store.others_bytes(self.models),
             available_bytes=self.system.available_bytes(),
             floor_bytes=self.config.memory.min_available_bytes,
             paused=self.relief.paused(),
             now=self.system.monotonic(),
             cooldown_seconds=self.config.memory.effective_cooldown_seconds,
         )
-        self.apply(model, lifecycle.admit(model, self._unshared(look(model.settings)), budget))
+        self.apply(
+            model, lifecycle.admit(model, self._unshared(look(model.settings, self.reach)), budget)
+        )
 
     def _unshared(self, listing: lifecycle.Listing) -> lifecycle.Listing:
         """A copy needs room only for the files that it cannot share with a copy already in
@@ -113,6 +161,16 @@ class Core:
         in_ram = {key[0] for key in self.generations.copies()}
         shared = sum(i[2] for i in {i for _, i in listing.identities if i in in_ram})
         return replace(listing, size_bytes=max(listing.size_bytes - shared, 0))
+
+    def retry_when_room(self) -> None:
+        """Models refused for a store that others filled go back to pending once they fit."""
+        for model in self.models.values():
+            if model.want or model.held or model.why != Why(Reason.STORE_FULL):
+                continue
+            listing = self._unshared(look(model.settings, self.reach))
+            if not listing.error and listing.size_bytes <= self.store.fs.free_bytes():
+                log.info("%s: the store has room again; staging", model.name)
+                self.apply(model, lifecycle.resume())
 
     def job_done(self, name: str, job: Job) -> None:
         """Only the loop publishes: a copy still wanted becomes a generation and is served; any
@@ -135,15 +193,25 @@ class Core:
         self.apply(model, [DropCopy()])
         if generation is not None:
             self.actuator.count_copy(model, job, manifest.size_bytes)
-            self.apply(model, lifecycle.copied(model, generation.id, manifest.identities()))
-            return
+            try:
+                self.apply(model, lifecycle.copied(model, generation.id, manifest.identities()))
+                return
+            except links.LinkError as failed:
+                # Not remembered as a failed version: the next rescan tries it again.
+                log.error("%s: staged, but %s", name, failed)
+                self.generations.unpublish(name, generation)
+                self.apply(
+                    model,
+                    lifecycle.refuse(model, Why(Reason.ERROR, str(failed)), source_exists=True),
+                )
+                return
         assert error is not None
         why = lifecycle.copy_failure(error)
         if why is not None and isinstance(error, (RamstageError, OSError)):
             log.error("%s: staging failed: %s", name, error)
         elif why is not None:
             log.error("%s: staging failed", name, exc_info=error)
-        exists = model.settings.source.exists()
+        exists = self.reach.exists(model.settings.source)
         self.apply(model, lifecycle.copy_failed(model, why, job.identities, source_exists=exists))
 
     def heal_links(self) -> None:
@@ -153,7 +221,7 @@ class Core:
             expected = lifecycle.expected_link(
                 model,
                 generation.target if generation else None,
-                source_exists=model.settings.source.exists(),
+                source_exists=self.reach.exists(model.settings.source),
             )
             current = links.read(model.link)
             if current == (str(expected) if expected else None):
@@ -173,7 +241,7 @@ class Core:
     def release_all(self) -> None:
         """At a clean stop: every link back on its source, every generation deleted."""
         for model in self.models.values():
-            exists = model.settings.source.exists()
+            exists = self.reach.exists(model.settings.source)
             self.apply(
                 model, lifecycle.released(model, "ramstage is stopping", source_exists=exists)
             )

@@ -15,7 +15,7 @@ from typing import Any
 
 from ramstage import lifecycle, links
 from ramstage.actuator import Actuator
-from ramstage.config import Config, load_config, source_problems, trust_warnings
+from ramstage.config import Config, load_config, trust_warnings
 from ramstage.control import ControlServer
 from ramstage.core import Core
 from ramstage.errors import RamstageError
@@ -36,17 +36,18 @@ from ramstage.model import (
     Sync,
     VerifyFailed,
 )
+from ramstage.reach import Reach
 from ramstage.requests import Requests
 from ramstage.service import Notifier
 from ramstage.status import Snapshot, render, snapshot
 from ramstage.store import Store
 from ramstage.system import System
 from ramstage.updates import SourceUpdates
-from ramstage.watcher import ConfigWatcher
 
 log = logging.getLogger("ramstage")
 EXTEND_TIMEOUT_USEC = 30_000_000
 PRUNE_INTERVAL_SECONDS = 5.0  # forget unpinned files, put back links
+STORE_CHECK_SECONDS = 0.5  # is the store's tmpfs still mounted?
 
 
 class Daemon:
@@ -60,21 +61,31 @@ class Daemon:
         generations = Generations(store, system)
         actuator = Actuator(generations, post, config.checksum, config.staging.workers)
         models: dict[str, Model] = {}
-        relief = Relief(config.memory, system, generations, actuator.apply, post)
+        reach = Reach()  # every look at a source, with a deadline
+        relief = Relief(config.memory, system, reach, generations, actuator.apply, post)
         updates = SourceUpdates(
             config.watch,
             system,
+            reach,
             models,
             actuator.apply,
-            lambda name: post(SourceEvent(name)),
-            lambda reason: post(Rescan(reason)),
+            post,
+            config_path,
         )
         self.core = Core(
-            config_path, config, system, store, generations, actuator, relief, updates, models
+            config_path,
+            config,
+            system,
+            reach,
+            store,
+            generations,
+            actuator,
+            relief,
+            updates,
+            models,
         )
         self.requests = Requests(self.core, notifier, post, self.status)
         self.control: ControlServer | None = None
-        self.config_watcher = ConfigWatcher(config_path, self._config_changed)
         self.metrics = Metrics(config.metrics, self.status)
         self.snapshot = Snapshot()
         self.ready_sent = False
@@ -90,14 +101,16 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: post(Stop(signum)))
         signal.signal(signal.SIGHUP, lambda signum, frame: post(Reload()))
-        for problem in [*source_problems(core.config), *trust_warnings(core.config)]:
+        for problem in [
+            *core.source_problems(core.config),
+            *trust_warnings(core.config),
+        ]:
             log.warning("%s", problem)
         core.store.open()
         links.prepare(core.config.links_dir)
         core.place_all()
         core.updates.start()
         core.relief.watch(core.config.memory)
-        self._watch_config()
         self._publish_snapshot()  # before the socket opens: no status without the models
         self.control = ControlServer(core.config.socket, self.requests.answer)
         self.control.start()
@@ -166,9 +179,12 @@ class Daemon:
             # Long copies hold back READY=1 (ready: staged); ask systemd for more time.
             self.notifier.send(f"EXTEND_TIMEOUT_USEC={EXTEND_TIMEOUT_USEC}")
         core.generations.expire(self.system.monotonic())
+        if self._every("store", STORE_CHECK_SECONDS):
+            core.check_store()
         if self._every("prune", PRUNE_INTERVAL_SECONDS):
             core.generations.prune()
             core.heal_links()
+            core.retry_when_room()
         if self._every("rescan", core.config.watch.rescan_seconds):
             core.updates.rescan("periodic rescan")
         metrics = core.config.metrics
@@ -181,7 +197,6 @@ class Daemon:
         self.notifier.send("STOPPING=1")
         if self.control:
             self.control.close()
-        self.config_watcher.stop()
         core.updates.stop()
         core.relief.stop()
         core.actuator.stop(core.models.values())
@@ -206,18 +221,6 @@ class Daemon:
             if isinstance(event, Sync):
                 event.future.set_result(None)
 
-    def _watch_config(self) -> None:
-        """`watch.config`, at start and after every reload: one more inotify instance, on the
-        directory that holds the config file, while it is on."""
-        if not self.core.config.watch.config:
-            self.config_watcher.stop()
-        elif self.config_watcher.thread is None:
-            self.config_watcher.start()
-
-    def _config_changed(self) -> None:
-        log.info("%s changed: reloading", self.core.config_path)  # the watcher's thread
-        self.events.put(Reload())
-
     # ---- events --------------------------------------------------------------------------
 
     def _handle(self, event: Event) -> None:
@@ -227,7 +230,6 @@ class Daemon:
             self.stopping = True
         elif isinstance(event, Reload):
             self.requests.reload(event)
-            self._watch_config()
         elif isinstance(event, Request):
             self.requests.handle(event)
         elif isinstance(event, JobDone):
@@ -246,7 +248,7 @@ class Daemon:
         core = self.core
         model = core.models.get(event.name)
         if model:
-            exists = model.settings.source.exists()
+            exists = core.reach.exists(model.settings.source)
             actions = lifecycle.verify_failed(model, event.generation_id, source_exists=exists)
             if actions:
                 core.actuator.count_verify_failure(model)
@@ -268,6 +270,7 @@ class Daemon:
             core.models.values(),
             core.generations,
             core.relief.last_pressure_at,
+            core.updates.watcher.problems(),
             previous=self.snapshot,
             now=self.system.monotonic(),
             wall=self.system.time(),

@@ -18,8 +18,10 @@ from ramstage import lifecycle, policy, units
 from ramstage.config import MemoryConfig
 from ramstage.generations import Generations
 from ramstage.holders import FileKey, holders
+from ramstage.links import LinkError
 from ramstage.memwatch import PressureWatcher
 from ramstage.model import Action, Event, Model, Pressure, Serving
+from ramstage.reach import Reach
 from ramstage.store import Generation
 from ramstage.system import System
 
@@ -46,11 +48,13 @@ class Relief:
         self,
         memory: MemoryConfig,
         system: System,
+        reach: Reach,
         generations: Generations,
         apply: Callable[[Model, list[Action]], None],
         post: Callable[[Event], None],
     ) -> None:
         self.memory, self.system, self.generations = memory, system, generations
+        self.reach = reach
         self.apply, self.post = apply, post
         self.watcher: PressureWatcher | None = None
         self.last_pressure_at: float | None = None  # monotonic; None: no pressure seen yet
@@ -94,7 +98,7 @@ class Relief:
                 units.size(available),
                 units.size(floor),
             )
-            exists = copying.settings.source.exists()
+            exists = self.reach.exists(copying.settings.source)
             self.apply(
                 copying, lifecycle.pressure_cancel(copying, now, cooldown, source_exists=exists)
             )
@@ -105,7 +109,11 @@ class Relief:
         for name in self._eviction_order(models) if keep else []:
             if not policy.keep_evicting(available, floor, event.kind, evicted):
                 break
-            available = self._evict(models[name], event.kind, available)
+            try:
+                available = self._evict(models[name], event.kind, available)
+            except LinkError as error:
+                log.error("%s: cannot be evicted for memory pressure: %s", name, error)
+                continue  # it keeps serving RAM; the next may be freed
             evicted += 1
         stuck = not evicted and policy.keep_evicting(available, floor, event.kind, evicted)
         if stuck and not self._nothing_to_evict:
@@ -137,8 +145,11 @@ class Relief:
         generation = self.generations.current(model.name)
         assert generation is not None
         now, cooldown = self.system.monotonic(), self.memory.effective_cooldown_seconds
-        exists = model.settings.source.exists()
+        problem = self.reach.problem(model.settings.source)
+        exists = problem is None
         self.apply(model, lifecycle.pressure_evict(model, now, cooldown, source_exists=exists))
+        if problem is not None and not isinstance(problem, FileNotFoundError):
+            self.apply(model, lifecycle.unreachable(model, problem))
         retired = self.generations.retired.get(model.name, {})
         pinned = sum(size for key, size in retired.items() if key in generation.file_keys)
         available = self.system.available_bytes()

@@ -86,6 +86,13 @@ class Generations:
         self._fresh[name] = generation
         return generation
 
+    def unpublish(self, name: str, generation: Generation) -> None:
+        """A generation published but never linked (the links directory is read-only): it goes
+        again, unless a link serves the same content."""
+        self._fresh.pop(name, None)
+        if generation.path not in self._refs:
+            self.store.remove(generation)
+
     def adopt(self, name: str, generation: Generation) -> None:
         """At start: a verified generation found in the store, about to be served again."""
         self._fresh[name] = generation

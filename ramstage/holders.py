@@ -7,12 +7,21 @@ the paths in /proc only say "(deleted)".
 
 from __future__ import annotations
 
+import ctypes
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 FileKey = tuple[int, int]  # (st_dev, st_ino)
+# <linux/stat.h>, <fcntl.h>: struct statx is 256 bytes; stx_ino at 32, stx_dev_major at 136.
+_AT_FDCWD, _AT_STATX_DONT_SYNC, _STATX_INO = -100, 0x4000, 0x100
+_STATX_SIZE, _STX_INO, _STX_DEV_MAJOR = 256, 32, 136
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.statx.argtypes = [
+    ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p
+]  # fmt: skip
 
 
 class Mapping(NamedTuple):
@@ -38,14 +47,27 @@ def _maps_keys(maps: Path) -> set[FileKey]:
     return {mapping.key for mapping in mappings(maps)}
 
 
+def _cached_key(path: str) -> FileKey:
+    """The file's (device, inode) as the kernel has it cached: statx(2) with
+    AT_STATX_DONT_SYNC asks no FUSE or network server, so a file held open on a hung mount
+    cannot block the caller (stat(2) of /proc/PID/fd/N would ask its server)."""
+    buffer = ctypes.create_string_buffer(_STATX_SIZE)
+    if _libc.statx(_AT_FDCWD, os.fsencode(path), _AT_STATX_DONT_SYNC, _STATX_INO, buffer) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number), path)
+    (inode,) = struct.unpack_from("<Q", buffer, _STX_INO)
+    major, minor = struct.unpack_from("<II", buffer, _STX_DEV_MAJOR)
+    return os.makedev(major, minor), inode
+
+
 def _descriptors(pid_dir: Path) -> Iterator[tuple[FileKey, str]]:
     """(file key, descriptor number) for each open file of one process."""
     for fd in os.scandir(pid_dir / "fd"):
         try:
-            st = os.stat(fd.path)
+            key = _cached_key(fd.path)
         except OSError:
             continue
-        yield (st.st_dev, st.st_ino), fd.name
+        yield key, fd.name
 
 
 def _processes(proc: Path) -> Iterator[tuple[int, Path]]:

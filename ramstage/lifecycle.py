@@ -66,6 +66,7 @@ class Budget:
     paused: bool  # within the cooldown of a pressure event, or under the floor
     now: float
     cooldown_seconds: float
+    store_others_bytes: int = 0  # what others fill the store with, which may be freed
 
 
 def waiting_to_copy(model: Model) -> bool:
@@ -132,7 +133,11 @@ def admit(model: Model, listing: Listing, budget: Budget) -> list[Action]:
         return [warning, *refuse(model, listing.error, source_exists=True)]
     need = listing.size_bytes
     refusal = policy.admit(
-        need, budget.store_free_bytes, budget.available_bytes, budget.floor_bytes
+        need,
+        budget.store_free_bytes,
+        budget.store_others_bytes,
+        budget.available_bytes,
+        budget.floor_bytes,
     )
     # The figures explain the floor and the store; a refusal in the cooldown has none.
     figures: tuple[tuple[str, int], ...] = (
@@ -157,8 +162,9 @@ def admit(model: Model, listing: Listing, budget: Budget) -> list[Action]:
     )
     actions: list[Action] = [Log(WARNING, message)]
     if model.serving is Serving.RAM:
-        # too_large waits for the source to change; pressure for calm (to_resume), and the
-        # identities are forgotten so that the version refused is the one copied then.
+        # too_large waits for the source to change; pressure for calm (to_resume), store_full
+        # for room (Core.retry_when_room); the identities are forgotten so that the version
+        # refused is the one copied then.
         actions.append(Remember(listing.identities if refusal == "too_large" else None))
     actions += refuse(model, why, source_exists=True)
     if refusal == "pressure":
@@ -187,7 +193,7 @@ def copy_failure(error: BaseException) -> Why | None:
     if isinstance(error, FileNotFoundError):
         return Why(Reason.SOURCE_MISSING)
     if isinstance(error, NoSpace):
-        return Why(Reason.TOO_LARGE)
+        return Why(Reason.STORE_FULL)  # admitted, so something else took the room meanwhile
     if isinstance(error, Untrusted):
         return Why(Reason.UNTRUSTED, str(error))
     return Why(Reason.ERROR, str(error))
@@ -201,6 +207,8 @@ def copy_failed(
         return []
     if why.reason is Reason.SOURCE_MISSING:
         return source_missing(model)
+    if why.reason is Reason.STORE_FULL:
+        return refuse(model, why, source_exists=source_exists)  # tried again once there is room
     # Not tried again on its own until this source version changes.
     return [Remember(identities), *refuse(model, why, source_exists=source_exists)]
 
@@ -310,6 +318,13 @@ def adopted(generation_id: str, identities: Identities) -> list[Action]:
 def placed(model: Model, *, source_exists: bool) -> list[Action]:
     """A model just configured, with nothing in RAM: its link on the source, or no link."""
     return [Serve(Serving.SOURCE)] if source_exists else source_missing(model)
+
+
+def unreachable(model: Model, error: OSError) -> list[Action]:
+    """A source that cannot be reached (a disconnected or hung mount) served nothing instead:
+    the reason names the error, and the next look that reaches it stages it again."""
+    why = Why(Reason.ERROR, f"source unreachable: {error}")
+    return [Log(WARNING, f"{why}; no link until it answers"), Note(why), Remember(None)]
 
 
 def source_replaced(model: Model, *, source_exists: bool) -> list[Action]:

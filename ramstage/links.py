@@ -8,9 +8,22 @@ resolves only where the source is at the same path."""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
+
+from ramstage.errors import RamstageError
+
+
+class LinkError(RamstageError):
+    """A link that cannot be changed: the links directory is read-only or immutable. Nothing
+    changed; the link still serves what it served."""
+
+    def __init__(self, link: Path, error: OSError) -> None:
+        denied = error.errno in (errno.EPERM, errno.EROFS, errno.EACCES)
+        hint = f" (is {link.parent} read-only or immutable?)" if denied else ""
+        super().__init__(f"cannot change the link {link}: {error.strerror or error}{hint}")
 
 
 def read(link: Path) -> str | None:
@@ -42,20 +55,26 @@ def point(link: Path, target: Path, *, relative: bool = False) -> None:
     temporary = link.with_name(f".{link.name}.{secrets.token_hex(4)}.tmp")
     text = text_for(link, target, relative=relative)
     try:
-        os.symlink(text, temporary)
-    except FileNotFoundError:
-        link.parent.mkdir(parents=True, exist_ok=True)  # someone removed the links directory
-        os.symlink(text, temporary)
+        try:
+            os.symlink(text, temporary)
+        except FileNotFoundError:
+            link.parent.mkdir(parents=True, exist_ok=True)  # someone removed the links directory
+            os.symlink(text, temporary)
+    except OSError as error:
+        raise LinkError(link, error) from error
     try:
         os.replace(temporary, link)
-    except OSError:
+    except OSError as error:
         temporary.unlink()
-        raise
+        raise LinkError(link, error) from error
 
 
 def remove(link: Path) -> None:
     if link.is_symlink():
-        link.unlink()
+        try:
+            link.unlink()
+        except OSError as error:
+            raise LinkError(link, error) from error
 
 
 def prepare(links_dir: Path) -> None:

@@ -59,6 +59,7 @@ class Reason(enum.Enum):
 
     PRESSURE = "pressure"
     TOO_LARGE = "too_large"
+    STORE_FULL = "store_full"  # it would fit but for files of others in the store
     EVICTED = "evicted"
     SOURCE_CHANGED = "source_changed"
     SOURCE_MISSING = "source_missing"

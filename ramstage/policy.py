@@ -32,13 +32,19 @@ class Resident:
 
 
 def admit(
-    need_bytes: int, store_free_bytes: int, available_bytes: int, floor_bytes: int
+    need_bytes: int,
+    store_free_bytes: int,
+    store_others_bytes: int,
+    available_bytes: int,
+    floor_bytes: int,
 ) -> str | None:
     """None when a copy of need_bytes fits, else the reason it does not: `too_large` when the
-    store has no room for it, `pressure` when it would take MemAvailable under the floor
+    store has no room for it beside ramstage's own copies, `store_full` when it would have but
+    for what others fill it with (store_others_bytes: their files, deleted files still held),
+    which may be freed any time; `pressure` when it would take MemAvailable under the floor
     (invariant 5)."""
     if need_bytes > store_free_bytes:
-        return "too_large"
+        return "store_full" if need_bytes <= store_free_bytes + store_others_bytes else "too_large"
     if available_bytes - need_bytes < floor_bytes:
         return "pressure"
     return None

@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from ramstage import lifecycle
-from ramstage.config import Config, load_config, source_problems, trust_warnings
+from ramstage.config import Config, load_config, trust_warnings
 from ramstage.core import Core
 from ramstage.digest import hash_file
 from ramstage.errors import ConfigError, NotFound, RamstageError
@@ -69,7 +69,7 @@ class Requests:
         if cmd == "evict":
             for name in names:
                 model = models[name]
-                exists = model.settings.source.exists()
+                exists = self.core.reach.exists(model.settings.source)
                 self.core.apply(model, lifecycle.evict_requested(model, source_exists=exists))
                 log.info("%s: evicted on request", name)
             return None
@@ -100,7 +100,7 @@ class Requests:
             if event.future:
                 event.future.set_exception(error)
             return
-        for problem in [*source_problems(new), *trust_warnings(new)]:
+        for problem in [*self.core.source_problems(new), *trust_warnings(new)]:
             log.warning("%s", problem)
         self._reconfigure(new)
         log.info("reloaded %s: %d models", self.core.config_path, len(self.core.models))
@@ -137,12 +137,12 @@ class Requests:
             log.info("%s: removed from the config; link and RAM copy gone", name)
         for name in plan.added:
             model = core.add(configs[name])
-            core.apply(model, lifecycle.placed(model, source_exists=model.settings.source.exists()))
+            core.place(model)
             log.info("%s: added", name)
         for name in plan.replaced:
             model = core.models[name]
             core.apply(model, [Configure(configs[name])])
-            exists = model.settings.source.exists()
+            exists = core.reach.exists(model.settings.source)
             core.apply(model, lifecycle.source_replaced(model, source_exists=exists))
             log.info("%s: source changed to %s; staging again", name, model.settings.source)
         for name in plan.kept:

@@ -33,6 +33,7 @@ class Snapshot:
     # still hold (deleted, or swapped out and in their grace period).
     current: dict[str, dict[FileKey, int]] = field(default_factory=dict)
     unlinked: dict[str, dict[FileKey, int]] = field(default_factory=dict)
+    watch_problems: tuple[str, ...] = ()  # why watching sources is degraded, if it is
     wanted_since: dict[str, float | None] = field(default_factory=dict)  # monotonic
 
 
@@ -88,6 +89,7 @@ def snapshot(
     models: Iterable[Model],
     generations: Generations,
     last_pressure_at: float | None,
+    watch_problems: Iterable[str] = (),
     *,
     previous: Snapshot,
     now: float,
@@ -105,6 +107,7 @@ def snapshot(
         last_pressure_at=last_pressure_at,
         current=current,
         unlinked={m.name: generations.pinned_candidates(m.name) for m in models},
+        watch_problems=tuple(watch_problems),
         wanted_since={m.name: m.tally.wanted_since for m in models},
     )
 
@@ -194,6 +197,8 @@ def render(
         "memory": memory_status(
             memory, system, since, sum(m["pinned_bytes"] for m in result), psi_trigger
         ),
+        # Degraded: some source changes are seen only by the periodic rescan.
+        "watch": {"degraded": bool(taken.watch_problems), "problems": list(taken.watch_problems)},
         "models": result,
     }
 

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -58,7 +59,10 @@ class Generation:
         """(st_dev, st_ino) of each file, with its size: how /proc tells who holds it."""
         keys = {}
         for path in self.file_paths():
-            st = os.stat(path)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # the store was unmounted under the daemon
             keys[(st.st_dev, st.st_ino)] = st.st_size
         return keys
 
@@ -160,6 +164,20 @@ class Store:
                 continue
             generations.append(Generation(entry, manifest))
         return generations
+
+    def others_bytes(self, names: Iterable[str]) -> int:
+        """What fills the store besides the copies of these models: another process's files,
+        and deleted files a reader still holds. That room may come back any time."""
+        _, used = self.fs.usage()
+        own = 0
+        for name in names:
+            for directory, _, files in os.walk(self.path / name):
+                for file in files:
+                    try:
+                        own += os.lstat(os.path.join(directory, file)).st_blocks * 512
+                    except FileNotFoundError:
+                        continue  # deleted meanwhile
+        return max(used - own, 0)
 
     def new_partial(self, name: str) -> Path:
         """An empty directory that nobody but ramstage can look into until it is published."""

@@ -19,19 +19,20 @@ from ramstage.config import WatchConfig
 from ramstage.errors import RamstageError
 from ramstage.holders import writers
 from ramstage.hub import downloads
-from ramstage.model import Action, Model, Reason, Settings, Why
+from ramstage.model import Action, Event, Model, Reason, Reload, Rescan, Settings, SourceEvent, Why
+from ramstage.reach import Reach
 from ramstage.sources import list_source
 from ramstage.system import System
-from ramstage.watcher import SourceWatcher
+from ramstage.watcher import ConfigWatcher, SourceWatcher
 
 log = logging.getLogger("ramstage")
 
 
-def look(config: Settings) -> lifecycle.Listing:
+def look(config: Settings, reach: Reach) -> lifecycle.Listing:
     """The source as it is now, listed by the model's trust rule, in the terms the lifecycle
     decides on."""
     try:
-        listing = list_source(config.source, config.trust)
+        listing = reach.call(config.source, lambda: list_source(config.source, config.trust))
     except FileNotFoundError:
         return lifecycle.Listing(missing=True)
     except Untrusted as error:
@@ -46,25 +47,41 @@ class SourceUpdates:
         self,
         config: WatchConfig,
         system: System,
+        reach: Reach,
         models: Mapping[str, Model],
         apply: Callable[[Model, list[Action]], None],
-        on_change: Callable[[str], None],
-        on_rescan: Callable[[str], None],
+        post: Callable[[Event], None],
+        config_path: Path,
     ) -> None:
         self.config, self.system, self.models, self.apply = config, system, models, apply
-        self.watcher = SourceWatcher(on_change, on_rescan)
+        self.reach = reach
+        self.watcher = SourceWatcher(
+            lambda name: post(SourceEvent(name)), lambda reason: post(Rescan(reason)), reach.call
+        )
+        self.config_watcher = ConfigWatcher(config_path, lambda: post(Reload()))
 
     def start(self) -> None:
         self.watcher.watch(self._sources())
         self.watcher.start()
+        self._watch_config()
 
     def stop(self) -> None:
         self.watcher.stop()
+        self.config_watcher.stop()
 
     def configure(self, config: WatchConfig) -> None:
         """After a reload: new settings, and watches for the models as they are now."""
         self.config = config
         self.watcher.watch(self._sources())
+        self._watch_config()
+
+    def _watch_config(self) -> None:
+        """`watch.config`: one more inotify instance, on the config file's directory, while
+        it is on."""
+        if not self.config.config:
+            self.config_watcher.stop()
+        elif self.config_watcher.thread is None:
+            self.config_watcher.start()
 
     def next_due(self) -> float | None:
         """When the earliest marked source will have settled, if any is marked."""
@@ -97,7 +114,7 @@ class SourceUpdates:
         for model in list(self.models.values()):
             if model.changed_at is None or now - model.changed_at < self.config.settle_seconds:
                 continue
-            listing = look(model.settings)
+            listing = look(model.settings, self.reach)
             # inotify cannot tell a writer that pauses from one that has finished.
             keys = {(i[0], i[1]) for _, i in listing.identities} | downloads(model.settings.source)
             busy = writers(self.system.proc, keys) if keys else set()

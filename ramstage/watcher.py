@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol, TypeVar
 
 from ramstage.inotify import IN_IGNORED, IN_ISDIR, IN_Q_OVERFLOW, Inotify
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Look(Protocol):
+    """Runs a look at a path, maybe elsewhere and with a deadline (reach.Reach.call): a source
+    on a hung mount must not block the loop, which calls watch()."""
+
+    def __call__(self, path: str | Path, look: Callable[[], T], /) -> T: ...
 
 
 @dataclass(frozen=True)
@@ -28,12 +37,19 @@ class Watch:
     recursive: bool
 
 
-def watches_for(source: Path) -> set[Watch]:
+def watches_for(source: Path, look: Look) -> set[Watch]:
     parent = source.parent
     wanted = {Watch(str(parent), False), Watch(str(parent.parent), False)}
-    if source.is_dir():
-        wanted.add(Watch(str(source), True))
+    try:
+        if stat.S_ISDIR(look(source, lambda: os.stat(source)).st_mode):
+            wanted.add(Watch(str(source), True))
+    except OSError:
+        pass  # missing, or not answering: the watches above it see it come back
     return wanted
+
+
+def _direct(path: str | Path, call: Callable[[], T]) -> T:
+    return call()
 
 
 def affects(event_path: str, source: str, event_type: str) -> bool:
@@ -48,8 +64,13 @@ class SourceWatcher:
     """Posts on_change(name) for every model whose source an event concerns, from its reader
     thread; on_rescan() when events may have been lost (queue overflow, watch limit)."""
 
-    def __init__(self, on_change: Callable[[str], None], on_rescan: Callable[[str], None]) -> None:
-        self.on_change, self.on_rescan = on_change, on_rescan
+    def __init__(
+        self,
+        on_change: Callable[[str], None],
+        on_rescan: Callable[[str], None],
+        look: Look = _direct,
+    ) -> None:
+        self.on_change, self.on_rescan, self.look = on_change, on_rescan, look
         # name -> the paths that concern it (its source, a hub repo's refs); replaced whole
         self.sources: dict[str, tuple[str, ...]] = {}
         self.inotify: Inotify | None = None  # watches may be added before start()
@@ -58,23 +79,41 @@ class SourceWatcher:
         self._watched: dict[str, tuple[int, tuple[int, int]]] = {}  # directory -> wd, inode
         self._paths: dict[int, set[str]] = {}  # wd -> the directories it stands for
         self._trees: set[str] = set()  # directory sources: new subdirectories are watched too
-        self._failed: set[str] = set()  # said once; the periodic rescan tries them again
+        self._failed: dict[str, str] = {}  # directory -> why; the periodic rescan tries again
+        self.unavailable: str | None = None  # why there is no inotify instance at all
+        self.started = False
 
     def start(self) -> None:
-        if self._instance() is None:
-            return
-        self.thread = threading.Thread(target=self._read, name="ramstage-inotify", daemon=True)
-        self.thread.start()
+        self.started = True
+        self._instance()
 
     def _instance(self) -> Inotify | None:
+        """The instance, made now if there is none yet: at start, fs.inotify.max_user_instances
+        may be reached, and the next rescan (watch()) tries again."""
         if self.inotify is None:
             try:
                 self.inotify = Inotify()
             except OSError as error:
                 # EMFILE: fs.inotify.max_user_instances is reached by other programs of root's.
-                log.warning("cannot watch sources (%s); relying on rescans", error)
-                self.on_rescan(f"inotify unavailable: {error}")
+                if self.unavailable is None:
+                    log.warning("cannot watch sources (%s); relying on rescans", error)
+                    self.on_rescan(f"inotify unavailable: {error}")
+                self.unavailable = str(error)
+                return None
+            if self.unavailable is not None:
+                log.info("watching sources again")
+            self.unavailable = None
+        if self.started and self.thread is None:
+            self.thread = threading.Thread(target=self._read, name="ramstage-inotify", daemon=True)
+            self.thread.start()
         return self.inotify
+
+    def problems(self) -> list[str]:
+        """Why watching is degraded now (status says so): changes are then seen by rescans."""
+        if self.unavailable is not None:
+            return [f"inotify unavailable: {self.unavailable}"]
+        failed = dict(self._failed)  # a copy in one step: the reader thread may add to it
+        return [f"cannot watch {d}: {why}" for d, why in sorted(failed.items())]
 
     def stop(self) -> None:
         if self.inotify:
@@ -82,7 +121,7 @@ class SourceWatcher:
             if self.thread:
                 self.thread.join(timeout=5)
             self.inotify.release()
-        self.inotify, self.thread = None, None
+        self.inotify, self.thread, self.started = None, None, False
 
     def watch(self, sources: dict[str, tuple[Path, ...]]) -> None:
         """Makes the watches match these sources; called again whenever a watched directory
@@ -90,21 +129,36 @@ class SourceWatcher:
         a queue overflow it catches up with subdirectories made meanwhile."""
         self.sources = {name: tuple(map(str, paths)) for name, paths in sources.items()}
         wanted: set[Watch] = set().union(
-            *(watches_for(path) for paths in sources.values() for path in paths)
+            *(watches_for(path, self.look) for paths in sources.values() for path in paths)
         )
         with self.lock:
             self._trees = {w.path for w in wanted if w.recursive}
             directories = {w.path for w in wanted} | set().union(
-                *(_subdirectories(tree) for tree in self._trees)
+                *(self._subdirectories(tree) for tree in self._trees)
             )
+            self._failed = {d: why for d, why in self._failed.items() if d in directories}
             for directory in list(self._watched):
-                if directory not in directories or _inode(directory) != self._watched[directory][1]:
+                inode = self._inode(directory)
+                if directory not in directories or inode != self._watched[directory][1]:
                     self._unwatch(directory)
             for directory in sorted(directories - self._watched.keys()):
                 self._add(directory)
 
+    def _subdirectories(self, tree: str) -> set[str]:
+        try:
+            return self.look(tree, lambda: _subdirectories(tree))
+        except OSError:
+            return set()
+
+    def _inode(self, path: str) -> tuple[int, int] | None:
+        try:
+            st = self.look(path, lambda: os.stat(path))
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
     def _add(self, directory: str) -> None:
-        inode, inotify = _inode(directory), self._instance()
+        inode, inotify = self._inode(directory), self._instance()
         if inode is None or inotify is None:
             return  # appears later: the watch on the directory above it sees that
         try:
@@ -113,11 +167,11 @@ class SourceWatcher:
             # ENOSPC is fs.inotify.max_user_watches: rely on rescans until it fits. One rescan
             # per failure, not per attempt: a rescan calls watch() again.
             if directory not in self._failed:
-                self._failed.add(directory)
+                self._failed[directory] = str(error)
                 log.warning("cannot watch %s (%s); relying on rescans", directory, error)
                 self.on_rescan(f"watch failed: {error}")
             return
-        self._failed.discard(directory)
+        self._failed.pop(directory, None)
         self._watched[directory] = (wd, inode)
         self._paths.setdefault(wd, set()).add(directory)
 
@@ -149,7 +203,7 @@ class SourceWatcher:
                 if event.mask & IN_ISDIR and event.kind == "created":
                     for path in paths:
                         if any(path.startswith(tree + "/") for tree in self._trees):
-                            for directory in sorted(_subdirectories(path)):
+                            for directory in sorted(self._subdirectories(path)):
                                 self._add(directory)
             self._dispatch(paths, event.kind)
 
@@ -165,14 +219,6 @@ def _subdirectories(tree: str) -> set[str]:
     for directory, subdirs, _ in os.walk(tree):
         found.update(os.path.join(directory, name) for name in subdirs)
     return found if os.path.isdir(tree) else set()
-
-
-def _inode(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
 
 
 class ConfigWatcher:
@@ -218,6 +264,7 @@ class ConfigWatcher:
             contents = _contents(self.path)
             if contents is not None and contents != self.contents:
                 self.contents = contents
+                log.info("%s changed: reloading", self.path)
                 self.on_change()
 
 

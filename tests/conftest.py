@@ -129,6 +129,7 @@ class Daemon:
         self.config_path = root / "ramstage.yaml"
         self.log_path = root / "daemon.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.wrap: list[str] = []  # a command the daemon runs under (unshare …)
         self.mount = mount
         self.config: dict[str, Any] = {
             "store": {"path": str(self.store), "size": "2G", "mount": mount},
@@ -156,7 +157,7 @@ class Daemon:
         argv = [sys.executable, "-m", "ramstage", "daemon", "--config", str(self.config_path)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                argv + ["--debug"] * debug,
+                [*self.wrap, *argv, *["--debug"] * debug],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},

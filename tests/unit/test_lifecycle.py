@@ -185,8 +185,8 @@ def copy_failed(model: Model, error: BaseException, exists: bool = True) -> list
         pytest.param(
             record(),
             lambda m: copy_failed(m, NoSpace("full")),
-            [Remember(NEW), Serve(SOURCE), Note(TOO_LARGE), Want(False), Answer("too_large")],
-            id="no-space-is-too-large",
+            [Serve(SOURCE), Note(Why(Reason.STORE_FULL)), Want(False), Answer("store_full")],
+            id="no-space-is-store-full-and-tried-again",
         ),
         pytest.param(
             record(),

@@ -11,19 +11,22 @@ G = 1 << 30
 
 
 @pytest.mark.parametrize(
-    ("need", "store_free", "available", "floor", "expected"),
+    ("need", "store_free", "others", "available", "floor", "expected"),
     [
-        (1 * G, 4 * G, 10 * G, 2 * G, None),
-        (8 * G, 4 * G, 20 * G, 2 * G, "too_large"),  # never fits the store
-        (3 * G, 4 * G, 4 * G, 2 * G, "pressure"),  # 4 - 3 = 1 GiB would be under the floor
-        (2 * G, 4 * G, 4 * G, 2 * G, None),  # exactly at the floor is allowed
-        (2 * G + 1, 4 * G, 4 * G, 2 * G, "pressure"),
-        (5 * G, 4 * G, 1 * G, 2 * G, "too_large"),  # the store is checked first
-        (0, 0, 1 * G, 2 * G, "pressure"),  # already under the floor: not even an empty copy
+        (1 * G, 4 * G, 0, 10 * G, 2 * G, None),
+        (8 * G, 4 * G, 0, 20 * G, 2 * G, "too_large"),  # never fits the store
+        (8 * G, 4 * G, 3 * G, 20 * G, 2 * G, "too_large"),  # not even once others' files go
+        (8 * G, 4 * G, 4 * G, 20 * G, 2 * G, "store_full"),  # fits once others' files go
+        (1 * G, 0, 1 * G, 20 * G, 2 * G, "store_full"),
+        (3 * G, 4 * G, 0, 4 * G, 2 * G, "pressure"),  # 4 - 3 = 1 GiB would be under the floor
+        (2 * G, 4 * G, 0, 4 * G, 2 * G, None),  # exactly at the floor is allowed
+        (2 * G + 1, 4 * G, 0, 4 * G, 2 * G, "pressure"),
+        (5 * G, 4 * G, 0, 1 * G, 2 * G, "too_large"),  # the store is checked first
+        (0, 0, 0, 1 * G, 2 * G, "pressure"),  # already under the floor: not even an empty copy
     ],
 )
-def test_admit_budget(need, store_free, available, floor, expected):
-    assert policy.admit(need, store_free, available, floor) == expected
+def test_admit_budget(need, store_free, others, available, floor, expected):
+    assert policy.admit(need, store_free, others, available, floor) == expected
 
 
 @pytest.mark.parametrize(

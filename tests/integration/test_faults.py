@@ -1,0 +1,459 @@
+"""The fault matrix: a running daemon meets a disconnected or hung source mount, a full store,
+the store unmounted, a read-only links directory and the inotify limits. In each case the
+control socket answers within 1 s, pressure relief still works for the other models, every
+link stays valid, status names the cause, the source is untouched, and the daemon recovers on
+its own once the fault clears."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, wait_for, write_random
+from fuseserver import FuseServer
+
+from ramstage.system import System
+
+M = 1 << 20
+pytestmark = pytest.mark.root  # mounts: FUSE, tmpfs, bind mounts
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+class FuseMount:
+    """A FUSE mount over `path` whose server never answers: every look below it waits (a hung
+    mount, as when the server is stopped) until disconnect(), after which every look fails with
+    ENOTCONN, as when the server has died (fuse(4): the connection is aborted when /dev/fuse is
+    closed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Close-on-exec: a daemon started later must not keep the connection alive.
+        self.fd: int | None = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        options = f"fd={self.fd},rootmode=40000,user_id=0,group_id=0".encode()
+        if _libc.mount(b"ramstage-test", bytes(path), b"fuse.ramstage-test", 0, options) != 0:
+            raise OSError(ctypes.get_errno(), "mount fuse", str(path))
+        self.mounted = True
+
+    def disconnect(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def unmount(self) -> None:
+        """Disconnects first: no look may hang on it (not even umount's)."""
+        self.disconnect()
+        if self.mounted:
+            subprocess.run(["umount", "--lazy", str(self.path)], check=True)
+            self.mounted = False
+
+
+@pytest.fixture
+def fuse_mounts() -> Iterator[list[FuseMount]]:
+    mounts: list[FuseMount] = []
+    yield mounts
+    for mount in mounts:
+        mount.unmount()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def timed(daemon: Daemon, cmd: str, **args: Any) -> Any:
+    """A request, which must be answered within 1 s."""
+    started = time.monotonic()
+    result = daemon.request(cmd, **args)
+    took = time.monotonic() - started
+    assert took < 1.0, f"{cmd} took {took:.2f}s\n{daemon.log()}"
+    return result
+
+
+def models(daemon: Daemon) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in timed(daemon, "status")["models"]}
+
+
+def links_valid(daemon: Daemon, unreachable: set[str] = frozenset()) -> None:
+    """Every link there is leads to a readable file; none leads below a broken mount."""
+    for link in daemon.links.iterdir():
+        target = os.readlink(link)
+        assert not any(target.startswith(str(u)) for u in unreachable), (link, target)
+        assert os.path.isfile(link), (link, target)
+
+
+def set_floor(daemon: Daemon, floor: str, resume: str) -> None:
+    daemon.config["memory"].update(min_available=floor, resume_available=resume)
+    daemon.write_config()
+    daemon.cli("reload", check=True)
+
+
+def test_a_disconnected_source_mount_does_not_stop_pressure_relief_for_the_others(
+    tmp_path, make_daemon, fuse_mounts
+):
+    good = [write_random(tmp_path / "src" / f"good{i}.bin", 4 * M, seed=i) for i in range(2)]
+    bad = write_random(tmp_path / "remote" / "share" / "bad.bin", 4 * M, seed=9)
+    sums = {path: sha256(path) for path in [*good, bad]}
+    daemon = make_daemon(
+        [
+            {"name": "bad", "source": str(bad), "priority": 0},
+            {"name": "good0", "source": str(good[0]), "priority": 1},
+            {"name": "good1", "source": str(good[1]), "priority": 2},
+        ],
+        memory={"cooldown": "1s"},
+        watch={"settle": "300ms", "rescan": "1s"},
+    ).start()
+    for name in ("bad", "good0", "good1"):
+        daemon.wait_state(name, "staged")
+
+    mount = FuseMount(bad.parent)  # the share's server is gone: ENOTCONN from now on
+    fuse_mounts.append(mount)
+    mount.disconnect()
+    # A floor above all the memory there is: every model must go back to its source.
+    set_floor(daemon, "100000G", "100001G")
+    wait_for(
+        lambda: all(m["state"] != "staged" for m in models(daemon).values()),
+        context=daemon.log,
+    )
+    seen = models(daemon)
+    for name, source in (("good0", good[0]), ("good1", good[1])):
+        assert seen[name]["state"] == "fallback" and seen[name]["reason"] == "pressure"
+        assert os.readlink(daemon.links / name) == str(source)
+    assert seen["bad"]["state"] == "missing"
+    assert "Transport endpoint is not connected" in seen["bad"]["reason"]
+    assert not (daemon.links / "bad").exists()
+    links_valid(daemon, {bad.parent})
+    assert wait_for(lambda: not any(daemon.store.glob("*/*/*")), context=daemon.log)  # RAM freed
+    assert "internal error" not in daemon.log()
+
+    mount.unmount()
+    set_floor(daemon, "512M", "1G")
+    for name in ("bad", "good0", "good1"):
+        daemon.wait_state(name, "staged")
+    links_valid(daemon)
+    assert {path: sha256(path) for path in sums} == sums
+
+
+def test_a_hung_source_mount_blocks_neither_the_loop_nor_a_start(
+    tmp_path, make_daemon, fuse_mounts
+):
+    good = write_random(tmp_path / "src" / "good.bin", 4 * M, seed=1)
+    hung = write_random(tmp_path / "remote" / "share" / "hung.bin", 4 * M, seed=2)
+    sums = {good: sha256(good), hung: sha256(hung)}
+    daemon = make_daemon(
+        [
+            {"name": "hung", "source": str(hung), "priority": 0},
+            {"name": "good", "source": str(good), "priority": 1},
+        ],
+        watch={"settle": "300ms", "rescan": "1s"},
+    ).start()
+    daemon.wait_state("hung", "staged")
+    daemon.wait_state("good", "staged")
+
+    mount = FuseMount(hung.parent)  # a server that never answers: every stat waits
+    fuse_mounts.append(mount)
+    timed(daemon, "evict", names=["good"])
+    wait_for(lambda: models(daemon)["good"]["state"] == "fallback", context=daemon.log)
+    # Rescans (every 1 s) and source events look at the hung source; admin requests still
+    # answer within 1 s, every time.
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        models(daemon)
+    assert daemon.request("stage", names=["good"]) == {"staged": ["good"]}  # waits for the copy
+    assert models(daemon)["hung"]["state"] == "staged"  # its verified copy is still served
+    links_valid(daemon)
+
+    # A start while the source hangs opens the socket and places every link.
+    assert daemon.stop() == 0
+    daemon.start()
+    seen = models(daemon)
+    assert seen["hung"]["state"] == "missing"
+    assert "(a hung mount?)" in seen["hung"]["reason"]
+    timed(daemon, "evict", names=["good"])
+    assert daemon.request("stage", names=["good"]) == {"staged": ["good"]}
+    links_valid(daemon, {hung.parent})
+
+    mount.unmount()
+    daemon.wait_state("hung", "staged")
+    links_valid(daemon)
+    assert {path: sha256(path) for path in sums} == sums
+    assert daemon.stop() == 0
+
+
+def make_read_only(links: Path, how: str) -> None:
+    if how == "immutable":
+        subprocess.run(["chattr", "+i", str(links)], check=True)
+    else:
+        subprocess.run(["mount", "--bind", str(links), str(links)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(links)], check=True)
+
+
+def make_writable(links: Path, how: str) -> None:
+    if how == "immutable":
+        subprocess.run(["chattr", "-i", str(links)], check=True)
+    else:
+        subprocess.run(["umount", str(links)], check=True)
+
+
+@pytest.mark.parametrize("how", ["immutable", "read-only bind mount"])
+def test_a_read_only_links_directory_is_said_and_leaks_nothing(tmp_path, make_daemon, how):
+    source = write_random(tmp_path / "src" / "a.bin", 4 * M, seed=1)
+    other = write_random(tmp_path / "src" / "b.bin", 4 * M, seed=2)
+    daemon = make_daemon(
+        [{"name": "a", "source": str(source)}, {"name": "b", "source": str(other)}],
+        watch={"settle": "300ms", "rescan": "1s"},
+    ).start()
+    first = daemon.wait_state("a", "staged")
+    daemon.wait_state("b", "staged")
+    generations = daemon.store / "a"
+
+    make_read_only(daemon.links, how)
+    try:
+        write_random(source, 4 * M, seed=3)  # an update, copied but not linkable
+        seen = wait_for(
+            lambda: (
+                "cannot change the link" in (models(daemon)["a"]["reason"] or "")
+                and models(daemon)["a"]
+            ),
+            context=daemon.log,
+        )
+        assert seen["state"] == "staged" and seen["generation"] == first["generation"]
+        assert os.readlink(daemon.links / "a") == first["target"]
+        links_valid(daemon)
+        # The unlinked copy is not kept: one generation, the one served.
+        assert wait_for(lambda: len([p for p in generations.iterdir() if p.is_dir()]) == 1)
+        evict = daemon.cli("evict", "b")
+        assert evict.returncode == 1
+        assert "cannot change the link" in evict.stderr and "internal" not in evict.stderr
+        assert models(daemon)["b"]["state"] == "staged"
+    finally:
+        make_writable(daemon.links, how)
+
+    updated = wait_for(
+        lambda: (
+            (m := models(daemon)["a"])["generation"] != first["generation"]
+            and m["reason"] is None
+            and m
+        ),
+        context=daemon.log,
+    )
+    assert updated["digest"] == f"sha256:{sha256(source)}"
+    daemon.cli("evict", "b", check=True)
+    assert os.readlink(daemon.links / "b") == str(other)
+    assert "internal error" not in daemon.log()
+
+
+def test_a_store_filled_by_another_process_is_not_too_large_and_room_is_used_again(
+    tmp_path, make_daemon
+):
+    a = write_random(tmp_path / "src" / "a.bin", 4 * M, seed=1)
+    b = tmp_path / "src" / "b.bin"
+    daemon = make_daemon(
+        [{"name": "a", "source": str(a), "priority": 1}, {"name": "b", "source": str(b)}],
+        mount=True,
+        store={"size": "16M"},
+    ).start()
+    first = daemon.wait_state("a", "staged")
+
+    filler = write_random(daemon.store / "filler.bin", 10 * M, seed=2)  # another process's
+    write_random(a, 4 * M, seed=3)  # an update that fits the store, but not now
+    write_random(b, 4 * M, seed=4)  # a new model likewise
+    seen = wait_for(
+        lambda: (
+            (m := models(daemon))["a"]["reason"] == "store_full"
+            and m["b"]["reason"] == "store_full"
+            and m
+        ),
+        context=daemon.log,
+    )
+    assert seen["a"]["state"] == "staged" and seen["a"]["generation"] == first["generation"]
+    assert seen["b"]["state"] == "fallback"
+    assert os.readlink(daemon.links / "b") == str(b)
+    links_valid(daemon)
+    assert "too_large" not in daemon.log()
+
+    filler.unlink()  # room again: both are staged on their own, with no rescan
+    staged = wait_for(
+        lambda: (
+            all(m["reason"] is None and m["state"] == "staged" for m in models(daemon).values())
+            and models(daemon)
+        ),
+        context=daemon.log,
+    )
+    for name, source in (("a", a), ("b", b)):
+        assert staged[name]["digest"] == f"sha256:{sha256(source)}"
+    links_valid(daemon)
+    assert "internal error" not in daemon.log()
+
+
+def under_inotify_limits(daemon: Daemon, *, watches: int = 100, instances: int = 128) -> None:
+    """Runs the daemon in a user namespace of its own, whose inotify limits (user_namespaces(7):
+    /proc/sys/user/max_inotify_*) are lowered there only: the machine's stay as they are."""
+    daemon.wrap = [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "sh",
+        "-c",
+        f"echo {watches} > /proc/sys/user/max_inotify_watches"
+        f' && echo {instances} > /proc/sys/user/max_inotify_instances && exec "$@"',
+        "sh",
+    ]
+
+
+def set_inotify_limit(daemon: Daemon, name: str, value: int) -> None:
+    assert daemon.process is not None
+    # The daemon is the shell's exec: its PID is the namespace's.
+    subprocess.run(
+        ["nsenter", "--user", "--target", str(daemon.process.pid), "sh", "-c",
+         f"echo {value} > /proc/sys/user/max_inotify_{name}"],
+        check=True,
+    )  # fmt: skip
+
+
+def watch_status(daemon: Daemon) -> dict[str, Any]:
+    return timed(daemon, "status")["watch"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("limit", ["watches", "instances"])
+def test_inotify_limits_at_start_degrade_watching_and_it_recovers(tmp_path, make_daemon, limit):
+    source = write_random(tmp_path / "src" / "m.bin", 1 * M, seed=1)
+    daemon = make_daemon(
+        [{"name": "m", "source": str(source)}], watch={"settle": "300ms", "rescan": "1s"}
+    )
+    under_inotify_limits(daemon, **{limit: 0})
+    daemon.start()
+    first = daemon.wait_state("m", "staged")
+    problems = watch_status(daemon)
+    assert problems["degraded"] is True
+    expected = "No space left on device" if limit == "watches" else "Too many open files"
+    assert any(expected in p for p in problems["problems"]), problems
+    write_random(source, 1 * M, seed=2)  # seen by the periodic rescan
+    wait_for(lambda: models(daemon)["m"]["generation"] != first["generation"], context=daemon.log)
+
+    set_inotify_limit(daemon, limit, 100)
+    wait_for(lambda: watch_status(daemon) == {"degraded": False, "problems": []})
+    assert "unexpected error" not in daemon.log() and "internal error" not in daemon.log()
+
+
+def test_the_inotify_watch_limit_reached_at_run_time_is_said_and_recovers(tmp_path, make_daemon):
+    first = write_random(tmp_path / "one" / "src" / "a.bin", 1 * M, seed=1)
+    daemon = make_daemon(
+        [{"name": "a", "source": str(first)}], watch={"settle": "300ms", "rescan": "1s"}
+    )
+    under_inotify_limits(daemon, watches=100)
+    daemon.start()
+    daemon.wait_state("a", "staged")
+    assert watch_status(daemon)["degraded"] is False
+    set_inotify_limit(daemon, "watches", 2)  # the two directories above a.bin: no more
+
+    second = write_random(tmp_path / "two" / "src" / "b.bin", 1 * M, seed=2)
+    daemon.config["models"].append({"name": "b", "source": str(second)})
+    daemon.write_config()
+    daemon.cli("reload", check=True)
+    staged = daemon.wait_state("b", "staged")
+    problems = watch_status(daemon)
+    assert problems["degraded"] is True
+    assert any(str(second.parent) in p and "No space left" in p for p in problems["problems"])
+    write_random(second, 1 * M, seed=3)  # unwatched: the periodic rescan sees it
+    wait_for(lambda: models(daemon)["b"]["generation"] != staged["generation"], context=daemon.log)
+
+    set_inotify_limit(daemon, "watches", 100)
+    wait_for(lambda: watch_status(daemon) == {"degraded": False, "problems": []})
+    assert "internal error" not in daemon.log()
+
+
+def test_the_store_unmounted_under_the_daemon_is_mounted_again_and_restaged(tmp_path, make_daemon):
+    sources = [write_random(tmp_path / "src" / f"m{i}.bin", 4 * M, seed=i) for i in range(2)]
+    sums = {path: sha256(path) for path in sources}
+    daemon = make_daemon(
+        [{"name": f"m{i}", "source": str(path)} for i, path in enumerate(sources)], mount=True
+    ).start()
+    before = {name: daemon.wait_state(name, "staged")["generation"] for name in ("m0", "m1")}
+
+    System().run_in_init_namespace(["umount", "--lazy", str(daemon.store)])
+    wait_for(lambda: "was unmounted; every model is served from its source" in daemon.log())
+    status = wait_for(
+        lambda: (
+            (taken := timed(daemon, "status"))["store"]["mounted"]
+            and all(m["state"] == "staged" and m["reason"] is None for m in taken["models"])
+            and taken
+        ),
+        context=daemon.log,
+    )
+    assert any(m.mountpoint == daemon.store and m.fstype == "tmpfs" for m in System().mounts())
+    for model in status["models"]:
+        assert model["generation"] == before[model["name"]]  # the same content, copied again
+        assert Path(model["target"]).is_relative_to(daemon.store)
+    links_valid(daemon)
+    # Nothing was written to the file system below the store path.
+    below = tmp_path / "below"
+    below.mkdir()
+    subprocess.run(["mount", "--bind", str(daemon.root), str(below)], check=True)
+    try:
+        assert list((below / "store").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(below)], check=True)
+    assert {path: sha256(path) for path in sums} == sums
+    assert "internal error" not in daemon.log()
+
+
+@pytest.fixture
+def fuse_servers() -> Iterator[list[FuseServer]]:
+    servers: list[FuseServer] = []
+    yield servers
+    for server in servers:
+        server.close()
+
+
+def test_status_does_not_wait_for_a_hung_mount_a_reader_holds_a_file_on(
+    tmp_path, make_daemon, fuse_servers
+):
+    """Who holds what is read from /proc/PID/fd without asking the file's server."""
+    source = write_random(tmp_path / "src" / "m.bin", 1 * M, seed=1)
+    daemon = make_daemon([{"name": "m", "source": str(source)}]).start()
+    daemon.wait_state("m", "staged")
+    share = tmp_path / "share"
+    share.mkdir()
+    server = FuseServer(share, "other.bin", os.urandom(4096))
+    fuse_servers.append(server)
+    with open(share / "other.bin", "rb"), open(daemon.links / "m", "rb"):
+        server.hang()
+        try:
+            for _ in range(3):
+                assert models(daemon)["m"]["users"] == [os.getpid()]
+        finally:
+            server.answer()  # before the file is closed: close(2) asks the server (FLUSH)
+
+
+def test_a_source_read_failing_with_eio_is_said_and_the_others_are_staged(
+    tmp_path, make_daemon, fuse_servers
+):
+    good = write_random(tmp_path / "src" / "good.bin", 1 * M, seed=1)
+    share = tmp_path / "share"
+    share.mkdir()
+    data = os.urandom(2 * M)
+    server = FuseServer(share, "eio.bin", data)
+    fuse_servers.append(server)
+    server.eio.set()
+    daemon = make_daemon(
+        [
+            {"name": "eio", "source": str(share / "eio.bin"), "priority": 1},
+            {"name": "good", "source": str(good)},
+        ]
+    ).start()
+    failed = daemon.wait_state("eio", "fallback")
+    assert "Input/output error" in failed["reason"]
+    assert os.readlink(daemon.links / "eio") == str(share / "eio.bin")
+    daemon.wait_state("good", "staged")
+    assert not list(daemon.store.glob("eio/*/"))  # its partial copy is gone
+    server.eio.clear()
+    assert daemon.request("stage", names=["eio"]) == {"staged": ["eio"]}
+    assert (daemon.links / "eio").read_bytes() == data
+    links_valid(daemon)
