@@ -154,7 +154,7 @@ class Actuator:
         if action.serving is Serving.RAM:
             assert action.generation is not None
             generation = self.generations.find(model.name, action.generation)
-            links.point(model.link, generation.target, step=self.system.step)
+            links.point(model.link, generation.target, relative=True, step=self.system.step)
             self.generations.serve(model.name, generation)
             if model.generation != generation.id:
                 manifest = generation.manifest

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from ramstage import __version__, bench, progress, units, view
+from ramstage import __version__, bench, nodelabels, progress, units, view
 from ramstage.client import staged
 from ramstage.config import Config, config_path, load_config
 from ramstage.converters import Invalid, parse_size
@@ -28,6 +28,7 @@ from ramstage.system import System
 from ramstage.yamlfile import read_yaml
 
 CLEAR = "\x1b[H\x1b[2J"
+UNLESS_RESTARTING = "keep the store if UNIT is restarting, or its daemon died ($SERVICE_RESULT)"
 
 
 def _config(args: argparse.Namespace) -> tuple[Path, Config]:
@@ -208,6 +209,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label_node(args: argparse.Namespace) -> int:
+    nodelabels.serve(args.node, _socket(args), args.interval, debug=args.debug)
+    return 0
+
+
 def _progress_line(stream: TextIO) -> Callable[[str], None]:
     """On a terminal one line rewritten in place (and cleared by ""); elsewhere a line each."""
 
@@ -296,14 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command("reload", cmd_reload, "re-read the config (as SIGHUP)")
     command("mount", cmd_mount, "mount or adopt the store's tmpfs for all (ExecStartPre)")
-    sub = command("unmount", cmd_unmount, "links back on sources, RAM freed (ExecStopPost)")
-    sub.add_argument(
-        "--unless-restarting",
-        metavar="UNIT",
-        help="keep the store if UNIT is restarting, or its daemon died ($SERVICE_RESULT)",
-    )
+    sub = command("unmount", cmd_unmount, "free the store a stop left (ExecStopPost)")
+    sub.add_argument("--unless-restarting", metavar="UNIT", help=UNLESS_RESTARTING)
     sub = command("check-config", cmd_check_config, "validate a config file and list its problems")
     sub.add_argument("path", nargs="?", metavar="PATH", help="the file (default: --config's)")
+    sub = command("label-node", cmd_label_node, "keep this Kubernetes Node's labels on the models")
+    sub.add_argument("--node", help="the Node's name (default: $NODE_NAME)")
+    sub.add_argument("--interval", type=float, default=5.0, metavar="S", help="default 5 s")
     _bench_arguments(
         command("bench", cmd_bench, "time loading a model from its source and from RAM")
     )

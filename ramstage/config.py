@@ -60,6 +60,7 @@ class MemoryConfig:
 class WatchConfig:
     settle_seconds: float = 2.0
     rescan_seconds: float = 300.0
+    config: bool = False  # reload when the config file changes (watcher.ConfigWatcher)
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def parse_config(data: Any, *, check_sources: bool = False, system: System | Non
     size = partial(convert.parse_size, total_bytes=total)
     section = partial(_section, top, problems)
     store = section("store", ("path", "size", "mount", "huge"))
-    watch = section("watch", ("settle", "rescan"))
+    watch = section("watch", ("settle", "rescan", "config"))
     defaults = Config()
     trust = convert.trust(top.data.get("trust"), "trust", problems)
     hf_cache = top.get("hf_cache", convert.hub_cache, None)
@@ -226,6 +227,7 @@ def parse_config(data: Any, *, check_sources: bool = False, system: System | Non
         watch=WatchConfig(
             settle_seconds=watch.get("settle", convert.parse_duration, WatchConfig.settle_seconds),
             rescan_seconds=watch.get("rescan", convert.parse_duration, WatchConfig.rescan_seconds),
+            config=watch.get("config", convert.boolean, WatchConfig.config),
         ),
         staging=StagingConfig(
             workers=section("staging", ("workers",)).get(

@@ -243,7 +243,8 @@ class Core:
                     "%s: link %s was not where it belongs; put back", model.name, model.link
                 )
             if expected:
-                links.point(model.link, expected, step=self.system.step)
+                in_ram = generation is not None and expected == generation.target
+                links.point(model.link, expected, relative=in_ram, step=self.system.step)
             else:
                 links.remove(model.link, step=self.system.step)
 

@@ -70,8 +70,8 @@ class Daemon:
             reach,
             models,
             actuator.apply,
-            lambda name: post(SourceEvent(name)),
-            lambda reason: post(Rescan(reason)),
+            post,
+            config_path,
         )
         self.core = Core(
             config_path,

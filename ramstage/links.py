@@ -1,5 +1,10 @@
 """The stable links applications use. They change only by rename(2) over the old link
-(invariant 2): `ln -sfn` unlinks first, and a reader in that instant finds nothing."""
+(invariant 2): `ln -sfn` unlinks first, and a reader in that instant finds nothing.
+
+A link to a generation in the tree that holds the links directory (by default /run/ramstage,
+which holds the store) is relative (`../store/NAME/GEN/FILE`), so that tree resolves wherever
+it is mounted, e.g. in a container at another path. A link to a source is absolute, and
+resolves only where the source is at the same path."""
 
 from __future__ import annotations
 
@@ -25,23 +30,40 @@ class LinkError(RamstageError):
 
 
 def read(link: Path) -> str | None:
+    """The absolute path the link points at, however it is written."""
     try:
-        return os.readlink(link)
+        text = os.readlink(link)
     except (FileNotFoundError, OSError):
         return None
+    return os.path.normpath(os.path.join(link.parent, text))
 
 
-def point(link: Path, target: Path, *, step: Step) -> None:
+def text_for(link: Path, target: Path, *, relative: bool) -> str:
+    tree = link.parent.parent
+    # The kernel resolves `..` from the directory the link really is in: only a directory
+    # reached through no symlink has `..` where its path says.
+    if (
+        relative
+        and tree != Path("/")
+        and target.is_relative_to(tree)
+        and os.path.realpath(link.parent) == str(link.parent)
+    ):
+        return os.path.relpath(target, link.parent)
+    return str(target)
+
+
+def point(link: Path, target: Path, *, relative: bool = False, step: Step) -> None:
     if read(link) == str(target):
         return
     temporary = link.with_name(f".{link.name}.{secrets.token_hex(4)}.tmp")
+    text = text_for(link, target, relative=relative)
     step(f"link {temporary.name}")
     try:
         try:
-            os.symlink(target, temporary)
+            os.symlink(text, temporary)
         except FileNotFoundError:
             link.parent.mkdir(parents=True, exist_ok=True)  # someone removed the links directory
-            os.symlink(target, temporary)
+            os.symlink(text, temporary)
     except OSError as error:
         raise LinkError(link, error) from error
     step(f"flip {link.name} -> {target}")

@@ -233,6 +233,13 @@ SCHEMA: dict[str, Any] = {
                     "rescan": _duration(
                         "A full rescan, for file systems where inotify says nothing.", "5m"
                     ),
+                    "config": {
+                        "description": "true: reload (as SIGHUP) when this file's contents"
+                        " change; for files replaced atomically (a Kubernetes ConfigMap).",
+                        "type": "boolean",
+                        "default": False,
+                        "examples": [True],
+                    },
                 },
             ),
             "hf_cache": _hf_cache(

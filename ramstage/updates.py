@@ -19,11 +19,11 @@ from ramstage.config import WatchConfig
 from ramstage.errors import RamstageError
 from ramstage.holders import writers
 from ramstage.hub import downloads
-from ramstage.model import Action, Model, Reason, Settings, Why
+from ramstage.model import Action, Event, Model, Reason, Reload, Rescan, Settings, SourceEvent, Why
 from ramstage.reach import Reach
 from ramstage.sources import list_source
 from ramstage.system import System
-from ramstage.watcher import SourceWatcher
+from ramstage.watcher import ConfigWatcher, SourceWatcher
 
 log = logging.getLogger("ramstage")
 
@@ -50,24 +50,38 @@ class SourceUpdates:
         reach: Reach,
         models: Mapping[str, Model],
         apply: Callable[[Model, list[Action]], None],
-        on_change: Callable[[str], None],
-        on_rescan: Callable[[str], None],
+        post: Callable[[Event], None],
+        config_path: Path,
     ) -> None:
         self.config, self.system, self.models, self.apply = config, system, models, apply
         self.reach = reach
-        self.watcher = SourceWatcher(on_change, on_rescan, reach.call)
+        self.watcher = SourceWatcher(
+            lambda name: post(SourceEvent(name)), lambda reason: post(Rescan(reason)), reach.call
+        )
+        self.config_watcher = ConfigWatcher(config_path, lambda: post(Reload()))
 
     def start(self) -> None:
         self.watcher.watch(self._sources())
         self.watcher.start()
+        self._watch_config()
 
     def stop(self) -> None:
         self.watcher.stop()
+        self.config_watcher.stop()
 
     def configure(self, config: WatchConfig) -> None:
         """After a reload: new settings, and watches for the models as they are now."""
         self.config = config
         self.watcher.watch(self._sources())
+        self._watch_config()
+
+    def _watch_config(self) -> None:
+        """`watch.config`: one more inotify instance, on the config file's directory, while
+        it is on."""
+        if not self.config.config:
+            self.config_watcher.stop()
+        elif self.config_watcher.thread is None:
+            self.config_watcher.start()
 
     def next_due(self) -> float | None:
         """When the earliest marked source will have settled, if any is marked."""

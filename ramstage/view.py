@@ -54,6 +54,7 @@ COMMAND_EXITS = {
     "mount": "0 mounted or adopted, 1 failed",
     "unmount": "0 freed, or kept for a restart, 1 failed (a daemon runs), 2 config error",
     "check-config": "0 valid (warnings on stderr), 2 problems",
+    "label-node": "0 stopped (labels removed), 1 failed, 2 no node name or no kubernetes client",
     "bench": "0 measured, 1 failed, 2 usage error",
 }
 

@@ -219,3 +219,57 @@ def _subdirectories(tree: str) -> set[str]:
     for directory, subdirs, _ in os.walk(tree):
         found.update(os.path.join(directory, name) for name in subdirs)
     return found if os.path.isdir(tree) else set()
+
+
+class ConfigWatcher:
+    """Calls on_change() from its reader thread when the config file's contents change.
+
+    kubelet updates a ConfigMap volume by writing a new `..<timestamp>` directory and renaming
+    a `..data_tmp` symlink over `..data`; the file (`NAME -> ..data/NAME`) is never written, so
+    only the directory holding it sees an event (IN_MOVED_TO). Every event in that directory
+    leads to a read of the file through its links, and only new contents count: the steps of
+    one swap before the rename, and a swap to the same contents, call nothing. A file written
+    in place may be read half-written; a reload of it is refused and the next write retried.
+    """
+
+    def __init__(self, path: Path, on_change: Callable[[], None]) -> None:
+        self.path, self.on_change = path, on_change
+        self.inotify: Inotify | None = None
+        self.thread: threading.Thread | None = None
+        self.contents: bytes | None = None
+
+    def start(self) -> None:
+        self.contents = _contents(self.path)
+        try:
+            self.inotify = Inotify()
+            self.inotify.add_watch(str(self.path.parent))
+        except OSError as error:
+            log.warning("cannot watch %s (%s); reload by SIGHUP", self.path, error)
+            self.stop()
+            return
+        self.thread = threading.Thread(target=self._read, name="ramstage-config", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.inotify:
+            self.inotify.close()
+            if self.thread:
+                self.thread.join(timeout=5)
+            self.inotify.release()
+        self.inotify, self.thread = None, None
+
+    def _read(self) -> None:
+        assert self.inotify is not None
+        for _ in self.inotify.events():
+            contents = _contents(self.path)
+            if contents is not None and contents != self.contents:
+                self.contents = contents
+                log.info("%s changed: reloading", self.path)
+                self.on_change()
+
+
+def _contents(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None  # between an editor's unlink and its rename, or a swap's steps

@@ -279,10 +279,9 @@ class LinkWatcher(threading.Thread):
     def run(self) -> None:
         while not self._done.is_set():
             self.reads += 1
-            try:
-                target = os.readlink(self.link)
-            except OSError as error:
-                self.violations.append(f"readlink: {error}")
+            target = links.read(self.link)  # absolute, however the link is written
+            if target is None:
+                self.violations.append(f"no link at {self.link}")
                 continue
             self.targets.add(target)
             if target == str(self.source):

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from conftest import Daemon, LinkReader, wait_for, write_random
 
+from ramstage import links
 from ramstage.errors import RamstageError
 
 FULL = os.environ.get("RAMSTAGE_CRASH_MATRIX") == "full"
@@ -206,13 +207,13 @@ def check_after_restart(bench: Bench, before: dict[str, set[str]], point: int) -
     for name, model in models.items():
         link = daemon.links / name
         if model["state"] == "staged":
-            assert os.readlink(link) == model["target"], (point, name)
+            assert links.read(link) == model["target"], (point, name)
             owned[name] = {model["generation"], f"{model['generation']}.json"}
             if model["generation"] in before.get(name, set()):
                 assert f"{name}: adopted generation {model['generation']}" in log, (point, log)
                 assert f"{name}: staging" not in log, (point, log)
         else:
-            assert os.readlink(link) == model["source"], (point, name)
+            assert links.read(link) == model["source"], (point, name)
             owned[name] = set()
     # Nothing in the store that no generation owns: no partial, no stray generation.
     assert {p.name for p in daemon.store.iterdir()} <= {".ramstage-store", *owned}, point

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import LinkReader, sha256_file, wait_for, write_random
 
+from ramstage import links
 from ramstage.system import System
 
 RESTARTS = 20
@@ -80,8 +81,8 @@ def test_restarts_copy_nothing_and_never_point_at_the_source(ssd, make_daemon):
     assert mounted(daemon.store)
     daemon.cli("unmount", check=True)
     assert not mounted(daemon.store)
-    assert os.readlink(daemon.links / "m") == str(source)
-    assert os.readlink(daemon.links / "s") == str(shards)
+    assert links.read(daemon.links / "m") == str(source)
+    assert links.read(daemon.links / "s") == str(shards)
 
 
 def run_second(config: Path) -> subprocess.CompletedProcess[str]:
@@ -96,7 +97,7 @@ def run_second(config: Path) -> subprocess.CompletedProcess[str]:
 
 def what_a_daemon_owns(daemon) -> dict[str, object]:  # type: ignore[no-untyped-def]
     return {
-        "links": {p.name: os.readlink(p) for p in daemon.links.iterdir()},
+        "links": {p.name: links.read(p) for p in daemon.links.iterdir()},
         "socket": os.stat(daemon.socket).st_ino,
         "store": sorted((str(p), p.lstat().st_ino) for p in daemon.store.rglob("*")),
         "mounted": mounted(daemon.store),
@@ -175,7 +176,7 @@ def test_an_operators_evict_is_kept_across_restarts_until_stage(tmp_path, make_d
         daemon.start()
         model = daemon.model("m")
         assert (model["state"], model["reason"]) == ("fallback", "evicted"), stop
-        assert os.readlink(daemon.links / "m") == str(source)
+        assert links.read(daemon.links / "m") == str(source)
     assert "m: stays on its source, evicted by the operator" in daemon.log()
     daemon.cli("stage", "m", check=True)
     daemon.stop()
@@ -215,7 +216,7 @@ def test_a_reload_to_another_source_serves_the_old_copy_until_the_new_one_is_sta
         daemon.cli("reload", check=True)
         during = daemon.model("m")
         assert (during["state"], during["reason"]) == ("staged", "source_changed")
-        assert os.readlink(daemon.links / "m") == before["target"]
+        assert links.read(daemon.links / "m") == before["target"]
         after = wait_for(
             lambda: (
                 (m := daemon.model("m"))["generation"] != before["generation"]
@@ -227,7 +228,7 @@ def test_a_reload_to_another_source_serves_the_old_copy_until_the_new_one_is_sta
     finally:
         reader.stop()
     assert reader.failures == []
-    assert os.readlink(daemon.links / "m") == after["target"]
+    assert links.read(daemon.links / "m") == after["target"]
     assert sha256_file(daemon.links / "m") == sha256_file(new)
     # Never on the SSD meanwhile: the old copy, then the new one.
     sources = {(os.stat(p).st_dev, os.stat(p).st_ino) for p in (old, new)}

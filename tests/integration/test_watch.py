@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import sha256_file, wait_for, write_random
 
+from ramstage import links
+
 
 def staged_generations(daemon) -> list[str]:  # type: ignore[no-untyped-def]
     """Every generation the daemon published, in order, from its log."""
@@ -53,7 +55,7 @@ def test_in_place_writer_is_staged_once_after_close_and_settle(tmp_path, make_da
     )
     targets = set()
     while writer.poll() is None:
-        targets.add(os.readlink(daemon.links / "m"))
+        targets.add(links.read(daemon.links / "m"))
         assert daemon.model("m")["generation"] == first["generation"]
         time.sleep(0.05)
     assert writer.returncode == 0

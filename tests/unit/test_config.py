@@ -63,6 +63,7 @@ BAD = [
     ("duration unit", lambda s: {"watch": {"settle": "2d"}}, "watch.settle", "'2d'"),
     ("duration negative", lambda s: {"watch": {"settle": -1}}, "watch.settle", "-1"),
     ("duration word", lambda s: {"watch": {"rescan": "often"}}, "watch.rescan", "'often'"),
+    ("watch.config word", lambda s: {"watch": {"config": "yes"}}, "watch.config", "'yes'"),
     ("cooldown", lambda s: {"memory": {"cooldown": "soon"}}, "memory.cooldown", "'soon'"),
     ("name ../x", lambda s: {"models": [model(s, name="../x")]}, "models[0].name", "'../x'"),
     ("name a/b", lambda s: {"models": [model(s, name="a/b")]}, "models[0].name", "'a/b'"),
@@ -337,7 +338,7 @@ def test_a_good_config_parses_into_what_it_says(tmp_path, source, capsys):
         "checksum": "sha256",
         "ready": "staged",
         "memory": {"min_available": "512M", "resume_available": "1G", "psi": "full 200ms 2s"},
-        "watch": {"settle": "500ms", "rescan": "1m"},
+        "watch": {"settle": "500ms", "rescan": "1m", "config": True},
         "trust": {"users": ["daemon", 4242]},
         "models": [
             model(source, priority=-3, digest=GOOD_DIGEST, validate="none", trust={"groups": [0]})
@@ -351,6 +352,7 @@ def test_a_good_config_parses_into_what_it_says(tmp_path, source, capsys):
     assert str(config.links_dir) == "/run/x/models"
     assert config.memory.psi.trigger_line() == "full 200000 2000000"
     assert config.watch.settle_seconds == 0.5 and config.watch.rescan_seconds == 60
+    assert config.watch.config is True
     assert config.models[0].priority == -3 and config.models[0].digest == GOOD_DIGEST
     assert config.models[0].source == source
     # The model's own trust adds to the top-level one.
