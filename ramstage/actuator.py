@@ -7,15 +7,20 @@ generation it leaves is released, so no reader ever follows it into a deleted co
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from ramstage import links, units
 from ramstage.checkpoint import check_generation
 from ramstage.copier import stage_source
+from ramstage.errors import SourceHung
 from ramstage.generations import Generations
 from ramstage.manifest import CopyKey, Manifest
 from ramstage.model import (
@@ -44,6 +49,10 @@ from ramstage.model import (
 from ramstage.system import System
 
 log = logging.getLogger("ramstage")
+# A copy that reads nothing from its source for this long is given up on (a hung mount); its
+# thread may stay blocked, but publishes nothing. A stop waits this long for copies to stop.
+COPY_STALL_SECONDS = 10.0
+STOP_WAIT_SECONDS = 2.0
 _FIELDS: dict[type, str] = {
     Note: "why",
     Want: "want",
@@ -69,6 +78,7 @@ def copy_source(
 
     def progress(done_bytes: int, total_bytes: int) -> None:
         job.work.done_bytes, job.work.total_bytes = done_bytes, total_bytes
+        job.work.moved_at = system.monotonic()
         job.progress = min(done_bytes / total_bytes, 1.0) if total_bytes else 1.0
 
     started = system.monotonic()
@@ -97,7 +107,6 @@ class Actuator:
     ) -> None:
         self.generations, self.post, self.system = generations, post, generations.system
         self.checksum, self.workers = checksum, workers  # config.checksum, staging.workers
-        self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ramstage-copy")
 
     def apply(self, model: Model, actions: Iterable[Action]) -> None:
         served = model.serving
@@ -179,25 +188,63 @@ class Actuator:
         model.serving, model.generation = action.serving, action.generation
 
     def _start(self, model: Model, action: StartCopy) -> None:
+        now = self.system.monotonic()
         job = Job(
             self.generations.new_partial(model.name),
             identities=action.identities,
-            work=Work(self.system.monotonic()),
+            work=Work(now, moved_at=now),
         )
         copies = self.generations.copies()
-        future = self.copier.submit(
-            copy_source, model.settings, job, self.checksum, self.workers, self.system, copies
-        )
+        future: Future[Manifest] = Future()
         job.future = future
         name = model.name
         future.add_done_callback(lambda _: self.post(JobDone(name, job)))
         model.job = job
+        copy = partial(
+            copy_source, model.settings, job, self.checksum, self.workers, self.system, copies
+        )
+        # A thread of its own, never joined: one blocked on a hung mount holds up no later
+        # copy and no stop.
+        threading.Thread(
+            target=self._run, args=(job, future, copy), name="ramstage-copy", daemon=True
+        ).start()
+
+    def _run(self, job: Job, future: Future[Manifest], copy: Callable[[], Manifest]) -> None:
+        try:
+            outcome: tuple[Callable[[Any], None], Any] = (future.set_result, copy())
+        except BaseException as error:
+            outcome = (future.set_exception, error)
+        try:
+            outcome[0](outcome[1])
+        except InvalidStateError:
+            # Given up on (give_up_stalled) and its partial discarded by the loop meanwhile:
+            # what this thread wrote since then goes too, as nothing else knows of it.
+            self.generations.store.remove_path(job.partial)
+
+    def give_up_stalled(self, models: Iterable[Model]) -> None:
+        """A copy that read nothing for COPY_STALL_SECONDS fails now (the loop discards its
+        partial at JobDone); its thread, maybe blocked for good, is called off."""
+        now = self.system.monotonic()
+        for model in models:
+            job = model.job
+            if job is None or job.future is None or job.future.done():
+                continue
+            reading = not job.work.total_bytes or job.work.done_bytes < job.work.total_bytes
+            if reading and now - job.work.moved_at >= COPY_STALL_SECONDS:
+                job.cancel.set()
+                stalled = SourceHung(
+                    f"source read hung: nothing read from {model.settings.source} for "
+                    f"{COPY_STALL_SECONDS:g}s (a hung mount?)"
+                )
+                with contextlib.suppress(InvalidStateError):  # it finished just now
+                    job.future.set_exception(stalled)
 
     def stop(self, models: Iterable[Model]) -> None:
-        """Calls off every copy and waits for the worker; their partials go with them."""
+        """Calls off every copy and waits a moment for their threads (not for one blocked on a
+        hung mount: the process exits without it); their partials go."""
         running = [(m.name, m.job) for m in models if m.job]
         for _, job in running:
             job.cancel.set()
-        self.copier.shutdown(wait=True)
+        wait([job.future for _, job in running if job.future], timeout=STOP_WAIT_SECONDS)
         for name, job in running:
             self.generations.discard(name, job.partial)

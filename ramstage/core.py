@@ -144,6 +144,7 @@ class Core:
             log.error("cannot mount the store again (tried again in a moment): %s", error)
 
     def schedule(self, stopping: bool) -> None:
+        self.actuator.give_up_stalled(self.models.values())
         if stopping or self.store_lost:
             return  # a copy would land on the file system below the store path
         name = lifecycle.next_copy(self.models.values())
@@ -222,7 +223,11 @@ class Core:
         elif why is not None:
             log.error("%s: staging failed", name, exc_info=error)
         exists = self.reach.exists(model.settings.source)
-        self.apply(model, lifecycle.copy_failed(model, why, job.identities, source_exists=exists))
+        now, cooldown = self.system.monotonic(), self.config.memory.effective_cooldown_seconds
+        self.apply(
+            model,
+            lifecycle.copy_failed(model, why, job.identities, now, cooldown, source_exists=exists),
+        )
 
     def heal_links(self) -> None:
         """Puts back links that someone removed or changed, or that an error left behind."""

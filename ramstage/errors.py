@@ -12,6 +12,10 @@ class RamstageError(Exception):
         self.message = message
 
 
+class SourceHung(RamstageError):
+    """A copy read nothing from its source for a while (a hung mount): given up on."""
+
+
 class ConfigError(RamstageError):
     exit_code = 2
     wire_type = "ConfigError"

@@ -15,6 +15,7 @@ How the record moves (the contract's state in brackets, derived by model.phase):
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 from ramstage import policy, units
 from ramstage.access import Untrusted
 from ramstage.copier import Cancelled, NoSpace
+from ramstage.errors import SourceHung
 from ramstage.model import (
     Action,
     Answer,
@@ -196,11 +198,19 @@ def copy_failure(error: BaseException) -> Why | None:
         return Why(Reason.STORE_FULL)  # admitted, so something else took the room meanwhile
     if isinstance(error, Untrusted):
         return Why(Reason.UNTRUSTED, str(error))
-    return Why(Reason.ERROR, str(error))
+    # A hung read, or EIO, may clear on its own: tried again after a backoff.
+    retry = isinstance(error, SourceHung) or getattr(error, "errno", None) == errno.EIO
+    return Why(Reason.ERROR, str(error), retry=retry)
 
 
 def copy_failed(
-    model: Model, why: Why | None, identities: Identities, *, source_exists: bool
+    model: Model,
+    why: Why | None,
+    identities: Identities,
+    now: float,
+    cooldown_seconds: float,
+    *,
+    source_exists: bool,
 ) -> list[Action]:
     """why None: the copy was called off (its caller already decided what follows)."""
     if why is None:
@@ -209,6 +219,11 @@ def copy_failed(
         return source_missing(model)
     if why.reason is Reason.STORE_FULL:
         return refuse(model, why, source_exists=source_exists)  # tried again once there is room
+    if why.retry:  # tried again by to_resume once its backoff has run out
+        return [
+            *refuse(model, why, source_exists=source_exists),
+            back_off(model, now, cooldown_seconds),
+        ]
     # Not tried again on its own until this source version changes.
     return [Remember(identities), *refuse(model, why, source_exists=source_exists)]
 
@@ -293,7 +308,8 @@ def to_resume(models: Iterable[Model], now: float, *, calm: bool) -> str | None:
     """Once memory is calm (policy.may_resume), one model evicted or refused for pressure goes
     back to pending, the highest priority first, unless another copy is wanted or running or its
     backoff has not run out. That includes a model whose update was refused for pressure while
-    it kept serving the older version from RAM."""
+    it kept serving the older version from RAM, and one whose copy failed for a fault that may
+    clear (Why.retry)."""
     models = list(models)
     busy = any(m.job or waiting_to_copy(m) for m in models)
     if busy or not calm:
@@ -301,7 +317,7 @@ def to_resume(models: Iterable[Model], now: float, *, calm: bool) -> str | None:
     return policy.next_to_stage(
         policy.Candidate(m.name, m.settings.priority)
         for m in models
-        if m.why == Why(Reason.PRESSURE)
+        if (m.why == Why(Reason.PRESSURE) or (m.why is not None and m.why.retry))
         and not m.held
         and (m.backoff is None or m.backoff.not_before <= now)
     )

@@ -76,6 +76,8 @@ class Why:
     # What the decision was made on (need_bytes, store_free_bytes, …): shown in status, and
     # not part of the reason, so the same refusal with other figures is the same reason.
     figures: tuple[tuple[str, int], ...] = field(default=(), compare=False)
+    # A fault that may clear on its own (EIO, a hung read): tried again after a backoff.
+    retry: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
@@ -99,6 +101,7 @@ class Work:
     started_at: float  # monotonic
     done_bytes: int = 0
     total_bytes: int = 0
+    moved_at: float = 0.0  # monotonic: the last bytes done (a copy's stall watchdog)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import pytest
 from ramstage import lifecycle
 from ramstage.access import Untrusted
 from ramstage.copier import Cancelled, NoSpace
+from ramstage.errors import SourceHung
 from ramstage.lifecycle import Budget, Listing
 from ramstage.model import (
     Action,
@@ -163,7 +164,7 @@ def test_admission(model: Model, decide: Callable[[Model], list[Action]], expect
 
 def copy_failed(model: Model, error: BaseException, exists: bool = True) -> list[Action]:
     why = lifecycle.copy_failure(error)
-    return lifecycle.copy_failed(model, why, NEW, source_exists=exists)
+    return lifecycle.copy_failed(model, why, NEW, 100.0, 10.0, source_exists=exists)
 
 
 @pytest.mark.parametrize(
@@ -190,15 +191,39 @@ def copy_failed(model: Model, error: BaseException, exists: bool = True) -> list
         ),
         pytest.param(
             record(),
-            lambda m: copy_failed(m, OSError(5, "EIO")),
+            lambda m: copy_failed(m, OSError(22, "EINVAL")),
             [
                 Remember(NEW),
+                Serve(SOURCE),
+                Note(Why(Reason.ERROR, "[Errno 22] EINVAL")),
+                Want(False),
+                Answer("error: [Errno 22] EINVAL"),
+            ],
+            id="error-falls-back-until-the-source-changes",
+        ),
+        pytest.param(
+            record(),
+            lambda m: copy_failed(m, OSError(5, "EIO")),
+            [
                 Serve(SOURCE),
                 Note(Why(Reason.ERROR, "[Errno 5] EIO")),
                 Want(False),
                 Answer("error: [Errno 5] EIO"),
+                BackOff(Backoff(1, 100.0, 10.0)),
             ],
-            id="error-falls-back-until-the-source-changes",
+            id="eio-falls-back-and-is-tried-again-after-a-backoff",
+        ),
+        pytest.param(
+            record(),
+            lambda m: copy_failed(m, SourceHung("source read hung")),
+            [
+                Serve(SOURCE),
+                Note(Why(Reason.ERROR, "source read hung")),
+                Want(False),
+                Answer("error: source read hung"),
+                BackOff(Backoff(1, 100.0, 10.0)),
+            ],
+            id="hung-read-falls-back-and-is-tried-again-after-a-backoff",
         ),
         pytest.param(
             in_ram(want=True),
@@ -490,6 +515,13 @@ def test_resume_only_when_calm_idle_and_past_the_backoff():
     # An update refused for pressure while the older version stays in RAM comes back too.
     update_refused = in_ram(want=False, why=PRESSURE)
     assert lifecycle.to_resume([update_refused], 100.0, calm=True) == "m"
+    # A copy failed for a fault that may clear comes back after its backoff; another does not.
+    eio = Why(Reason.ERROR, "[Errno 5] EIO", retry=True)
+    failed = record("e", want=False, why=eio, backoff=Backoff(1, 95.0, 10.0))
+    assert lifecycle.to_resume([failed], 100.0, calm=True) is None
+    assert lifecycle.to_resume([failed], 106.0, calm=True) == "e"
+    broken = record("x", want=False, why=Why(Reason.ERROR, "bad"), backoff=Backoff(1, 0.0, 1.0))
+    assert lifecycle.to_resume([broken], 106.0, calm=True) is None
 
 
 @pytest.mark.parametrize(
