@@ -1,7 +1,8 @@
 """A FUSE file system of one directory holding one file, served from a thread of the test by
 speaking the kernel's protocol on /dev/fuse directly (fuse(4), <linux/fuse.h>): no libfuse is
-needed. It can be made to hang (stop answering, as a stopped server does), to fail reads with
-EIO, or be disconnected (ENOTCONN from then on, as when its server dies)."""
+needed. It can be made to hang (stop answering, as a stopped server does), to leave reads
+unanswered while answering the rest, to fail reads with EIO, or be disconnected (ENOTCONN from
+then on, as when its server dies)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ class FuseServer:
         self.answering = threading.Event()  # cleared: requests wait unanswered (a hung mount)
         self.eio = threading.Event()  # set: reads fail with EIO
         self.reads = 0
+        self.read_limit: int | None = None  # reads past it wait unanswered until release_reads()
+        self.held: list[bytes] = []
         self._stop = threading.Event()
         # Close-on-exec: a daemon started later must not keep the connection alive.
         self.fd: int | None = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
@@ -57,6 +60,13 @@ class FuseServer:
 
     def answer(self) -> None:
         self.answering.set()
+
+    def hold_reads(self, after: int = 0) -> None:
+        """READ requests past the first `after` from now wait unanswered (a read that hangs)."""
+        self.read_limit = self.reads + after
+
+    def release_reads(self) -> None:
+        self.read_limit = None  # the server's thread answers those held
 
     def disconnect(self) -> None:
         """Every look fails with ENOTCONN from now on (and none waits any more)."""
@@ -78,6 +88,8 @@ class FuseServer:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         while not self._stop.is_set():
+            if self.held and self.read_limit is None:
+                self._handle(self.held.pop(0))
             if not self.answering.wait(0.1) or not poller.poll(100):
                 continue
             try:
@@ -91,6 +103,9 @@ class FuseServer:
     def _handle(self, request: bytes) -> None:
         _, opcode, unique, node, *_ = IN_HEADER.unpack_from(request)
         if opcode in NO_REPLY:
+            return
+        if opcode == READ and self.read_limit is not None and self.reads >= self.read_limit:
+            self.held.append(request)
             return
         error, payload = self._answer(opcode, node, request[IN_HEADER.size :])
         reply = OUT_HEADER.pack(OUT_HEADER.size + len(payload), error, unique) + payload

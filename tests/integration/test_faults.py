@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -432,7 +433,7 @@ def test_status_does_not_wait_for_a_hung_mount_a_reader_holds_a_file_on(
             server.answer()  # before the file is closed: close(2) asks the server (FLUSH)
 
 
-def test_a_source_read_failing_with_eio_is_said_and_the_others_are_staged(
+def test_a_source_read_failing_with_eio_is_said_and_staged_on_its_own_once_it_reads(
     tmp_path, make_daemon, fuse_servers
 ):
     good = write_random(tmp_path / "src" / "good.bin", 1 * M, seed=1)
@@ -446,14 +447,77 @@ def test_a_source_read_failing_with_eio_is_said_and_the_others_are_staged(
         [
             {"name": "eio", "source": str(share / "eio.bin"), "priority": 1},
             {"name": "good", "source": str(good)},
-        ]
+        ],
+        memory={"cooldown": "1s"},  # the backoff's first wait
     ).start()
     failed = daemon.wait_state("eio", "fallback")
     assert "Input/output error" in failed["reason"]
+    assert failed["backoff_seconds"] is not None  # tried again after it
     assert os.readlink(daemon.links / "eio") == str(share / "eio.bin")
     daemon.wait_state("good", "staged")
     assert not list(daemon.store.glob("eio/*/"))  # its partial copy is gone
+    reads = server.reads
+    wait_for(lambda: server.reads > reads, timeout=30)  # tried again, and failed again
     server.eio.clear()
-    assert daemon.request("stage", names=["eio"]) == {"staged": ["eio"]}
+    daemon.wait_state("eio", "staged")  # on its own: no source change, no `ramstage stage`
     assert (daemon.links / "eio").read_bytes() == data
     links_valid(daemon)
+    assert "internal error" not in daemon.log()
+
+
+def test_a_source_whose_reads_hang_mid_copy_is_given_up_on_and_staged_once_it_answers(
+    tmp_path, make_daemon, fuse_servers
+):
+    good = write_random(tmp_path / "src" / "good.bin", 1 * M, seed=1)
+    share = tmp_path / "share"
+    share.mkdir()
+    data = os.urandom(4 * M)
+    server = FuseServer(share, "hung.bin", data)
+    fuse_servers.append(server)
+    server.hold_reads(after=4)  # some of the file is read, then reads never answer
+    daemon = make_daemon(
+        [
+            {"name": "hung", "source": str(share / "hung.bin"), "priority": 1},
+            {"name": "good", "source": str(good)},
+        ],
+        memory={"cooldown": "1s"},
+    ).start()
+    wait_for(lambda: server.held)
+    assert models(daemon)["hung"]["state"] == "staging"  # the copy is blocked; the socket is not
+    failed = daemon.wait_state("hung", "fallback")  # given up on after 10 s without progress
+    assert "source read hung" in failed["reason"] and "a hung mount?" in failed["reason"], failed
+    assert os.readlink(daemon.links / "hung") == str(share / "hung.bin")
+    daemon.wait_state("good", "staged")  # the copy after it was not held up
+    assert models(daemon)["good"]["state"] == "staged"
+    assert (daemon.links / "good").read_bytes() == good.read_bytes()
+    server.release_reads()
+    staged = daemon.wait_state("hung", "staged")  # on its own, after its backoff
+    assert (daemon.links / "hung").read_bytes() == data
+    assert staged["copies"] == 1  # the copy given up on published nothing when it woke
+    # Nothing is left of the copy given up on: only the generation served.
+    served = {staged["generation"], f"{staged['generation']}.json"}
+    wait_for(lambda: {p.name for p in (daemon.store / "hung").iterdir()} == served)
+    links_valid(daemon)
+    assert "internal error" not in daemon.log()
+
+
+def test_a_stop_does_not_wait_for_a_copy_blocked_on_a_hung_read(
+    tmp_path, make_daemon, fuse_servers
+):
+    share = tmp_path / "share"
+    share.mkdir()
+    server = FuseServer(share, "hung.bin", os.urandom(4 * M))
+    fuse_servers.append(server)
+    server.hold_reads(after=4)
+    daemon = make_daemon([{"name": "hung", "source": str(share / "hung.bin")}]).start()
+    wait_for(lambda: server.held)
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    daemon.process.send_signal(signal.SIGTERM)
+    # The daemon's own work is done within a few seconds: its main thread has exited. The
+    # thread whose read the server took and never answered is the kernel's to end (fuse(4)
+    # waits for an answer to a request already sent), when the server answers or dies.
+    wait_for(lambda: Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", timeout=5)
+    server.release_reads()
+    assert daemon.process.wait(10) == 0
+    assert "stopping" in daemon.log()
