@@ -43,7 +43,9 @@ ramstage=(.venv/bin/ramstage)
 
 "${ramstage[@]}" daemon --config "$demo/ramstage.yaml" &
 daemon=$!
-trap 'kill -TERM $daemon 2>/dev/null; wait $daemon' EXIT
+# A stopped daemon keeps its copies for the next start; `ramstage unmount` frees them, as
+# `systemctl stop` does for the service.
+trap 'kill -TERM $daemon 2>/dev/null; wait $daemon; "${ramstage[@]}" unmount --config "$demo/ramstage.yaml"' EXIT
 for _ in $(seq 1 300); do
   "${ramstage[@]}" status demo --json --config "$demo/ramstage.yaml" 2>/dev/null | grep -q '"state": "staged"' && break
   sleep 0.2
@@ -53,6 +55,6 @@ echo
 echo
 echo "applications load it through: $("${ramstage[@]}" path demo --config "$demo/ramstage.yaml")"
 if [ "${1:-}" = "--keep" ]; then
-  echo "the daemon keeps running in the foreground; Ctrl-C stops it (links go back to the source)"
+  echo "the daemon keeps running in the foreground; Ctrl-C stops it, then the RAM is freed and the link goes back to the source"
   wait $daemon
 fi

@@ -20,6 +20,7 @@ import pytest
 from conftest import Daemon, wait_for, write_random
 from fuseserver import FuseServer
 
+from ramstage.links import read as read_link
 from ramstage.system import System
 
 M = 1 << 20
@@ -84,7 +85,8 @@ def models(daemon: Daemon) -> dict[str, dict[str, Any]]:
 def links_valid(daemon: Daemon, unreachable: set[str] = frozenset()) -> None:
     """Every link there is leads to a readable file; none leads below a broken mount."""
     for link in daemon.links.iterdir():
-        target = os.readlink(link)
+        target = read_link(link)
+        assert target is not None, link
         assert not any(target.startswith(str(u)) for u in unreachable), (link, target)
         assert os.path.isfile(link), (link, target)
 
@@ -125,7 +127,7 @@ def test_a_disconnected_source_mount_does_not_stop_pressure_relief_for_the_other
     seen = models(daemon)
     for name, source in (("good0", good[0]), ("good1", good[1])):
         assert seen[name]["state"] == "fallback" and seen[name]["reason"] == "pressure"
-        assert os.readlink(daemon.links / name) == str(source)
+        assert read_link(daemon.links / name) == str(source)
     assert seen["bad"]["state"] == "missing"
     assert "Transport endpoint is not connected" in seen["bad"]["reason"]
     assert not (daemon.links / "bad").exists()
@@ -225,8 +227,7 @@ def test_a_read_only_links_directory_is_said_and_leaks_nothing(tmp_path, make_da
             context=daemon.log,
         )
         assert seen["state"] == "staged" and seen["generation"] == first["generation"]
-        # A link into the store is relative; status gives its target as an absolute path.
-        assert os.path.normpath(daemon.links / os.readlink(daemon.links / "a")) == first["target"]
+        assert read_link(daemon.links / "a") == first["target"]
         links_valid(daemon)
         # The unlinked copy is not kept: one generation, the one served.
         assert wait_for(lambda: len([p for p in generations.iterdir() if p.is_dir()]) == 1)
@@ -247,7 +248,7 @@ def test_a_read_only_links_directory_is_said_and_leaks_nothing(tmp_path, make_da
     )
     assert updated["digest"] == f"sha256:{sha256(source)}"
     daemon.cli("evict", "b", check=True)
-    assert os.readlink(daemon.links / "b") == str(other)
+    assert read_link(daemon.links / "b") == str(other)
     assert "internal error" not in daemon.log()
 
 
@@ -276,7 +277,7 @@ def test_a_store_filled_by_another_process_is_not_too_large_and_room_is_used_aga
     )
     assert seen["a"]["state"] == "staged" and seen["a"]["generation"] == first["generation"]
     assert seen["b"]["state"] == "fallback"
-    assert os.readlink(daemon.links / "b") == str(b)
+    assert read_link(daemon.links / "b") == str(b)
     links_valid(daemon)
     assert "too_large" not in daemon.log()
 
@@ -454,7 +455,7 @@ def test_a_source_read_failing_with_eio_is_said_and_staged_on_its_own_once_it_re
     failed = daemon.wait_state("eio", "fallback")
     assert "Input/output error" in failed["reason"]
     assert failed["backoff_seconds"] is not None  # tried again after it
-    assert os.readlink(daemon.links / "eio") == str(share / "eio.bin")
+    assert read_link(daemon.links / "eio") == str(share / "eio.bin")
     daemon.wait_state("good", "staged")
     assert not list(daemon.store.glob("eio/*/"))  # its partial copy is gone
     reads = server.reads
@@ -487,7 +488,7 @@ def test_a_source_whose_reads_hang_mid_copy_is_given_up_on_and_staged_once_it_an
     assert models(daemon)["hung"]["state"] == "staging"  # the copy is blocked; the socket is not
     failed = daemon.wait_state("hung", "fallback")  # given up on after 10 s without progress
     assert "source read hung" in failed["reason"] and "a hung mount?" in failed["reason"], failed
-    assert os.readlink(daemon.links / "hung") == str(share / "hung.bin")
+    assert read_link(daemon.links / "hung") == str(share / "hung.bin")
     daemon.wait_state("good", "staged")  # the copy after it was not held up
     assert models(daemon)["good"]["state"] == "staged"
     assert (daemon.links / "good").read_bytes() == good.read_bytes()

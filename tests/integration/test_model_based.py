@@ -28,6 +28,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from strategies import LONG_RUN
 
 from ramstage.errors import NotFound, RamstageError
+from ramstage.links import read as read_link
 
 STEPS = int(os.environ.get("RAMSTAGE_MODEL_STEPS", "0"))
 FILES = ("a", "b", "c")  # file models
@@ -131,7 +132,7 @@ class DaemonMachine(RuleBasedStateMachine):
             return
         model = self._status()[name]
         assert (model["state"], model["reason"]) == ("fallback", "evicted"), model
-        assert os.readlink(self.daemon.links / name) == str(self._source(name))
+        assert read_link(self.daemon.links / name) == str(self._source(name))
 
     @rule(
         name=st.sampled_from(NAMES),
@@ -218,12 +219,13 @@ class DaemonMachine(RuleBasedStateMachine):
     def links_serve_the_source_or_a_verified_copy(self) -> None:
         for name in self.configured:
             link = self.daemon.links / name
-            target = os.readlink(link)  # every configured model has a link, always
+            target = read_link(link)
+            assert target is not None, f"{name}: no link"  # every configured model has one
             if target == str(self._source(name)):
                 continue
             problem = self._generation_problem(name, Path(target))
             # The link may have moved on while we looked, and the old copy been freed.
-            if problem and os.readlink(link) == target:
+            if problem and read_link(link) == target:
                 raise AssertionError(f"{name}: {problem}\n{self.daemon.log()}")
 
     def _generation_problem(self, name: str, target: Path) -> str | None:
@@ -258,7 +260,7 @@ class DaemonMachine(RuleBasedStateMachine):
 
     def _disagreements(self) -> list[str]:
         before = self._status()
-        targets = {name: os.readlink(self.daemon.links / name) for name in before}
+        targets = {name: read_link(self.daemon.links / name) for name in before}
         after = self._status()
         assert set(before) == set(after) == self.configured
         problems = []
