@@ -20,6 +20,7 @@ from typing import Any
 from ramstage import links, units
 from ramstage.checkpoint import check_generation
 from ramstage.copier import stage_source
+from ramstage.crew import Crew, default_workers
 from ramstage.errors import SourceHung
 from ramstage.generations import Generations
 from ramstage.manifest import CopyKey, Manifest
@@ -68,13 +69,17 @@ def copy_source(
     settings: Settings,
     job: Job,
     checksum: str,
-    workers: int,
+    crew: Crew,
     system: System,
     copies: Mapping[CopyKey, tuple[Path, str]],
+    by_device: bool,
 ) -> Manifest:
     """Runs in the copy worker and writes nothing but the job's partial directory; the loop
-    publishes it. A torn or truncated checkpoint hashes fine, so its format is checked too."""
+    publishes it. A torn or truncated checkpoint hashes fine, so its format is checked too.
+    by_device (staging.workers not set): the copies from one spinning disk read one file at a
+    time between them."""
     algorithm = settings.digest.partition(":")[0] if settings.digest else checksum
+    disk = system.spinning_disk(settings.source) if by_device else None
 
     def progress(done_bytes: int, total_bytes: int) -> None:
         job.work.done_bytes, job.work.total_bytes = done_bytes, total_bytes
@@ -88,7 +93,7 @@ def copy_source(
         job.partial,
         algorithm,
         trust=settings.trust,
-        workers=workers,
+        run_files=partial(crew.run_all, lane=disk, most=None if disk is None else 1),
         on_progress=progress,
         cancel=job.cancel,
         expected_digest=settings.digest,
@@ -103,10 +108,20 @@ def copy_source(
 
 class Actuator:
     def __init__(
-        self, generations: Generations, post: Callable[[Event], None], checksum: str, workers: int
+        self,
+        generations: Generations,
+        post: Callable[[Event], None],
+        checksum: str,
+        workers: int | None,
     ) -> None:
         self.generations, self.post, self.system = generations, post, generations.system
-        self.checksum, self.workers = checksum, workers  # config.checksum, staging.workers
+        self.crew = Crew(1)  # shared by every copy in flight
+        self.configure(checksum, workers)
+
+    def configure(self, checksum: str, workers: int | None) -> None:
+        """config.checksum and staging.workers (None: one per core, by the source's device)."""
+        self.checksum, self.by_device = checksum, workers is None
+        self.crew.resize(workers or default_workers(self.system.cores()))
 
     def apply(self, model: Model, actions: Iterable[Action]) -> None:
         served = model.serving
@@ -192,6 +207,7 @@ class Actuator:
         job = Job(
             self.generations.new_partial(model.name),
             identities=action.identities,
+            need_bytes=action.need_bytes,
             work=Work(now, moved_at=now),
         )
         copies = self.generations.copies()
@@ -201,7 +217,14 @@ class Actuator:
         future.add_done_callback(lambda _: self.post(JobDone(name, job)))
         model.job = job
         copy = partial(
-            copy_source, model.settings, job, self.checksum, self.workers, self.system, copies
+            copy_source,
+            model.settings,
+            job,
+            self.checksum,
+            self.crew,
+            self.system,
+            copies,
+            self.by_device,
         )
         # A thread of its own, never joined: one blocked on a hung mount holds up no later
         # copy and no stop.
@@ -232,6 +255,7 @@ class Actuator:
             reading = not job.work.total_bytes or job.work.done_bytes < job.work.total_bytes
             if reading and now - job.work.moved_at >= COPY_STALL_SECONDS:
                 job.cancel.set()
+                self.crew.forfeit(job.cancel)  # its thread may hold a worker for good
                 stalled = SourceHung(
                     f"source read hung: nothing read from {model.settings.source} for "
                     f"{COPY_STALL_SECONDS:g}s (a hung mount?)"

@@ -65,9 +65,10 @@ class WatchConfig:
 
 @dataclass(frozen=True)
 class StagingConfig:
-    # Files of one model copied at once. Two: on these 2-core machines a second stream
-    # overlaps one file's reads with another's writes and checks (docs/benchmarks.md).
-    workers: int = 2
+    # The copy workers every copy in flight shares: files copied at once, and models copied
+    # at once. None: one per core, at most crew.MOST_WORKERS, and one file at a time from a
+    # spinning disk (docs/design.md, "Parallel copies").
+    workers: int | None = None
 
 
 @dataclass(frozen=True)

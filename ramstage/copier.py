@@ -13,7 +13,7 @@ import os
 import stat
 import time
 from collections.abc import Mapping
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from threading import Event, Lock
@@ -22,6 +22,7 @@ from typing import Callable
 import xxhash
 
 from ramstage.access import NO_TRUST, Owner, Trust
+from ramstage.crew import Crew
 from ramstage.digest import Hasher, combine, new_hasher
 from ramstage.errors import RamstageError
 from ramstage.hub import check_blob
@@ -275,28 +276,26 @@ def _copy_all(
     listing: SourceListing,
     generation: Path,
     trust: Trust,
-    workers: int,
+    run_files: Callable[..., list[Future[StagedFile]]],
     new_copier: Callable[[Event], _Copier],
     copies: Mapping[CopyKey, tuple[Path, str]],
 ) -> tuple[StagedFile, ...]:
-    """Copies every file of a listing, `workers` at a time (the shards of a directory model),
-    then gives the directories their owners and the generation its gate."""
+    """Copies every file on the copy workers, then gives the directories and gate their owners."""
     base = generation / listing.name if listing.kind == "dir" else generation
     for path in [base, *(base / d.relpath for d in listing.dirs)]:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     abort = Event()
     firsts = [source for source in listing.files if source.same_as is None]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ramstage-copy") as pool:
-        futures = [
-            pool.submit(_copy_one, new_copier(abort), source, listing, base, trust, copies)
-            for source in firsts
-        ]
-        wait(futures, return_when=FIRST_EXCEPTION)
-        abort.set()  # when one failed, the others stop at their next chunk
+    futures = run_files(
+        [partial(_copy_one, new_copier(abort), s, listing, base, trust, copies) for s in firsts],
+        stop=abort,
+    )
     for future in futures:
         error = future.exception()
         if error is not None and not isinstance(error, _Aborted):
             raise error
+    if len(futures) < len(firsts):
+        raise Cancelled(f"{listing.name}: staging cancelled")  # while waiting for a worker
     staged = {file.relpath: file for file in (f.result() for f in futures)}
     for source in listing.files:
         if source.same_as is not None:
@@ -350,6 +349,7 @@ def stage_source(
     *,
     trust: Trust = NO_TRUST,
     workers: int = 1,
+    run_files: Callable[..., list[Future[StagedFile]]] | None = None,  # the daemon's Crew.run_all
     on_progress: Callable[[int, int], None] = lambda done_bytes, total_bytes: None,
     cancel: Event | None = None,
     expected_digest: str | None = None,
@@ -369,7 +369,7 @@ def stage_source(
                 listing,
                 generation,
                 trust,
-                workers,
+                partial(run_files or Crew(workers).run_all, cancel, tick=partial(progress, 0)),
                 partial(_Copier, algorithm, progress, cancel, step=step),
                 copies or {},
             )

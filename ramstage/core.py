@@ -147,11 +147,22 @@ class Core:
         self.actuator.give_up_stalled(self.models.values())
         if stopping or self.store_lost:
             return  # a copy would land on the file system below the store path
-        name = lifecycle.next_copy(self.models.values())
-        if name is None or (self.config.store.mount and not self.store.fs.mounted):
+        if self.config.store.mount and not self.store.fs.mounted:
             return  # check_store takes an unmounted store from here
-        model = self.models[name]
-        budget = lifecycle.Budget(
+        for name in lifecycle.next_copies(self.models.values(), self.actuator.crew.workers):
+            model = self.models[name]
+            listing = self._unshared(look(model.settings, self.reach))
+            actions = lifecycle.admit(model, listing, self._budget())
+            if not actions:
+                return  # it waits for the copies in flight, and those after it wait for it
+            self.apply(model, actions)
+
+    def _budget(self) -> lifecycle.Budget:
+        """The readings, with what each copy in flight took of the store so far and what it
+        has yet to take of what it was admitted for."""
+        jobs = [m.job for m in self.models.values() if m.job]
+        taken = [self.store.partial_bytes(job.partial) for job in jobs]
+        return lifecycle.Budget(
             store_free_bytes=self.store.fs.free_bytes(),
             store_others_bytes=self.store.others_bytes(self.models),
             available_bytes=self.system.available_bytes(),
@@ -159,9 +170,8 @@ class Core:
             paused=self.relief.paused(),
             now=self.system.monotonic(),
             cooldown_seconds=self.config.memory.effective_cooldown_seconds,
-        )
-        self.apply(
-            model, lifecycle.admit(model, self._unshared(look(model.settings, self.reach)), budget)
+            in_flight_bytes=sum(taken),
+            reserved_bytes=sum(max(j.need_bytes - t, 0) for j, t in zip(jobs, taken)),
         )
 
     def _unshared(self, listing: lifecycle.Listing) -> lifecycle.Listing:

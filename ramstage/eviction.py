@@ -86,24 +86,18 @@ class Relief:
 
     def relieve(self, event: Pressure, models: Mapping[str, Model]) -> None:
         now = self.last_pressure_at = self.system.monotonic()
-        floor, cooldown = self.memory.min_available_bytes, self.memory.effective_cooldown_seconds
+        floor = self.memory.min_available_bytes
         available = self.system.available_bytes()  # the event's reading may be stale already
         evicted = 0
-        copying = next((m for m in models.values() if m.job), None)
-        if copying and policy.keep_evicting(available, floor, event.kind, evicted):
-            log.warning(
-                "%s: copy cancelled for memory pressure (%s): %s available, floor %s",
-                copying.name,
-                event.kind,
-                units.size(available),
-                units.size(floor),
-            )
-            exists = self.reach.exists(copying.settings.source)
-            self.apply(
-                copying, lifecycle.pressure_cancel(copying, now, cooldown, source_exists=exists)
-            )
+        # Copies in flight go first, the lowest priority first: RAM that no reader uses yet.
+        copying = sorted(
+            (m for m in models.values() if m.job), key=lambda m: (m.settings.priority, m.name)
+        )
+        for model in copying:
+            if not policy.keep_evicting(available, floor, event.kind, evicted):
+                break
+            available = self._cancel(model, event.kind, available, now)
             evicted += 1
-            available = self.system.available_bytes()
         # The order costs a walk over /proc (who holds what): only when something must go.
         keep = policy.keep_evicting(available, floor, event.kind, evicted)
         for name in self._eviction_order(models) if keep else []:
@@ -126,6 +120,23 @@ class Relief:
                 units.size(sum(sum(keys.values()) for keys in self.generations.retired.values())),
             )
         self._nothing_to_evict = stuck
+
+    def _cancel(self, model: Model, trigger: str, available: int, now: float) -> int:
+        """Returns MemAvailable read again, with what the copy took counted as freed: its
+        partial is deleted once its thread has stopped (Core.job_done), moments later."""
+        assert model.job is not None
+        taken = self.generations.store.partial_bytes(model.job.partial)
+        floor, cooldown = self.memory.min_available_bytes, self.memory.effective_cooldown_seconds
+        log.warning(
+            "%s: copy cancelled for memory pressure (%s): %s available, floor %s",
+            model.name,
+            trigger,
+            units.size(available),
+            units.size(floor),
+        )
+        exists = self.reach.exists(model.settings.source)
+        self.apply(model, lifecycle.pressure_cancel(model, now, cooldown, source_exists=exists))
+        return self.system.available_bytes() + taken
 
     def _eviction_order(self, models: Mapping[str, Model]) -> list[str]:
         resident = [

@@ -69,23 +69,27 @@ class Budget:
     now: float
     cooldown_seconds: float
     store_others_bytes: int = 0  # what others fill the store with, which may be freed
+    # Copies in flight: what they took (of the store and of MemAvailable) and have yet to take.
+    in_flight_bytes: int = 0
+    reserved_bytes: int = 0
 
 
 def waiting_to_copy(model: Model) -> bool:
     return model.want and not model.held and model.serving is not Serving.NOTHING
 
 
-def next_copy(models: Iterable[Model]) -> str | None:
-    """One copy at a time, so each starts with a fresh look at memory and store space; a source
-    that moved lately waits until it settles."""
+def next_copies(models: Iterable[Model], workers: int) -> list[str]:
+    """The models to admit next, in order, while fewer than `workers` copies are in flight
+    (staging.workers: they share that many copy workers); a source that moved lately waits
+    until it settles."""
     models = list(models)
-    if any(m.job for m in models):
-        return None
-    return policy.next_to_stage(
+    room = workers - sum(1 for m in models if m.job)
+    waiting = policy.stage_order(
         policy.Candidate(m.name, m.settings.priority)
         for m in models
-        if waiting_to_copy(m) and m.changed_at is None
+        if waiting_to_copy(m) and not m.job and m.changed_at is None
     )
+    return waiting[: max(room, 0)]
 
 
 def fall_back(model: Model, why: Why, *, source_exists: bool) -> list[Action]:
@@ -126,41 +130,38 @@ def source_missing(model: Model) -> list[Action]:
 
 def admit(model: Model, listing: Listing, budget: Budget) -> list[Action]:
     """Starts a copy, or says why not. Within the cooldown of a pressure event nothing is staged
-    on its own; an operator's explicit `stage` (a waiter) still is, as far as the floor allows."""
+    on its own; an operator's explicit `stage` (a waiter) still is, as far as the floor allows.
+
+    With copies in flight (invariant 5): refused, with its reason, if it would be even were they
+    called off; if it fits only while they have yet to take all they were admitted for, it
+    waits for them (no actions) and is weighed again."""
     if listing.missing:
         return source_missing(model)
     if listing.error is not None:
         warning = Log(WARNING, f"not staged ({listing.error})")
         # A verified copy stays: it was made from the source as it was then.
         return [warning, *refuse(model, listing.error, source_exists=True)]
-    need = listing.size_bytes
-    refusal = policy.admit(
-        need,
-        budget.store_free_bytes,
-        budget.store_others_bytes,
-        budget.available_bytes,
-        budget.floor_bytes,
-    )
+    need, in_flight, reserved = listing.size_bytes, budget.in_flight_bytes, budget.reserved_bytes
+    free, others = budget.store_free_bytes, budget.store_others_bytes
+    available, floor = budget.available_bytes, budget.floor_bytes
+    refusal = policy.admit(need, free + in_flight, others, available + in_flight, floor)
     # The figures explain the floor and the store; a refusal in the cooldown has none.
-    figures: tuple[tuple[str, int], ...] = (
-        ("need_bytes", need),
-        ("store_free_bytes", budget.store_free_bytes),
-        ("available_bytes", budget.available_bytes),
-        ("floor_bytes", budget.floor_bytes),
+    shown = dict(
+        need_bytes=need, store_free_bytes=free, available_bytes=available, floor_bytes=floor
     )
-    if refusal is None:
-        figures = ()
+    figures = tuple(shown.items()) if refusal else ()
     if refusal is None and budget.paused and not model.waiters:
         refusal = "pressure"
+    if refusal is None and policy.admit(need, free - reserved, 0, available - reserved, floor):
+        return []
     if refusal is None:
         why = Why(Reason.SOURCE_CHANGED) if model.serving is Serving.RAM else None
         log = Log(INFO, f"staging {units.size(need)} from {model.settings.source}")
-        return [StartCopy(listing.identities), Note(why), log]
+        return [StartCopy(listing.identities, need), Note(why), log]
     why = Why(Reason(refusal), figures=figures)
     message = (
-        f"not staged ({refusal}): needs {units.size(need)},"
-        f" store has {units.size(budget.store_free_bytes)} free,"
-        f" {units.size(budget.available_bytes)} available, floor {units.size(budget.floor_bytes)}"
+        f"not staged ({refusal}): needs {units.size(need)}, store has {units.size(free)} free,"
+        f" {units.size(available)} available, floor {units.size(floor)}"
     )
     actions: list[Action] = [Log(WARNING, message)]
     if model.serving is Serving.RAM:

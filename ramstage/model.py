@@ -110,6 +110,7 @@ class Job:
 
     partial: Path
     identities: Identities  # the source version being copied
+    need_bytes: int = 0  # of the store and of MemAvailable, as admitted
     cancel: threading.Event = field(default_factory=threading.Event)
     progress: float = 0.0
     work: Work = field(default_factory=lambda: Work(0.0))
@@ -235,6 +236,7 @@ class Serve:
 @dataclass(frozen=True)
 class StartCopy:
     identities: Identities
+    need_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -50,10 +50,14 @@ def admit(
     return None
 
 
-def next_to_stage(waiting: Iterable[Candidate]) -> str | None:
+def stage_order(waiting: Iterable[Candidate]) -> list[str]:
     """The highest priority first; equal priorities in name order, so the plan is stable."""
-    ordered = sorted(waiting, key=lambda c: (-c.priority, c.name))
-    return ordered[0].name if ordered else None
+    return [c.name for c in sorted(waiting, key=lambda c: (-c.priority, c.name))]
+
+
+def next_to_stage(waiting: Iterable[Candidate]) -> str | None:
+    ordered = stage_order(waiting)
+    return ordered[0] if ordered else None
 
 
 def eviction_order(residents: Iterable[Resident]) -> list[str]:

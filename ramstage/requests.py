@@ -150,7 +150,7 @@ class Requests:
         if new.memory != core.config.memory:
             core.relief.watch(new.memory)
         core.config = new
-        core.actuator.checksum, core.actuator.workers = new.checksum, new.staging.workers
+        core.actuator.configure(new.checksum, new.staging.workers)
         core.updates.configure(new.watch)
 
     # ---- in the control socket's threads -------------------------------------------------

@@ -193,11 +193,12 @@ SCHEMA: dict[str, Any] = {
                 "How copies run.",
                 {
                     "workers": {
-                        "description": "Files of one model copied at once.",
+                        "description": "The copy workers every copy in flight shares: files"
+                        " copied at once, and models copied at once. Unset: one per core, at"
+                        " most 8, and one file at a time from a spinning disk.",
                         "type": "integer",
                         "minimum": 1,
                         "maximum": 64,
-                        "default": 2,
                         "examples": [2],
                     }
                 },

@@ -175,6 +175,22 @@ class Store:
                         continue  # deleted meanwhile
         return max(used - own, 0)
 
+    def partial_bytes(self, partial: Path) -> int:
+        """What a copy in flight took of the store so far: its files' pages (posix_fallocate
+        takes a file's all at once), less those of files it shares with a generation (hard
+        links: link_copy) that were there before it."""
+        seen: dict[int, int] = {}  # inode -> its links found in the partial
+        files: dict[int, os.stat_result] = {}
+        for directory, _, names in os.walk(partial):
+            for name in names:
+                try:
+                    st = os.lstat(os.path.join(directory, name))
+                except FileNotFoundError:
+                    continue  # the copy started again from an empty directory
+                seen[st.st_ino] = seen.get(st.st_ino, 0) + 1
+                files[st.st_ino] = st
+        return sum(st.st_blocks * 512 for ino, st in files.items() if seen[ino] == st.st_nlink)
+
     def new_partial(self, name: str) -> Path:
         """An empty directory that nobody but ramstage can look into until it is published."""
         partial = self.model_dir(name) / f".partial-{secrets.token_hex(6)}"

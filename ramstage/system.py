@@ -30,9 +30,12 @@ class MountEntry:
 
 class System:
     def __init__(
-        self, proc: Path = Path("/proc"), environ: Mapping[str, str] | None = None
+        self,
+        proc: Path = Path("/proc"),
+        environ: Mapping[str, str] | None = None,
+        sysfs: Path = Path("/sys"),
     ) -> None:
-        self.proc = proc
+        self.proc, self.sysfs = proc, sysfs
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
         crash_at = self.environ.get(CRASH_AT)
         self._crash_at = int(crash_at) if crash_at else None
@@ -73,6 +76,27 @@ class System:
 
     def available_bytes(self) -> int:
         return self.meminfo_bytes("MemAvailable")
+
+    def cores(self) -> int:
+        """The CPUs this process may run on (its affinity, as a cpuset or taskset leaves it)."""
+        return len(os.sched_getaffinity(0))
+
+    def spinning_disk(self, path: Path) -> int | None:
+        """The device `path` is on, if that is a rotational disk (sysfs queue/rotational: of the
+        device, or of the disk a partition is on); None for SSD and NVMe, and for tmpfs, FUSE
+        and network file systems, which have no block device (major 0)."""
+        try:
+            device = os.stat(path).st_dev
+        except OSError:
+            return None  # the copy's own look says what is wrong
+        block = self.sysfs / "dev/block" / f"{os.major(device)}:{os.minor(device)}"
+        for queue in (block / "queue", block / ".." / "queue"):  # the kernel resolves ..
+            try:
+                rotational = (queue / "rotational").read_text().strip() == "1"
+            except OSError:
+                continue
+            return device if rotational else None
+        return None
 
     def mounts(self, pid: str = "self") -> list[MountEntry]:
         """Parses /proc/PID/mountinfo (proc(5)): fields, " - ", fstype, source, super options."""

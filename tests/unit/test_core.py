@@ -53,6 +53,8 @@ class Core:
             "socket": str(root / "control.sock"),
             "memory": {"min_available": "1G", "resume_available": "2G", "cooldown": "2s"},
             "watch": {"settle": "1s"},
+            # One copy at a time, so the tests choose the order copies finish in.
+            "staging": {"workers": 1},
             "models": models,
         }
         daemon = Daemon(

@@ -76,8 +76,23 @@ def in_ram(**fields: Any) -> Model:
     return record(**{"serving": RAM, "generation": "g1", "want": False, "seen": OLD, **fields})
 
 
-def budget(free: int = 1 << 30, available: int = 8 << 30, paused: bool = False) -> Budget:
-    return Budget(free, available, 1 << 30, paused, now=100.0, cooldown_seconds=2.0)
+def budget(
+    free: int = 1 << 30,
+    available: int = 8 << 30,
+    paused: bool = False,
+    in_flight: int = 0,
+    reserved: int = 0,
+) -> Budget:
+    return Budget(
+        free,
+        available,
+        1 << 30,
+        paused,
+        now=100.0,
+        cooldown_seconds=2.0,
+        in_flight_bytes=in_flight,
+        reserved_bytes=reserved,
+    )
 
 
 def without_logs(actions: list[Action]) -> list[Action]:
@@ -93,13 +108,13 @@ FIRST_BACKOFF = BackOff(Backoff(1, 100.0, 2.0))
         pytest.param(
             record(),
             lambda m: lifecycle.admit(m, Listing(NEW, 1 << 20), budget()),
-            [StartCopy(NEW), Note(None)],
+            [StartCopy(NEW, 1 << 20), Note(None)],
             id="pending-admitted",
         ),
         pytest.param(
             in_ram(want=True, why=CHANGED),
             lambda m: lifecycle.admit(m, Listing(NEW, 1 << 20), budget()),
-            [StartCopy(NEW), Note(CHANGED)],
+            [StartCopy(NEW, 1 << 20), Note(CHANGED)],
             id="update-admitted-keeps-serving-ram",
         ),
         pytest.param(
@@ -123,7 +138,7 @@ FIRST_BACKOFF = BackOff(Backoff(1, 100.0, 2.0))
         pytest.param(
             record(waiting=True),
             lambda m: lifecycle.admit(m, Listing(NEW, 1 << 20), budget(paused=True)),
-            [StartCopy(NEW), Note(None)],
+            [StartCopy(NEW, 1 << 20), Note(None)],
             id="cooldown-admits-an-operators-stage",
         ),
         pytest.param(
@@ -137,6 +152,45 @@ FIRST_BACKOFF = BackOff(Backoff(1, 100.0, 2.0))
             lambda m: lifecycle.admit(m, Listing(NEW, 1 << 20), budget(available=1 << 30)),
             [Remember(None), Note(PRESSURE), Want(False), Answer(PRESSURE_TOLD), FIRST_BACKOFF],
             id="update-under-pressure-keeps-ram-until-rescan",
+        ),
+        pytest.param(
+            record(),
+            # 1 GiB free, of which the copies in flight have yet to take 1023.5 MiB.
+            lambda m: lifecycle.admit(
+                m, Listing(NEW, 1 << 20), budget(in_flight=1 << 29, reserved=(1 << 30) - (1 << 19))
+            ),
+            [],
+            id="fits-only-beside-what-copies-in-flight-have-yet-to-take-waits",
+        ),
+        pytest.param(
+            record(),
+            lambda m: lifecycle.admit(
+                m, Listing(NEW, 1 << 20), budget(available=(1 << 30) + (3 << 19), reserved=1 << 20)
+            ),
+            [],
+            id="under-floor-only-with-copies-in-flight-waits",
+        ),
+        pytest.param(
+            record(),
+            lambda m: lifecycle.admit(
+                m, Listing(NEW, 1 << 20), budget(in_flight=1 << 29, reserved=(1 << 30) - (1 << 20))
+            ),
+            [StartCopy(NEW, 1 << 20), Note(None)],
+            id="fits-beside-every-reservation-admitted",
+        ),
+        pytest.param(
+            record(),
+            # Too large even if the copies in flight gave back the 512 MiB they took.
+            lambda m: lifecycle.admit(
+                m, Listing(NEW, 2 << 30), budget(free=1 << 29, in_flight=1 << 29, reserved=1 << 20)
+            ),
+            [
+                Serve(SOURCE),
+                Note(TOO_LARGE),
+                Want(False),
+                Answer("too_large: needs 2.0 GiB, store has 512 MiB free"),
+            ],
+            id="too-large-even-without-copies-in-flight-refused-now",
         ),
         pytest.param(
             record(),
@@ -492,13 +546,16 @@ def test_the_state_is_derived_from_what_the_link_serves(model: Model, expected: 
     assert phase(model) is expected
 
 
-def test_one_copy_at_a_time_highest_priority_first_settled_sources_only():
+def test_up_to_workers_copies_highest_priority_first_settled_sources_only():
     low, high = record("low", priority=1), record("high", priority=5)
     moving = record("moving", priority=9, changed_at=3.0)
-    assert lifecycle.next_copy([low, high, moving]) == "high"
-    assert lifecycle.next_copy([low, record("busy", job=True)]) is None
-    assert lifecycle.next_copy([in_ram(), record("held", held=True)]) is None
-    assert lifecycle.next_copy([in_ram(want=True)]) == "m"  # an update waits its turn too
+    assert lifecycle.next_copies([low, high, moving], 2) == ["high", "low"]
+    assert lifecycle.next_copies([low, high, moving], 1) == ["high"]
+    assert lifecycle.next_copies([low, high, record("busy", job=True)], 2) == ["high"]
+    assert lifecycle.next_copies([in_ram(want=True, job=True), low], 3) == ["low"]
+    assert lifecycle.next_copies([low, record("busy", job=True)], 1) == []
+    assert lifecycle.next_copies([in_ram(), record("held", held=True)], 2) == []
+    assert lifecycle.next_copies([in_ram(want=True)], 2) == ["m"]  # an update waits its turn too
 
 
 def test_resume_only_when_calm_idle_and_past_the_backoff():

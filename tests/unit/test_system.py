@@ -1,7 +1,8 @@
-"""The OS seam's parsers, on mock-up /proc files with what the kernel writes."""
+"""The OS seam's parsers, on mock-up /proc and /sys files with what the kernel writes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ramstage.system import System
@@ -24,3 +25,22 @@ def test_mountinfo_octal_escapes_and_raw_bytes_are_decoded_as_bytes(tmp_path):
     assert entries[0].options >= {"nosuid", "size=8k"}
     assert "noswap" in entries[1].options
     assert entries[2].source == "/dev/sd x"
+
+
+def test_a_spinning_disk_is_told_by_sysfs_for_the_disk_or_the_disk_a_partition_is_on(tmp_path):
+    source = tmp_path / "m.ckpt"
+    source.write_bytes(b"x")
+    device = os.stat(source).st_dev
+    block = tmp_path / "sys" / "dev" / "block"
+    block.mkdir(parents=True)
+    disk = tmp_path / "sys" / "devices" / "sda"
+    (disk / "sda1").mkdir(parents=True)
+    (disk / "queue").mkdir()
+    (block / f"{os.major(device)}:{os.minor(device)}").symlink_to(disk / "sda1")
+    system = System(sysfs=tmp_path / "sys")
+    for rotational, expected in (("1\n", device), ("0\n", None)):
+        (disk / "queue" / "rotational").write_text(rotational)  # a partition: its disk's
+        assert system.spinning_disk(source) == expected
+    # tmpfs has no block device (major 0): never a spinning disk
+    assert System().spinning_disk(Path("/dev/shm")) is None
+    assert system.spinning_disk(tmp_path / "gone") is None  # the copy says what is wrong
