@@ -1,10 +1,11 @@
 """Staging with verification against plain `cp` and `dd`, side by side in one run (as root).
 
     .venv/bin/python benchmarks/bench_stage.py [--rounds 5] [--cases file,dir,throttled,cache]
+        [--workers 2]
 
 - file: a 1 GiB file, `cp` against staging with each checksum, into the same real tmpfs;
 - dir: a 16-shard directory (4 GiB), `cp` run 2-wide (`xargs -P2`) against staging with
-  `staging.workers` 2;
+  `staging.workers` 2 (or each of --workers);
 - throttled: a 256 MiB file on a loop device read through a 150 MB/s blkio throttle, `dd`
   against staging (each in the throttled cgroup, the page cache dropped before each run);
 - cache: how much the page cache (Cached - Shmem) grew by staging the 4 GiB directory from a
@@ -100,18 +101,19 @@ def file_case(work: Path, store: Path, rounds: int) -> dict[str, list[Sample]]:
     return times
 
 
-def dir_case(work: Path, store: Path, rounds: int) -> dict[str, list[Sample]]:
+def dir_case(work: Path, store: Path, rounds: int, workers: list[int]) -> dict[str, list[Sample]]:
     source = work / "shards"
     for index in range(SHARDS):
         write_source(source / f"model-{index:05d}-of-{SHARDS:05d}.safetensors", 256 << 20)
     shards = sorted(source.iterdir())
     command = f"cd {source} && ls | xargs -P2 -I{{}} cp {{}} {store}/"
-    times: dict[str, list[Sample]] = {"cp -P2": [], "xxh3, 2 workers": []}
+    runs: list[tuple[str, Callable[[], object]]] = [
+        ("cp -P2", lambda: subprocess.run(["sh", "-c", command], check=True))
+    ]
+    runs += [(f"xxh3, {n} workers", stage_into(store, source, "xxh3", workers=n)) for n in workers]
+    times: dict[str, list[Sample]] = {name: [] for name, _ in runs}
     for _ in range(rounds):
-        for name, action in (
-            ("cp -P2", lambda: subprocess.run(["sh", "-c", command], check=True)),
-            ("xxh3, 2 workers", stage_into(store, source, "xxh3", workers=2)),
-        ):
+        for name, action in runs:
             warm(shards)
             times[name].append(timed(action))
             empty(store)
@@ -200,6 +202,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--cases", default="file,dir,cache,throttled")
     parser.add_argument("--dir", default="/var/tmp", help="where the sources go")
+    parser.add_argument(
+        "--workers", default="2", help="dir: staging.workers values to run, as 1,2,4"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_stage.py mounts a tmpfs and a loop device: run it as root", file=sys.stderr)
@@ -218,7 +223,8 @@ def main() -> int:
                 "1 GiB file, stage / cp", file_case(work, store, args.rounds), 1 << 30, FILE_TARGETS
             )
         if cases & {"dir", "cache"}:
-            times = dir_case(work, store, args.rounds)
+            workers = [int(n) for n in args.workers.split(",")]
+            times = dir_case(work, store, args.rounds, workers)
             print_table(
                 "16-shard directory (4 GiB), stage / cp -P2",
                 times,
