@@ -1,13 +1,22 @@
 """The copy workers shared by every copy in flight: never more files at once than workers,
-every copy gets one, a copy called off stops waiting, and a hung one gives its workers back."""
+every copy gets one, a copy called off stops waiting, a hung one gives its workers back, and
+the copies from one spinning disk read one file at a time between them unless
+staging.workers is set."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ramstage.access import NO_TRUST
+from ramstage.actuator import copy_source
 from ramstage.crew import MOST_WORKERS, Crew, default_workers
+from ramstage.model import Job
+from ramstage.system import System
 
 
 class Tasks:
@@ -129,3 +138,42 @@ def test_copies_in_one_lane_take_at_most_its_bound_between_them():
 
 def test_default_workers_one_per_core_within_bounds():
     assert [default_workers(n) for n in (0, 1, 2, 1024)] == [1, 1, 2, MOST_WORKERS]
+
+
+class Recording(Crew):
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.lanes: list[tuple[object, int | None]] = []
+
+    def run_all(self, owner: threading.Event, tasks: Any, **options: Any) -> Any:
+        self.lanes.append((options["lane"], options["most"]))
+        return super().run_all(owner, tasks, **options)
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: Path
+    name: str = "m"
+    digest: str | None = None
+    validate: str = "none"
+    trust: Any = NO_TRUST
+
+
+class SpinningDisk(System):
+    def spinning_disk(self, path: Path) -> int | None:
+        return 0x801
+
+
+def test_copies_from_a_spinning_disk_share_its_lane_unless_workers_is_set(tmp_path):
+    source = tmp_path / "shards"
+    source.mkdir()
+    for index in range(3):
+        (source / f"{index}.bin").write_bytes(os.urandom(4096))
+    crew = Recording()
+    for by_device, expected in ((True, (0x801, 1)), (False, (None, None))):
+        partial = tmp_path / f"partial-{by_device}"
+        partial.mkdir(mode=0o700)
+        job = Job(partial, identities=())
+        copy_source(Settings(source), job, "xxh3", crew, SpinningDisk(), {}, by_device)
+        assert crew.lanes[-1] == expected
+        assert (partial / "shards" / "2.bin").read_bytes() == (source / "2.bin").read_bytes()
