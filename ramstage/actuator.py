@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import replace
 from functools import partial
@@ -93,7 +93,7 @@ def copy_source(
         job.partial,
         algorithm,
         trust=settings.trust,
-        run_files=partial(crew.run_all, lane=disk, most=None if disk is None else 1),
+        run_files=partial(_run_files, crew, job.work, lane=disk, most=None if disk is None else 1),
         on_progress=progress,
         cancel=job.cancel,
         expected_digest=settings.digest,
@@ -104,6 +104,27 @@ def copy_source(
     relpaths = [f.relpath for f in manifest.files]
     check_generation(job.partial / manifest.root, relpaths, settings.validate)
     return replace(manifest, staged_at=system.time(), copy_seconds=system.monotonic() - started)
+
+
+def _run_files(
+    crew: Crew,
+    work: Work,
+    owner: threading.Event,
+    tasks: Sequence[Callable[[], Any]],
+    **options: Any,
+) -> list[Future[Any]]:
+    """Crew.run_all, counting the files copied for status (from 0 again if the copy starts
+    over)."""
+    counting = threading.Lock()
+    work.files_done, work.files_total = 0, len(tasks)
+
+    def counted(task: Callable[[], Any]) -> Any:
+        result = task()
+        with counting:
+            work.files_done += 1
+        return result
+
+    return crew.run_all(owner, [partial(counted, task) for task in tasks], **options)
 
 
 class Actuator:

@@ -152,6 +152,8 @@ class Core:
         for name in lifecycle.next_copies(self.models.values(), self.actuator.crew.workers):
             model = self.models[name]
             listing = self._unshared(look(model.settings, self.reach))
+            if lifecycle.shares_a_copy_in_flight(listing, self.models.values()):
+                return  # and those after it wait for it, as below
             actions = lifecycle.admit(model, listing, self._budget())
             if not actions:
                 return  # it waits for the copies in flight, and those after it wait for it

@@ -69,9 +69,8 @@ class Budget:
     now: float
     cooldown_seconds: float
     store_others_bytes: int = 0  # what others fill the store with, which may be freed
-    # Copies in flight: what they took (of the store and of MemAvailable) and have yet to take.
-    in_flight_bytes: int = 0
-    reserved_bytes: int = 0
+    in_flight_bytes: int = 0  # what copies in flight took (of the store and MemAvailable)
+    reserved_bytes: int = 0  # and have yet to take of what they were admitted for
 
 
 def waiting_to_copy(model: Model) -> bool:
@@ -79,9 +78,8 @@ def waiting_to_copy(model: Model) -> bool:
 
 
 def next_copies(models: Iterable[Model], workers: int) -> list[str]:
-    """The models to admit next, in order, while fewer than `workers` copies are in flight
-    (staging.workers: they share that many copy workers); a source that moved lately waits
-    until it settles."""
+    """The models to admit next, in order, while fewer than `workers` (staging.workers) copies
+    are in flight; a source that moved lately waits until it settles."""
     models = list(models)
     room = workers - sum(1 for m in models if m.job)
     waiting = policy.stage_order(
@@ -90,6 +88,13 @@ def next_copies(models: Iterable[Model], workers: int) -> list[str]:
         if waiting_to_copy(m) and not m.job and m.changed_at is None
     )
     return waiting[: max(room, 0)]
+
+
+def shares_a_copy_in_flight(listing: Listing, models: Iterable[Model]) -> bool:
+    """A file that a copy in flight reads (the same blob in another revision or model) is
+    waited for, then linked (Generations.copies): never held twice in RAM."""
+    copying = {identity for m in models if m.job for _, identity in m.job.identities}
+    return any(identity in copying for _, identity in listing.identities)
 
 
 def fall_back(model: Model, why: Why, *, source_exists: bool) -> list[Action]:
@@ -129,12 +134,10 @@ def source_missing(model: Model) -> list[Action]:
 
 
 def admit(model: Model, listing: Listing, budget: Budget) -> list[Action]:
-    """Starts a copy, or says why not. Within the cooldown of a pressure event nothing is staged
-    on its own; an operator's explicit `stage` (a waiter) still is, as far as the floor allows.
-
-    With copies in flight (invariant 5): refused, with its reason, if it would be even were they
-    called off; if it fits only while they have yet to take all they were admitted for, it
-    waits for them (no actions) and is weighed again."""
+    """Starts a copy, or says why not (refused if it would be even were the copies in flight
+    called off; no actions, waiting for them, if it fits only before they take all they were
+    admitted for). Within the cooldown of a pressure event nothing is staged on its own; an
+    operator's explicit `stage` (a waiter) still is, as far as the floor allows."""
     if listing.missing:
         return source_missing(model)
     if listing.error is not None:
@@ -146,10 +149,8 @@ def admit(model: Model, listing: Listing, budget: Budget) -> list[Action]:
     available, floor = budget.available_bytes, budget.floor_bytes
     refusal = policy.admit(need, free + in_flight, others, available + in_flight, floor)
     # The figures explain the floor and the store; a refusal in the cooldown has none.
-    shown = dict(
-        need_bytes=need, store_free_bytes=free, available_bytes=available, floor_bytes=floor
-    )
-    figures = tuple(shown.items()) if refusal else ()
+    shown = dict(need_bytes=need, store_free_bytes=free, available_bytes=available)
+    figures = tuple({**shown, "floor_bytes": floor}.items()) if refusal else ()
     if refusal is None and budget.paused and not model.waiters:
         refusal = "pressure"
     if refusal is None and policy.admit(need, free - reserved, 0, available - reserved, floor):

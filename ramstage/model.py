@@ -102,6 +102,8 @@ class Work:
     done_bytes: int = 0
     total_bytes: int = 0
     moved_at: float = 0.0  # monotonic: the last bytes done (a copy's stall watchdog)
+    files_done: int = 0  # a copy's files copied, of files_total (a verify's stay 0)
+    files_total: int = 0
 
 
 @dataclass

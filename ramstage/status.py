@@ -47,6 +47,8 @@ def work_entry(work: Work | None, now: float) -> dict[str, Any] | None:
         "total_bytes": work.total_bytes,
         "seconds": seconds,
         "rate_bytes_per_second": work.done_bytes / seconds if seconds > 0 else None,
+        "files_done": work.files_done,
+        "files_total": work.files_total,
     }
 
 

@@ -130,7 +130,8 @@ def where(model: dict[str, Any]) -> str:
 
 
 def copy_text(copy: dict[str, Any] | None) -> str:
-    """`1.2 GiB of 2.0 GiB at 150 MiB/s, ETA 5.0s`: a copy or a verify in flight."""
+    """`1.2 GiB of 2.0 GiB, 3 of 16 files at 150 MiB/s, ETA 5.0s`: a copy or a verify in
+    flight."""
     if not copy:
         return ""
     if not copy["total_bytes"]:
@@ -138,7 +139,9 @@ def copy_text(copy: dict[str, Any] | None) -> str:
     done, total, rate = copy["done_bytes"], copy["total_bytes"], copy["rate_bytes_per_second"]
     eta = (total - done) / rate if rate else None
     eta_text = units.duration(eta)
-    return f"{units.size(done)} of {units.size(total)} at {units.rate(rate)}, ETA {eta_text}"
+    total_files = copy.get("files_total") or 0  # a verify's, or an older daemon's: none
+    files = f", {copy['files_done']} of {_files(total_files)}" if total_files > 1 else ""
+    return f"{units.size(done)} of {units.size(total)}{files} at {units.rate(rate)}, ETA {eta_text}"
 
 
 def _files(count: int) -> str:

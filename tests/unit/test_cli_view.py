@@ -40,6 +40,14 @@ def test_durations(seconds, text):
     assert units.duration(seconds) == text
 
 
+def test_a_copy_of_several_files_says_how_many_are_done():
+    copy = {"done_bytes": 1 << 30, "total_bytes": 2 << 30, "rate_bytes_per_second": 1 << 30}
+    several = view.copy_text({**copy, "files_done": 3, "files_total": 16})
+    assert several == "1.0 GiB of 2.0 GiB, 3 of 16 files at 1.0 GiB/s, ETA 1s"
+    one = view.copy_text({**copy, "files_done": 0, "files_total": 1})
+    assert one == "1.0 GiB of 2.0 GiB at 1.0 GiB/s, ETA 1s"
+
+
 def test_a_reason_with_its_figures():
     figures = {"need_bytes": 2 * G + 2552, "store_free_bytes": 944 * M, "available_bytes": 20 * G,
                "floor_bytes": 2 * G}  # fmt: skip

@@ -558,6 +558,12 @@ def test_up_to_workers_copies_highest_priority_first_settled_sources_only():
     assert lifecycle.next_copies([in_ram(want=True)], 2) == ["m"]  # an update waits its turn too
 
 
+def test_a_copy_waits_for_a_copy_in_flight_of_a_file_it_shares_to_link_it():
+    copying = record("other", job=True, copying=(("blob", OLD[0][1]),))
+    assert lifecycle.shares_a_copy_in_flight(Listing(OLD, 100), [copying])
+    assert not lifecycle.shares_a_copy_in_flight(Listing(NEW, 120), [copying, record()])
+
+
 def test_resume_only_when_calm_idle_and_past_the_backoff():
     evicted = record("a", priority=1, want=False, why=PRESSURE)
     later = record("b", priority=9, want=False, why=PRESSURE, backoff=Backoff(1, 95.0, 10.0))
