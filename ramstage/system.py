@@ -1,8 +1,9 @@
-"""The one seam to the operating system: /proc readings (meminfo, mounts), the clock and
-sleep, the environment, mount(8) and systemctl(1), and the test-only crash hook.
+"""The one seam to the operating system: /proc readings (meminfo, mounts), /sys (whether a disk
+spins), the CPUs, the clock and sleep, the environment, mount(8) and systemctl(1), and the
+test-only crash hook.
 
-Tests point `proc` at a mock-up, pass their own environment, or replace the clock to reach
-corner cases (earlyoom's procdir_path); everything else uses the real thing.
+Tests point `proc` or `sysfs` at a mock-up, pass their own environment, or replace the clock
+to reach corner cases (earlyoom's procdir_path); everything else uses the real thing.
 """
 
 from __future__ import annotations
