@@ -22,6 +22,7 @@ context (not timed), times its first load by phase, then --warm more loads. Vari
   (pinned buffers to the device), against the pipeline's warm load.
 - ring: fastload's first and warm loads with 16 threads and 2-16 MiB reads (a ring of 32
   reads), the ring on huge pages or (thp=0) on 4 KiB pages.
+- faults: fastload's first and warm loads with 1-16 threads faulting the ring in.
 - sweep: fastload's warm load at 8/12/16 threads and 16/32 MiB reads.
 """
 
@@ -90,6 +91,7 @@ def s_fastload(path: str, p: dict, state: dict) -> tuple[dict, Any]:
         hostring.HostRing._lock = timed_lock  # type: ignore[method-assign]
         if not p.get("thp", 1):
             hostring.MADV_HUGEPAGE = 0  # MADV_NORMAL: the ring on 4 KiB pages
+        hostring.FAULT_WORKERS = p.get("fault_workers", hostring.FAULT_WORKERS)
     device = torch.device(DEV)
     state["start"] = t0 = pc()
     if CUDA:
@@ -253,6 +255,7 @@ def s_decompose(path: str, p: dict, state: dict) -> tuple[dict, Any]:
 STRATEGIES: dict[str, Callable[[str, dict, dict], tuple[dict, Any]]] = {
     "fastload": s_fastload,
     "ring": s_fastload,  # the same, in the ring sizes' sweep (--only ring)
+    "faults": s_fastload,  # the same, with 1-16 threads faulting the ring in (--only faults)
     "alloc": s_alloc,
     "pageable": s_pageable,
     "decompose": s_decompose,
@@ -330,6 +333,7 @@ def tasks(samples: int, warm: int) -> list[tuple[str, str, dict, int, int, bool]
         ("ring", st, {"read_mib": r, "thp": thp}, samples, warm, False)
         for r, thp in ((16, 1), (8, 1), (4, 1), (2, 1), (16, 0), (4, 0))
     ]
+    out += [("faults", st, {"fault_workers": w}, samples, warm, False) for w in (2, 16, 1, 4)]
     out += [
         ("fastload", st, {"threads": t, "read_mib": r}, 1, warm, False)
         for t in (8, 12, 16)

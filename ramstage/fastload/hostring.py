@@ -7,11 +7,11 @@ prepared in the background while the load runs: the readers use each slot as soo
 ready (pipeline.Ring), so copies start after the first slot rather than after the whole ring.
 
 Measured on one H100 (docs/benchmarks.md, bench_gpu_first.py): zeroing was most of the cost
-(512 MiB took one thread ~75 ms, registering it after that ~17 ms). Several threads fault the
-slots in, with madvise(MADV_POPULATE_WRITE), which holds no GIL (writing a byte of each page
-would hold it while the kernel zeroes); on that machine more threads did not clearly help, which is
-why the ring is 8 MiB reads, 256 MiB (fastload/__init__.py). One thread registers the slots in
-order: registering takes a driver lock that stalls the other threads' copies anyway.
+(512 MiB took one thread ~75 ms, registering it after that ~17 ms), and more threads did not
+make it faster there, which is why the ring is 256 MiB (fastload/__init__.py). Two threads fault
+the slots in with madvise(MADV_POPULATE_WRITE), which holds no GIL (writing a byte of each page
+would hold it while the kernel zeroes); one thread registers them in order, as registering
+takes a driver lock that stalls the other threads' copies anyway.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ PAGE_BYTES = mmap.PAGESIZE
 HUGE_PAGE_BYTES = 2 << 20
 MADV_HUGEPAGE = 14  # linux/mman.h; a no-op where transparent huge pages are off
 MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14; older kernels refuse it (EINVAL)
+# Threads faulting slots in at once, in slot order: 1, 2, 4 and 16 gave the same first loads
+# on one H100 (docs/benchmarks.md, "What was tried"); two keep the next slot faulting in while
+# one is registered, without more threads beside the readers.
+FAULT_WORKERS = 2
 
 log = logging.getLogger("ramstage.fastload")
 
@@ -79,18 +83,16 @@ class HostRing:
         ]
         self._preparer: threading.Thread | None = None
 
-    def prepare_all(
-        self, hand_over: Callable[[Slot], None], device: torch.device, workers: int
-    ) -> None:
-        """Starts the thread that prepares the slots, `workers` faulting them in at once, and
-        hands each over, in order, once it is locked."""
+    def prepare_all(self, hand_over: Callable[[Slot], None], device: torch.device) -> None:
+        """Starts the thread that prepares the slots, FAULT_WORKERS faulting them in at once,
+        and hands each over, in order, once it is locked."""
 
         def prepare() -> None:
             handed = 0
             try:
                 # Registered in the device's context, as the copies are made (pipeline.Ring).
                 device_context = torch.cuda.device(device) if self._cudart else nullcontext()
-                with device_context, ThreadPoolExecutor(workers) as faults:
+                with device_context, ThreadPoolExecutor(FAULT_WORKERS) as faults:
                     faulted = [faults.submit(fault_in, slot) for slot in self.slots]
                     for slot, done in zip(self.slots, faulted):
                         done.result()

@@ -220,7 +220,7 @@ class Ring:
         self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ramstage-fastload")
         self._gaps = threading.local()  # per thread: a cache-sized buffer written by each core
-        self._host.prepare_all(self._free.put, device, threads)  # in the background, from now
+        self._host.prepare_all(self._free.put, device)  # in the background, from now on
 
     def matches(self, device: torch.device, threads: int, ring_bytes: int) -> bool:
         return (self.device, self.threads, self.ring_bytes) == (device, threads, ring_bytes)

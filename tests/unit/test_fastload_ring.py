@@ -36,10 +36,10 @@ def resident_pages(slot: hostring.Slot) -> int:
     return sum(byte & 1 for byte in vector.raw)
 
 
-def prepared(ring: hostring.HostRing, workers: int) -> list[hostring.Slot]:
+def prepared(ring: hostring.HostRing) -> list[hostring.Slot]:
     """Prepares the ring and returns its slots in the order they were handed over."""
     handed: list[hostring.Slot] = []
-    ring.prepare_all(handed.append, torch.device("cpu"), workers)
+    ring.prepare_all(handed.append, torch.device("cpu"))
     assert ring._preparer is not None
     ring._preparer.join()
     return handed
@@ -49,7 +49,7 @@ def test_every_slot_is_handed_over_once_in_order_and_backed_by_pages() -> None:
     ring = hostring.HostRing(6, SLOT_BYTES, cuda=False)
     try:
         assert all(resident_pages(slot) == 0 for slot in ring.slots)
-        handed = prepared(ring, workers=3)
+        handed = prepared(ring)
         assert handed == ring.slots
         assert all(resident_pages(slot) == 4 for slot in handed)
     finally:
@@ -62,7 +62,7 @@ def test_slots_are_faulted_in_by_writing_where_the_kernel_refuses_populate(
     monkeypatch.setattr(hostring, "MADV_POPULATE_WRITE", -1)  # EINVAL, as before Linux 5.14
     ring = hostring.HostRing(2, SLOT_BYTES, cuda=False)
     try:
-        assert all(resident_pages(slot) == 4 for slot in prepared(ring, workers=2))
+        assert all(resident_pages(slot) == 4 for slot in prepared(ring))
     finally:
         ring.close()
 
@@ -81,7 +81,7 @@ def test_a_failure_while_preparing_still_hands_every_slot_over(
     ring = hostring.HostRing(4, SLOT_BYTES, cuda=False)
     try:
         with caplog.at_level(logging.ERROR, logger="ramstage.fastload"):
-            assert sorted(map(id, prepared(ring, workers=2))) == sorted(map(id, ring.slots))
+            assert sorted(map(id, prepared(ring))) == sorted(map(id, ring.slots))
         assert "preparing the ring failed" in caplog.text
     finally:
         ring.close()
