@@ -39,6 +39,7 @@ from ramstage.model import (
     Model,
     Note,
     Remember,
+    RetryLater,
     Serve,
     Serving,
     Settings,
@@ -60,6 +61,7 @@ _FIELDS: dict[type, str] = {
     Remember: "seen",
     Mark: "changed_at",
     BackOff: "backoff",
+    RetryLater: "retry",
     Configure: "settings",
 }
 

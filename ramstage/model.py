@@ -85,7 +85,7 @@ class Why:
 
 @dataclass(frozen=True)
 class Backoff:
-    count: int  # evictions (or refusals for pressure) in a row
+    count: int  # evictions (or refusals) for pressure, or failed copies, in a row
     at: float  # monotonic seconds of the last one
     delay_seconds: float
 
@@ -141,6 +141,7 @@ class Model:
     changed_at: float | None = None  # last source event not yet looked at (settle timer)
     seen: Identities | None = None  # the source version last taken up
     backoff: Backoff | None = None  # after evictions for pressure (backoff timer)
+    retry: Backoff | None = None  # after copies failed for a fault that may clear (Why.retry)
     waiters: list[Future[str | None]] = field(default_factory=list)
     tally: Tally = field(default_factory=Tally)
 
@@ -274,6 +275,14 @@ class BackOff:
 
 
 @dataclass(frozen=True)
+class RetryLater:
+    """A copy failed for a fault that may clear: tried again once `retry` has run out (None:
+    it was copied, nothing to try again)."""
+
+    retry: Backoff | None
+
+
+@dataclass(frozen=True)
 class Answer:
     """Answer everyone waiting for the model to be staged: None, or why it is not."""
 
@@ -310,6 +319,7 @@ Action = Union[
     Remember,
     Mark,
     BackOff,
+    RetryLater,
     Answer,
     Await,
     Configure,

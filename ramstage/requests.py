@@ -9,7 +9,7 @@ import logging
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from ramstage import lifecycle
+from ramstage import lifecycle, policy
 from ramstage.config import Config, load_config, trust_warnings
 from ramstage.core import Core
 from ramstage.digest import hash_file
@@ -128,7 +128,7 @@ class Requests:
     def _reconfigure(self, new: Config) -> None:
         core = self.core
         configs = {m.name: m for m in new.models}
-        plan = lifecycle.reload_plan(
+        plan = policy.reload_plan(
             {m.name: (m.source, m.digest, m.validate) for m in core.config.models},
             {m.name: (m.source, m.digest, m.validate) for m in new.models},
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -454,14 +455,23 @@ def test_a_source_read_failing_with_eio_is_said_and_staged_on_its_own_once_it_re
     ).start()
     failed = daemon.wait_state("eio", "fallback")
     assert "Input/output error" in failed["reason"]
-    assert failed["backoff_seconds"] is not None  # tried again after it
+    # Tried again after a backoff of its own: a failure is no eviction for pressure.
+    assert failed["retry"]["failures"] >= 1 and failed["retry"]["backoff_seconds"] >= 1.0
+    assert failed["pressure_evictions"] == 0 and failed["backoff_seconds"] is None
+    shown = daemon.cli("status", "eio").stdout
+    assert re.search(r"retry: +\d+ failures? in a row; tried again in ", shown), shown
+    assert re.search(r"pressure evictions: +0\n", shown), shown
     assert read_link(daemon.links / "eio") == str(share / "eio.bin")
     daemon.wait_state("good", "staged")
     assert not list(daemon.store.glob("eio/*/"))  # its partial copy is gone
     reads = server.reads
     wait_for(lambda: server.reads > reads, timeout=30)  # tried again, and failed again
+    again = wait_for(lambda: (m := models(daemon)["eio"])["retry"]["failures"] >= 2 and m)
+    assert again["retry"]["backoff_seconds"] == 2 * failed["retry"]["backoff_seconds"]
+    assert again["pressure_evictions"] == 0
     server.eio.clear()
-    daemon.wait_state("eio", "staged")  # on its own: no source change, no `ramstage stage`
+    staged = daemon.wait_state("eio", "staged")  # on its own: no source change, no `stage`
+    assert staged["retry"] is None and staged["pressure_evictions"] == 0
     assert (daemon.links / "eio").read_bytes() == data
     links_valid(daemon)
     assert "internal error" not in daemon.log()
