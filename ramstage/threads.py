@@ -21,21 +21,22 @@ _Task = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
 
 class DaemonPool:
     """submit() and a `with` block as ThreadPoolExecutor has them: leaving the block waits for
-    the work submitted (not for the threads), so what it used may be released after it."""
+    the work submitted, so what it used may be released after it, and then for the threads,
+    which have nothing left to do by then."""
 
     def __init__(self, workers: int, name: str) -> None:
         self.workers, self.name = workers, name
         self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._futures: list[Future[Any]] = []
-        self._threads = 0
+        self._threads: list[threading.Thread] = []
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         future: Future[T] = Future()
         self._futures.append(future)
         self._tasks.put((future, fn, args))
-        if self._threads < self.workers:
-            self._threads += 1
+        if len(self._threads) < self.workers:
             thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+            self._threads.append(thread)
             thread.start()
         return future
 
@@ -48,9 +49,11 @@ class DaemonPool:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        for _ in range(self._threads):
+        for _ in self._threads:
             self._tasks.put(None)  # each thread ends once the work before it is done
         wait(self._futures)
+        for thread in self._threads:
+            thread.join()
 
     def _work(self) -> None:
         while (task := self._tasks.get()) is not None:
