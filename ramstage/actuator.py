@@ -34,6 +34,7 @@ from ramstage.model import (
     Hold,
     Job,
     JobDone,
+    Locate,
     Log,
     Mark,
     Model,
@@ -62,12 +63,14 @@ _FIELDS: dict[type, str] = {
     Mark: "changed_at",
     BackOff: "backoff",
     RetryLater: "retry",
+    Locate: "source",
     Configure: "settings",
 }
 
 
 def copy_source(
     settings: Settings,
+    source: Path,
     job: Job,
     checksum: str,
     workers: int,
@@ -86,7 +89,7 @@ def copy_source(
     started = system.monotonic()
     manifest = stage_source(
         settings.name,
-        settings.source,
+        source,
         job.partial,
         algorithm,
         trust=settings.trust,
@@ -183,7 +186,7 @@ class Actuator:
                     log.warning("%s: skipped %s", model.name, skipped)
         else:
             if action.serving is Serving.SOURCE:
-                links.point(model.link, model.settings.source, step=self.system.step)
+                links.point(model.link, model.source, step=self.system.step)
             else:
                 links.remove(model.link, step=self.system.step)
             self.generations.release(model.name)
@@ -203,7 +206,14 @@ class Actuator:
         future.add_done_callback(lambda _: self.post(JobDone(name, job)))
         model.job = job
         copy = partial(
-            copy_source, model.settings, job, self.checksum, self.workers, self.system, copies
+            copy_source,
+            model.settings,
+            model.source,
+            job,
+            self.checksum,
+            self.workers,
+            self.system,
+            copies,
         )
         # A thread of its own, never joined: one blocked on a hung mount holds up no later
         # copy and no stop.
@@ -235,7 +245,7 @@ class Actuator:
             if reading and now - job.work.moved_at >= COPY_STALL_SECONDS:
                 job.cancel.set()
                 stalled = SourceHung(
-                    f"source read hung: nothing read from {model.settings.source} for "
+                    f"source read hung: nothing read from {model.source} for "
                     f"{COPY_STALL_SECONDS:g}s (a hung mount?)"
                 )
                 with contextlib.suppress(InvalidStateError):  # it finished just now

@@ -247,7 +247,7 @@ class Daemon:
         core = self.core
         model = core.models.get(event.name)
         if model:
-            exists = core.reach.exists(model.settings.source)
+            exists = core.reach.exists(model.source)
             actions = lifecycle.verify_failed(model, event.generation_id, source_exists=exists)
             if actions:
                 core.actuator.count_verify_failure(model)

@@ -118,7 +118,7 @@ def source_missing(model: Model) -> list[Action]:
         serves = (
             "serving the verified copy in RAM" if model.generation else "no link until it is back"
         )
-        actions.append(Log(WARNING, f"source {model.settings.source} is missing; {serves}"))
+        actions.append(Log(WARNING, f"source {model.source} is missing; {serves}"))
     actions += [Remember(None), Note(why), Want(False)]
     if model.serving is Serving.RAM:
         return [*actions, Answer(None)]
@@ -155,7 +155,7 @@ def admit(model: Model, listing: Listing, budget: Budget) -> list[Action]:
         refusal = "pressure"
     if refusal is None:
         why = Why(Reason.SOURCE_CHANGED) if model.serving is Serving.RAM else None
-        log = Log(INFO, f"staging {units.size(need)} from {model.settings.source}")
+        log = Log(INFO, f"staging {units.size(need)} from {model.source}")
         return [StartCopy(listing.identities), Note(why), log]
     why = Why(Reason(refusal), figures=figures)
     message = (
@@ -373,7 +373,7 @@ def expected_link(
     """Where the link belongs: the verified generation, else the source, else nowhere."""
     if model.serving is Serving.RAM:
         return generation_target
-    return model.settings.source if source_exists else None
+    return model.source if source_exists else None
 
 
 def ready(models: Iterable[Model], mode: str) -> bool:

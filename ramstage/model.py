@@ -22,10 +22,9 @@ class Settings(Protocol):
 
     @property
     def name(self) -> str: ...
+    def resolve(self, *, read_refs: bool = True) -> Path: ...  # a hub repo: reads refs/
     @property
-    def source(self) -> Path: ...
-    @property
-    def watched(self) -> tuple[Path, ...]: ...
+    def refs(self) -> Path | None: ...  # a hub repo's refs/, that resolve() reads
     @property
     def priority(self) -> int: ...
     @property
@@ -132,6 +131,9 @@ class Tally:
 class Model:
     settings: Settings
     link: Path
+    # What is staged and what the link serves in fallback: settings.resolve() as the loop last
+    # resolved it, with a deadline (updates.SourceUpdates.locate), never on attribute access.
+    source: Path
     serving: Serving = Serving.SOURCE
     generation: str | None = None  # the id of the generation served, when serving RAM
     job: Job | None = None  # the copy in flight, whatever the link serves meanwhile
@@ -283,6 +285,13 @@ class RetryLater:
 
 
 @dataclass(frozen=True)
+class Locate:
+    """The source resolved anew: a hub repo's revision moved to another snapshot."""
+
+    source: Path
+
+
+@dataclass(frozen=True)
 class Answer:
     """Answer everyone waiting for the model to be staged: None, or why it is not."""
 
@@ -320,6 +329,7 @@ Action = Union[
     Mark,
     BackOff,
     RetryLater,
+    Locate,
     Answer,
     Await,
     Configure,

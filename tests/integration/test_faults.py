@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from conftest import Daemon, wait_for, write_random
 from fuseserver import FuseServer
+from hubcache import HubCache
 
 from ramstage.links import read as read_link
 from ramstage.system import System
@@ -84,12 +85,13 @@ def models(daemon: Daemon) -> dict[str, dict[str, Any]]:
 
 
 def links_valid(daemon: Daemon, unreachable: set[str] = frozenset()) -> None:
-    """Every link there is leads to a readable file; none leads below a broken mount."""
+    """Every link there is leads to a file, or a directory (an `hf:` snapshot), that can be read;
+    none leads below a broken mount."""
     for link in daemon.links.iterdir():
         target = read_link(link)
         assert target is not None, link
         assert not any(target.startswith(str(u)) for u in unreachable), (link, target)
-        assert os.path.isfile(link), (link, target)
+        assert os.path.isfile(link) or os.listdir(link), (link, target)
 
 
 def set_floor(daemon: Daemon, floor: str, resume: str) -> None:
@@ -187,6 +189,64 @@ def test_a_hung_source_mount_blocks_neither_the_loop_nor_a_start(
     daemon.wait_state("hung", "staged")
     links_valid(daemon)
     assert {path: sha256(path) for path in sums} == sums
+    assert daemon.stop() == 0
+
+
+def test_a_hung_ref_of_an_hf_model_blocks_neither_the_loop_nor_a_start(
+    tmp_path, make_daemon, fuse_mounts
+):
+    """An `hf:` model's revision is read from refs/REVISION whenever its source is looked at:
+    with a deadline, like any look at a source."""
+    hub = HubCache(tmp_path / "hub")
+    commit = hub.revision("v1")
+    good = write_random(tmp_path / "src" / "good.bin", 4 * M, seed=1)
+    blobs = {path: sha256(path) for path in (hub.repo / "blobs").iterdir()}
+    daemon = make_daemon(
+        [
+            {"name": "hub", "hf": "org/name", "hf_cache": str(hub.cache), "validate": "none"},
+            {"name": "good", "source": str(good), "priority": 1},
+        ],
+        watch={"settle": "300ms", "rescan": "1s"},
+    ).start()
+    daemon.wait_state("hub", "staged")
+    daemon.wait_state("good", "staged")
+    timed(daemon, "evict", names=["hub"])
+    assert read_link(daemon.links / "hub") == str(hub.snapshot(commit))
+
+    refs = hub.repo / "refs"
+    mount = FuseMount(refs)  # a server that never answers: reading refs/main waits
+    fuse_mounts.append(mount)
+    deadline = time.monotonic() + 3  # rescans (every 1 s) resolve the revision again
+    while time.monotonic() < deadline:
+        models(daemon)
+    failed = daemon.cli("stage", "hub")
+    assert failed.returncode == 1 and f"{refs} " in failed.stderr, failed
+    hung = models(daemon)["hub"]
+    assert hung["state"] == "fallback" and "(a hung mount?)" in hung["reason"], hung
+    assert "source unreachable:" in hung["reason"] and f"{refs} " in hung["reason"], hung
+    assert hung["source"] == str(hub.snapshot(commit))  # the snapshot resolved before
+    timed(daemon, "evict", names=["good"])
+    assert daemon.request("stage", names=["good"]) == {"staged": ["good"]}  # others stage
+    links_valid(daemon)
+
+    # A start while the ref hangs opens the socket and places every link.
+    assert daemon.stop() == 0
+    daemon.start()
+    seen = models(daemon)
+    assert seen["hub"]["state"] == "missing" and not (daemon.links / "hub").exists()
+    reason = seen["hub"]["reason"]
+    assert "source unreachable:" in reason and f"{refs} gave no answer" in reason, reason
+    assert seen["good"]["state"] == "staged"
+    timed(daemon, "evict", names=["good"])
+    assert daemon.request("stage", names=["good"]) == {"staged": ["good"]}
+    links_valid(daemon)
+
+    mount.unmount()
+    staged = daemon.wait_state("hub", "staged")  # on its own, once the ref answers
+    assert staged["source"] == str(hub.snapshot(commit)) and staged["reason"] is None
+    links_valid(daemon)
+    assert {path: sha256(path) for path in blobs} == blobs
+    assert "internal error" not in daemon.log()
     assert daemon.stop() == 0
 
 

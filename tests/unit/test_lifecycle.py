@@ -53,17 +53,19 @@ EVICTED = Why(Reason.EVICTED)
 UNTRUSTED = Why(Reason.UNTRUSTED, "/ssd is group-writable")
 
 
+RESOLVED = Path("/ssd/m.ckpt")  # the source as the loop resolved it
+
+
 @dataclass(frozen=True)
 class Settings:
     name: str = "m"
-    source: Path = Path("/ssd/m.ckpt")
     priority: int = 0
     digest: str | None = None
     validate: str = "format"
 
 
 def record(name: str = "m", priority: int = 0, **fields: Any) -> Model:
-    model = Model(Settings(name, priority=priority), Path(f"/run/models/{name}"))
+    model = Model(Settings(name, priority=priority), Path(f"/run/models/{name}"), RESOLVED)
     if fields.pop("job", False):
         model.job = Job(Path("/store/m/.partial"), identities=fields.pop("copying", NEW))
     if fields.pop("waiting", False):
