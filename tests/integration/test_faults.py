@@ -573,6 +573,50 @@ def test_a_source_whose_reads_hang_mid_copy_is_given_up_on_and_staged_once_it_an
     assert "internal error" not in daemon.log()
 
 
+@pytest.mark.parametrize("change", ["truncated", "replaced", "deleted"])
+def test_a_source_changed_mid_copy_is_never_served_mixed_and_the_new_version_is_staged(
+    tmp_path, make_daemon, fuse_servers, change
+):
+    """The server's side of a share changes the file while the copy is half-way: reads are held
+    there (the copy waits on them), the file changes, then reads go on."""
+    good = write_random(tmp_path / "src" / "good.bin", 1 * M, seed=1)
+    share = tmp_path / "share"
+    share.mkdir()
+    old, new = os.urandom(4 * M), os.urandom(3 * M)
+    server = FuseServer(share, "m.bin", old)
+    fuse_servers.append(server)
+    server.hold_reads(after=8)  # 1 MiB of 4 read, then the copy waits
+    daemon = make_daemon(
+        [
+            {"name": "m", "source": str(share / "m.bin"), "priority": 1},
+            {"name": "good", "source": str(good)},
+        ],
+        watch={"settle": "300ms", "rescan": "1s"},  # no inotify events come from a share
+    ).start()
+    wait_for(lambda: server.held)
+    assert models(daemon)["m"]["state"] == "staging"
+    {"truncated": lambda: server.truncate(2 * M), "replaced": lambda: server.replace(new)}.get(
+        change, server.delete
+    )()
+    server.release_reads()
+    if change == "deleted":
+        gone = wait_for(lambda: (m := models(daemon)["m"])["state"] == "missing" and m)
+        assert gone["reason"] == "source_missing" and not (daemon.links / "m").exists()
+        assert daemon.wait_state("good", "staged")  # the copy after it went on
+        links_valid(daemon)
+        server.replace(new)  # made again: taken up by the next rescan
+    staged = daemon.wait_state("m", "staged")
+    expected = old[: 2 * M] if change == "truncated" else new
+    assert (daemon.links / "m").read_bytes() == expected  # the new version whole, never a mix
+    assert staged["size_bytes"] == len(expected) and staged["reason"] is None
+    # Nothing is left of the copy that met the change: only the generation served.
+    served = {staged["generation"], f"{staged['generation']}.json"}
+    wait_for(lambda: {p.name for p in (daemon.store / "m").iterdir()} == served)
+    daemon.wait_state("good", "staged")
+    links_valid(daemon)
+    assert "internal error" not in daemon.log()
+
+
 def test_a_stop_does_not_wait_for_a_copy_blocked_on_a_hung_read(
     tmp_path, make_daemon, fuse_servers
 ):
