@@ -51,13 +51,14 @@ __all__ = ["Loader", "Shard", "default_ring_bytes", "default_threads", "load", "
 
 log = logging.getLogger(__name__)
 
-# Swept on one H100 (16 cores; docs/benchmarks.md, bench_gpu_peers.py --sweep-threads): 16
-# threads and 16 MiB reads (a 512 MiB ring) were the fastest and steadiest warm; smaller reads
-# lock less on the first load but vary up to 3x warm, as in the first sweeps of round one.
-# The ring follows the threads (two 16 MiB slots each, at most 512 MiB), so N processes sharing
-# the cores also share that much pinned memory instead of locking N rings of 512 MiB.
+# Swept on one H100 (16 cores; docs/benchmarks.md, bench_gpu_first.py): 16 threads were the
+# fastest warm; 8 MiB reads (a 256 MiB ring) as fast warm as 16 MiB (512 MiB) and the ring
+# ready in half the time on a fresh process's first load (512 MiB file: 62-67 ms against
+# 87-112); 4 and 2 MiB reads were slower warm (144-153 and 245 ms for 4 GiB against 120-125).
+# The ring follows the threads (two 8 MiB slots each, at most 256 MiB), so N processes sharing
+# the cores also share that much pinned memory instead of locking N rings of 256 MiB.
 DEFAULT_THREADS = 16
-READ_BYTES = 16 << 20
+READ_BYTES = 8 << 20
 MAX_THREADS = 64
 MIN_RING_BYTES = 16 << 10
 MAX_RING_BYTES = 8 << 30
@@ -80,7 +81,7 @@ def default_threads() -> int:
 
 
 def default_ring_bytes(threads: int) -> int:
-    """Two reads per thread, at most the 512 MiB that 16 threads were measured with."""
+    """Two reads per thread, at most the 256 MiB that 16 threads were measured with."""
     return 2 * min(threads, DEFAULT_THREADS) * READ_BYTES
 
 
@@ -118,10 +119,13 @@ class Loader:
         why_not = _why_not_fast(device)
         if why_not is not None:
             return _merge(path, [_fallback(f, device, why_not, slices) for f in files])
-        plans = [_plan(file, device, slices) for file in files]
-        segments = [s for plan in plans if plan is not None for s in plan.segments]
         with self._lock:
-            self._ring_for(device, threads, ring_bytes).run(segments)
+            # A new ring starts preparing its host memory at once, while the files are planned.
+            ring = self._ring_for(device, threads, ring_bytes)
+            if device.type == "cuda" and slices is None:
+                _reserve(device, sum(file.stat().st_size for file in files))
+            plans = [_plan(file, device, slices) for file in files]
+            ring.run([s for plan in plans if plan is not None for s in plan.segments])
         return _merge(path, [_finish(f, plan, device, slices) for f, plan in zip(files, plans)])
 
     def release(self) -> None:
@@ -137,6 +141,18 @@ class Loader:
         if self._ring is None:
             self._ring = Ring(device, threads=threads, ring_bytes=ring_bytes)
         return self._ring
+
+
+def _reserve(device: torch.device, nbytes: int) -> None:
+    """Has the caching allocator take the load's device memory from the driver in one piece,
+    which it then carves every tensor out of: in a fresh process, allocating 83-173 tensors one
+    by one took 4-13 ms, this 1 ms (one H100). Where no such piece is free, the tensors are
+    allocated one by one as before. The margin covers rounding each tensor to 512 bytes."""
+    try:
+        block = torch.empty(nbytes + nbytes // 1024, dtype=torch.uint8, device=device)
+    except torch.cuda.OutOfMemoryError:
+        return
+    del block
 
 
 def _files(path: Path, shard: Shard | None) -> list[Path]:

@@ -166,17 +166,11 @@ def plan_torch_zip(path: Path, device: torch.device) -> Plan:
 
         return restore
 
-    def segments() -> list[Segment | Strided]:
-        return [
-            Segment(str(path), offset, nbytes, flat_bytes(storage), 0)
-            for offset, (nbytes, storage) in ranges.items()
-        ]
-
     # Any failure means: leave it to plain torch.load, which gives the authoritative result or error.
     try:
         result = torch.load(path, mmap=True, map_location=mapper(True), weights_only=True)
         if _plain(result):
-            return Plan(segments(), lambda: result)
+            return Plan(_segments(path, ranges), lambda: result)
     except Exception as error:  # noqa: BLE001
         log.debug("fastload: %s: one weights_only pass is not enough: %s", path, error)
     try:
@@ -194,7 +188,17 @@ def plan_torch_zip(path: Path, device: torch.device) -> Plan:
             raise Unmappable("the second load met storages the first did not")
         return result
 
-    return Plan(segments(), finish)
+    return Plan(_segments(path, ranges), finish)
+
+
+def _segments(
+    path: Path, ranges: dict[int, tuple[int, torch.UntypedStorage]]
+) -> list[Segment | Strided]:
+    """Each storage's bytes, from its file offset into its device storage."""
+    return [
+        Segment(str(path), offset, nbytes, flat_bytes(storage), 0)
+        for offset, (nbytes, storage) in ranges.items()
+    ]
 
 
 PLAIN_TYPES = (

@@ -5,14 +5,13 @@ loads. Each slot's bytes are copied to the device on one CUDA stream without blo
 an event recorded after the copy guards the slot, so it is read into again only after the device
 has taken its bytes.
 
-The ring is page-locked lazily, one slot at its first use, so that the first copies of a fresh
-process start once one slot is locked rather than the whole ring (cudaHostAlloc of the ring took
-~0.3 s per 512 MiB). The slot's own thread first faults its pages in (the kernel zeroes them, in
-parallel across threads), then registers them; the ring is an anonymous mapping aligned to and
-advised for huge pages (MADV_HUGEPAGE), which the driver locks faster where the kernel grants
-them. Registering takes a driver lock that also stalls other threads' copies, which is why
-copying straight from the file's pages (cudaHostRegister of the mapped tmpfs file) was measured
-slower and left out (docs/gpu.md, docs/benchmarks.md).
+The ring's host memory (hostring.py) is faulted in and page-locked by a background thread
+from the ring's creation on, and each slot goes to the readers as soon as it is locked, so a
+fresh process's first load starts copying after one slot rather than after the whole ring.
+Copying from pageable memory instead (the file's mapping, or a buffer filled by preadv) was
+measured at 5.5-9.5 GB/s whatever the threads, and it slowed the page-locking beside it;
+copying straight from the file's pages (cudaHostRegister of the mapped tmpfs file) was also
+slower (docs/gpu.md, docs/benchmarks.md).
 
 A tensor-parallel rank's slice along an inner dim is rows, one every row_stride bytes
 (Strided). Short rows with short gaps are gathered a slot's worth at a time from a read-only
@@ -24,8 +23,6 @@ discarded buffer: 10x slower for 1 KiB rows 8 KiB apart. Long rows or gaps: a re
 
 from __future__ import annotations
 
-import ctypes
-import logging
 import mmap
 import os
 import queue
@@ -37,6 +34,8 @@ from typing import Any
 
 import torch
 
+from ramstage.fastload.hostring import PAGE_BYTES, HostRing, Slot
+
 try:
     import numpy
 except ImportError:  # strided slices then read their covering range (read_rows)
@@ -47,24 +46,6 @@ except ImportError:  # strided slices then read their covering range (read_rows)
 MAX_GAP_BYTES = 1 << 20
 # Linux takes at most 1024 buffers per preadv (UIO_MAXIOV): a row and a gap each use one.
 ROWS_PER_READ = 512
-PAGE_BYTES = mmap.PAGESIZE
-HUGE_PAGE_BYTES = 2 << 20
-MADV_HUGEPAGE = 14  # linux/mman.h; a no-op where transparent huge pages are off
-
-log = logging.getLogger("ramstage.fastload")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-)
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 @dataclass(frozen=True)
@@ -224,58 +205,6 @@ def read_rows(fd: int, memory: memoryview, chunk: Chunk, gap: memoryview) -> Non
         read_exact(fd, buffers, chunk.file_offset + first * chunk.row_stride)
 
 
-class _Slot:
-    """One ring slot: its memory as a tensor and a writable view, and (CUDA) its copy event."""
-
-    def __init__(self, address: int, nbytes: int, event: Any) -> None:
-        array = (ctypes.c_ubyte * nbytes).from_address(address)
-        self.tensor = torch.frombuffer(array, dtype=torch.uint8)
-        self.memory = memoryview(array).cast("B")
-        self.event = event
-        self.prepared = False  # faulted in and (CUDA) page-locked, on first use
-        self.locked = False
-
-
-class _HostRing:
-    """An anonymous mapping cut into slots; (CUDA) each slot is page-locked on its first use."""
-
-    def __init__(self, slots: int, chunk_bytes: int, cuda: bool) -> None:
-        self._cudart = torch.cuda.cudart() if cuda else None  # type: ignore[no-untyped-call]
-        self._nbytes = slots * chunk_bytes + HUGE_PAGE_BYTES
-        prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        address = _libc.mmap(None, self._nbytes, prot, flags, -1, 0)
-        if address in (None, ctypes.c_void_p(-1).value):
-            error = ctypes.get_errno()
-            raise OSError(error, f"mmap of the {self._nbytes}-byte ring: {os.strerror(error)}")
-        self._address: int = address
-        start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
-        _libc.madvise(start, slots * chunk_bytes, MADV_HUGEPAGE)
-        self.slots = [
-            _Slot(start + i * chunk_bytes, chunk_bytes, torch.cuda.Event() if cuda else None)  # type: ignore[no-untyped-call]
-            for i in range(slots)
-        ]
-
-    def prepare(self, slot: _Slot) -> None:
-        slot.memory[::PAGE_BYTES] = bytes(len(slot.memory[::PAGE_BYTES]))  # fault in, here
-        slot.prepared = True
-        if self._cudart is None:
-            return
-        error = self._cudart.cudaHostRegister(slot.tensor.data_ptr(), slot.tensor.numel(), 0)
-        if error != self._cudart.cudaError.success:
-            # Copies from pageable memory are still right, only slower (the driver stages them).
-            reason = self._cudart.cudaGetErrorString(error)
-            log.warning("fastload: cannot page-lock a ring slot (%s); copying unlocked", reason)
-            return
-        slot.locked = True
-
-    def close(self) -> None:
-        for slot in self.slots:
-            if slot.locked and self._cudart is not None:
-                self._cudart.cudaHostUnregister(slot.tensor.data_ptr())
-        self.slots.clear()
-        _libc.munmap(self._address, self._nbytes)
-
-
 class Ring:
     """Host slots, a thread pool and (CUDA) a copy stream, reused across loads until close()."""
 
@@ -286,13 +215,12 @@ class Ring:
         slots = 2 * threads  # one being read by each thread, one whose copy is in flight
         self.chunk_bytes = max(ring_bytes // slots // PAGE_BYTES * PAGE_BYTES, PAGE_BYTES)
         cuda = device.type == "cuda"
-        self._host = _HostRing(slots, self.chunk_bytes, cuda)
+        self._host = HostRing(slots, self.chunk_bytes, cuda)
         self._stream = torch.cuda.Stream(device) if cuda else None  # type: ignore[no-untyped-call]
-        self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
-        for slot in self._host.slots:
-            self._free.put(slot)
+        self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ramstage-fastload")
         self._gaps = threading.local()  # per thread: a cache-sized buffer written by each core
+        self._host.prepare_all(self._free.put, device)  # in the background, from now on
 
     def matches(self, device: torch.device, threads: int, ring_bytes: int) -> bool:
         return (self.device, self.threads, self.ring_bytes) == (device, threads, ring_bytes)
@@ -330,10 +258,8 @@ class Ring:
 
     def _drain(self, job: _Job, fds: dict[str, int]) -> None:
         while (chunk := job.take()) is not None:
-            slot = self._free.get()
+            slot = self._free.get()  # prepared slots arrive from the ring's preparing thread
             try:
-                if not slot.prepared:
-                    self._host.prepare(slot)
                 if slot.event is not None:
                     slot.event.synchronize()  # the slot's previous copy has left it
                 if chunk.row_stride and chunk.source in job.mapped:

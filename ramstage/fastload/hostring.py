@@ -1,0 +1,136 @@
+"""The host side of the fast loader's ring: slots of one anonymous mapping, page-locked for CUDA.
+
+The mapping is aligned to and advised for huge pages (MADV_HUGEPAGE), which the driver locks
+faster where the kernel grants them. Preparing a slot is faulting it in (the kernel zeroes its
+pages), then registering it with cudaHostRegister. On a fresh process's first load the ring is
+prepared in the background while the load runs: the readers use each slot as soon as it is
+ready (pipeline.Ring), so copies start after the first slot rather than after the whole ring.
+
+Measured on one H100 (docs/benchmarks.md, bench_gpu_first.py): zeroing was most of the cost
+(512 MiB took one thread ~75 ms, registering it after that ~17 ms), and more threads did not
+make it faster there, which is why the ring is 256 MiB (fastload/__init__.py). Two threads fault
+the slots in with madvise(MADV_POPULATE_WRITE), which holds no GIL (writing a byte of each page
+would hold it while the kernel zeroes); one thread registers them in order, as registering
+takes a driver lock that stalls the other threads' copies anyway.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+
+PAGE_BYTES = mmap.PAGESIZE
+HUGE_PAGE_BYTES = 2 << 20
+MADV_HUGEPAGE = 14  # linux/mman.h; a no-op where transparent huge pages are off
+MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14; older kernels refuse it (EINVAL)
+# Threads faulting slots in at once, in slot order: 1, 2, 4 and 16 gave the same first loads
+# on one H100 (docs/benchmarks.md, "What was tried"); two keep the next slot faulting in while
+# one is registered, without more threads beside the readers.
+FAULT_WORKERS = 2
+
+log = logging.getLogger("ramstage.fastload")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+class Slot:
+    """One ring slot: its memory as a tensor and a writable view, and (CUDA) its copy event."""
+
+    def __init__(self, address: int, nbytes: int, event: Any) -> None:
+        array = (ctypes.c_ubyte * nbytes).from_address(address)
+        self.tensor = torch.frombuffer(array, dtype=torch.uint8)
+        self.memory = memoryview(array).cast("B")
+        self.event = event
+        self.locked = False
+
+
+class HostRing:
+    """An anonymous mapping cut into slots; prepare_all() readies them in a background thread."""
+
+    def __init__(self, slots: int, chunk_bytes: int, cuda: bool) -> None:
+        self._cudart = torch.cuda.cudart() if cuda else None  # type: ignore[no-untyped-call]
+        self._nbytes = slots * chunk_bytes + HUGE_PAGE_BYTES
+        prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        address = _libc.mmap(None, self._nbytes, prot, flags, -1, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            error = ctypes.get_errno()
+            raise OSError(error, f"mmap of the {self._nbytes}-byte ring: {os.strerror(error)}")
+        self._address: int = address
+        start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+        _libc.madvise(start, slots * chunk_bytes, MADV_HUGEPAGE)
+        self.slots = [
+            Slot(start + i * chunk_bytes, chunk_bytes, torch.cuda.Event() if cuda else None)  # type: ignore[no-untyped-call]
+            for i in range(slots)
+        ]
+        self._preparer: threading.Thread | None = None
+
+    def prepare_all(self, hand_over: Callable[[Slot], None], device: torch.device) -> None:
+        """Starts the thread that prepares the slots, FAULT_WORKERS faulting them in at once,
+        and hands each over, in order, once it is locked."""
+
+        def prepare() -> None:
+            handed = 0
+            try:
+                # Registered in the device's context, as the copies are made (pipeline.Ring).
+                device_context = torch.cuda.device(device) if self._cudart else nullcontext()
+                with device_context, ThreadPoolExecutor(FAULT_WORKERS) as faults:
+                    faulted = [faults.submit(fault_in, slot) for slot in self.slots]
+                    for slot, done in zip(self.slots, faulted):
+                        done.result()
+                        self._lock(slot)
+                        hand_over(slot)
+                        handed += 1
+            except Exception:  # noqa: BLE001 - the slots stay usable, so the loads go on
+                log.exception("fastload: preparing the ring failed; its slots are used as they are")
+            finally:
+                for slot in self.slots[handed:]:  # after an error: used unlocked, still right
+                    hand_over(slot)
+
+        self._preparer = threading.Thread(target=prepare, name="ramstage-fastload-lock")
+        self._preparer.start()
+
+    def _lock(self, slot: Slot) -> None:
+        if self._cudart is None:
+            return
+        error = self._cudart.cudaHostRegister(slot.tensor.data_ptr(), slot.tensor.numel(), 0)
+        if error != self._cudart.cudaError.success:
+            # Copies from pageable memory are still right, only slower (the driver stages them).
+            reason = self._cudart.cudaGetErrorString(error)
+            log.warning("fastload: cannot page-lock a ring slot (%s); copying unlocked", reason)
+            return
+        slot.locked = True
+
+    def close(self) -> None:
+        if self._preparer is not None:
+            self._preparer.join()
+        for slot in self.slots:
+            if slot.locked and self._cudart is not None:
+                self._cudart.cudaHostUnregister(slot.tensor.data_ptr())
+        self.slots.clear()
+        _libc.munmap(self._address, self._nbytes)
+
+
+def fault_in(slot: Slot) -> None:
+    """Backs every page of the slot now: in the kernel, without the GIL, where
+    MADV_POPULATE_WRITE exists; else by writing a byte of each page (holding the GIL)."""
+    if _libc.madvise(slot.tensor.data_ptr(), len(slot.memory), MADV_POPULATE_WRITE) != 0:
+        slot.memory[::PAGE_BYTES] = bytes(len(slot.memory[::PAGE_BYTES]))

@@ -1,0 +1,123 @@
+"""The fast loader's host ring: prepared in the background, used slot by slot as it gets ready.
+
+Without a GPU the slots are only faulted in (no page-locking); what is checked is that every
+slot is handed over once, in order, backed by real pages, also where the kernel refuses
+MADV_POPULATE_WRITE or preparing fails, and that a load runs before the ring is ready.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ramstage import fastload
+from ramstage.fastload import hostring
+
+pytestmark = pytest.mark.torch
+
+SLOT_BYTES = 4 * hostring.PAGE_BYTES
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+
+
+def resident_pages(slot: hostring.Slot) -> int:
+    """How many of the slot's pages are backed by memory now (mincore)."""
+    pages = len(slot.memory) // hostring.PAGE_BYTES
+    vector = ctypes.create_string_buffer(pages)
+    assert _libc.mincore(slot.tensor.data_ptr(), len(slot.memory), vector) == 0
+    return sum(byte & 1 for byte in vector.raw)
+
+
+def prepared(ring: hostring.HostRing) -> list[hostring.Slot]:
+    """Prepares the ring and returns its slots in the order they were handed over."""
+    handed: list[hostring.Slot] = []
+    ring.prepare_all(handed.append, torch.device("cpu"))
+    assert ring._preparer is not None
+    ring._preparer.join()
+    return handed
+
+
+def test_every_slot_is_handed_over_once_in_order_and_backed_by_pages() -> None:
+    ring = hostring.HostRing(6, SLOT_BYTES, cuda=False)
+    try:
+        assert all(resident_pages(slot) == 0 for slot in ring.slots)
+        handed = prepared(ring)
+        assert handed == ring.slots
+        assert all(resident_pages(slot) == 4 for slot in handed)
+    finally:
+        ring.close()
+
+
+def test_slots_are_faulted_in_by_writing_where_the_kernel_refuses_populate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hostring, "MADV_POPULATE_WRITE", -1)  # EINVAL, as before Linux 5.14
+    ring = hostring.HostRing(2, SLOT_BYTES, cuda=False)
+    try:
+        assert all(resident_pages(slot) == 4 for slot in prepared(ring))
+    finally:
+        ring.close()
+
+
+def test_a_failure_while_preparing_still_hands_every_slot_over(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = hostring.fault_in
+
+    def fault_in(slot: hostring.Slot) -> None:
+        if slot is ring.slots[1]:
+            raise OSError("no memory")
+        real(slot)
+
+    monkeypatch.setattr(hostring, "fault_in", fault_in)
+    ring = hostring.HostRing(4, SLOT_BYTES, cuda=False)
+    try:
+        with caplog.at_level(logging.ERROR, logger="ramstage.fastload"):
+            assert sorted(map(id, prepared(ring))) == sorted(map(id, ring.slots))
+        assert "preparing the ring failed" in caplog.text
+    finally:
+        ring.close()
+
+
+def test_a_load_runs_on_the_first_ready_slot_while_the_rest_are_still_prepared(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Only the first slot is ready until the load has returned: every chunk goes through it."""
+    loaded = threading.Event()
+    real = hostring.HostRing._lock
+
+    def lock(self: hostring.HostRing, slot: hostring.Slot) -> None:
+        if slot is not self.slots[0]:
+            loaded.wait(timeout=30)
+        real(self, slot)
+
+    monkeypatch.setattr(hostring.HostRing, "_lock", lock)
+    state = {f"w{i}": torch.randn(1000 + i) for i in range(8)}
+    torch.save(state, tmp_path / "m.pt")
+    loader = fastload.Loader(pipeline_on_cpu=True)
+    try:
+        got = loader.load(tmp_path / "m.pt", "cpu", threads=3, ring_bytes=6 * SLOT_BYTES)
+        assert not loaded.is_set()  # returned with five of the six slots still unprepared
+        assert got.keys() == state.keys()
+        assert all(torch.equal(got[name], tensor) for name, tensor in state.items())
+    finally:
+        loaded.set()
+        loader.release()
+
+
+def test_reserving_device_memory_gives_way_where_none_is_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def empty(*args: Any, **kwargs: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "empty", empty)
+    fastload._reserve(torch.device("cuda:0"), 1 << 30)  # no error: tensors come one by one
