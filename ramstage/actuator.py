@@ -35,11 +35,13 @@ from ramstage.model import (
     Hold,
     Job,
     JobDone,
+    Locate,
     Log,
     Mark,
     Model,
     Note,
     Remember,
+    RetryLater,
     Serve,
     Serving,
     Settings,
@@ -61,12 +63,15 @@ _FIELDS: dict[type, str] = {
     Remember: "seen",
     Mark: "changed_at",
     BackOff: "backoff",
+    RetryLater: "retry",
+    Locate: "source",
     Configure: "settings",
 }
 
 
 def copy_source(
     settings: Settings,
+    source: Path,
     job: Job,
     checksum: str,
     crew: Crew,
@@ -79,7 +84,7 @@ def copy_source(
     by_device (staging.workers not set): the copies from one spinning disk read one file at a
     time between them."""
     algorithm = settings.digest.partition(":")[0] if settings.digest else checksum
-    disk = system.spinning_disk(settings.source) if by_device else None
+    disk = system.spinning_disk(source) if by_device else None
 
     def progress(done_bytes: int, total_bytes: int) -> None:
         job.work.done_bytes, job.work.total_bytes = done_bytes, total_bytes
@@ -89,7 +94,7 @@ def copy_source(
     started = system.monotonic()
     manifest = stage_source(
         settings.name,
-        settings.source,
+        source,
         job.partial,
         algorithm,
         trust=settings.trust,
@@ -217,7 +222,7 @@ class Actuator:
                     log.warning("%s: skipped %s", model.name, skipped)
         else:
             if action.serving is Serving.SOURCE:
-                links.point(model.link, model.settings.source, step=self.system.step)
+                links.point(model.link, model.source, step=self.system.step)
             else:
                 links.remove(model.link, step=self.system.step)
             self.generations.release(model.name)
@@ -240,6 +245,7 @@ class Actuator:
         copy = partial(
             copy_source,
             model.settings,
+            model.source,
             job,
             self.checksum,
             self.crew,
@@ -278,7 +284,7 @@ class Actuator:
                 job.cancel.set()
                 self.crew.forfeit(job.cancel)  # its thread may hold a worker for good
                 stalled = SourceHung(
-                    f"source read hung: nothing read from {model.settings.source} for "
+                    f"source read hung: nothing read from {model.source} for "
                     f"{COPY_STALL_SECONDS:g}s (a hung mount?)"
                 )
                 with contextlib.suppress(InvalidStateError):  # it finished just now

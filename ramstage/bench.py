@@ -241,7 +241,7 @@ def bench_model(
     model = config.model(name)
     if model is None:
         raise NotFound(f"no model named {name} in {config_path}")
-    source, link = model.source, config.links_dir / name
+    source, link = model.resolve(), config.links_dir / name
     if not link.exists():
         raise RamstageError(
             f"{link} does not exist: is ramstage running? (systemctl start ramstage)"

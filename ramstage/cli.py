@@ -62,11 +62,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     system = System()
     setup_logging(system, args.debug)
-    code = run_daemon(config_path(args.config), system)
-    # Stopped cleanly; a copy thread still blocked on a hung mount must not hold the exit
-    # (the interpreter joins pool threads at exit, the copier's included).
-    logging.shutdown()
-    os._exit(code)
+    return run_daemon(config_path(args.config), system)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -89,20 +89,20 @@ class ModelConfig:
         default_factory=Trust
     )  # the top-level trust: and the model's own, together
 
-    @property
-    def source(self) -> Path:
+    def resolve(self, *, read_refs: bool = True) -> Path:
         """What is staged, and what the link points at in fallback: `source:`, or the hub
-        snapshot that the revision names now."""
+        snapshot that the revision names now, read from its refs/ file (which may hang: the
+        daemon reads it only through reach, updates.SourceUpdates.locate). Without read_refs,
+        the snapshot the revision names by itself (only a commit hash names one)."""
         if isinstance(self.origin, HubRepo):
-            return self.origin.snapshot(self.trust)
+            return self.origin.snapshot(self.trust if read_refs else None)
         return self.origin
 
     @property
-    def watched(self) -> tuple[Path, ...]:
-        """The paths whose changes concern the model: its source, and a hub repo's refs."""
-        if isinstance(self.origin, HubRepo):
-            return (self.source, self.origin.refs)
-        return (self.origin,)
+    def refs(self) -> Path | None:
+        """A hub repo's refs/ directory: read to resolve the source, watched for a moved
+        revision. None for `source:`, which resolves to itself."""
+        return self.origin.refs if isinstance(self.origin, HubRepo) else None
 
     def problem(self) -> str | None:
         """Why there is nothing to stage now, if so."""
@@ -322,7 +322,7 @@ def trust_warnings(config: Config) -> list[str]:
             groups = ", ".join(group_name(gid) for gid in sorted(model.trust.gids)) or "-"
             warnings.append(
                 f"{model.name}: trusting users {users} and groups {groups} with the paths to "
-                f"{model.source}: they can choose what ramstage copies into RAM and who reads it"
+                f"{model.origin}: they can choose what ramstage copies into RAM and who reads it"
             )
     return warnings
 

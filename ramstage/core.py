@@ -24,7 +24,7 @@ from ramstage.reach import Reach
 from ramstage.sources import list_source
 from ramstage.store import Generation, Store
 from ramstage.system import System
-from ramstage.updates import SourceUpdates, look
+from ramstage.updates import SourceUpdates
 
 log = logging.getLogger("ramstage")
 
@@ -47,9 +47,14 @@ class Core:
         self.actuator.apply(model, actions)
 
     def add(self, config: ModelConfig) -> Model:
-        model = Model(config, self.config.links_dir / config.name)
+        """A new record, its source not yet resolved: place() or place_all() resolves it."""
+        model = Model(config, self.config.links_dir / config.name, config.resolve(read_refs=False))
         self.models[config.name] = model
         return model
+
+    def reach_source(self, model: Model) -> OSError | None:
+        """The source resolved anew and looked at, each with a deadline: None if it is there."""
+        return self.updates.locate(model) or self.reach.problem(model.source)
 
     def place_all(self, held: set[str]) -> None:
         """At start: every link in place at once, on an adoptable generation or the source;
@@ -62,19 +67,21 @@ class Core:
         unadopted: list[Generation] = []
         for config in configs:
             model = self.add(config)
+            problem = self.reach_source(model)
             generations = found.get(config.name, [])
-            adopted = None if config.name in held else self._adoptable(config, generations)
+            adoptable = config.name not in held and problem is None
+            adopted = self._adoptable(model, generations) if adoptable else None
             unadopted += [g for g in generations if g is not adopted]
             if adopted:
                 self.generations.adopt(config.name, adopted)
                 self.apply(model, lifecycle.adopted(adopted.id, adopted.manifest.identities()))
                 log.info("%s: adopted generation %s without copying", config.name, adopted.id)
             elif config.name in held:
-                exists = self.reach.exists(config.source)
+                exists = problem is None
                 self.apply(model, lifecycle.evict_requested(model, source_exists=exists))
                 log.info("%s: stays on its source, evicted by the operator", config.name)
             else:
-                self.place(model)
+                self.place(model, problem)
         self.generations.drop(unadopted)
 
     def source_problems(self, config: Config) -> list[str]:
@@ -84,25 +91,24 @@ class Core:
         except OSError as error:
             return [f"sources not checked: {error}"]
 
-    def place(self, model: Model) -> None:
+    def place(self, model: Model, problem: OSError | None) -> None:
         """A model with nothing in RAM: its link on the source, or none; a source that cannot be
-        reached (a disconnected or hung mount) is said to be so."""
-        problem = self.reach.problem(model.settings.source)
+        reached (a disconnected or hung mount, a hung hub ref) is said to be so. `problem`:
+        reach_source()."""
         self.apply(model, lifecycle.placed(model, source_exists=problem is None))
         if problem is not None and not isinstance(problem, FileNotFoundError):
             self.apply(model, lifecycle.unreachable(model, problem))
 
-    def _adoptable(self, config: ModelConfig, generations: list[Generation]) -> Generation | None:
+    def _adoptable(self, model: Model, generations: list[Generation]) -> Generation | None:
+        config, source = model.settings, model.source
         for generation in generations:
             manifest = generation.manifest
-            if manifest.source != str(config.source) or (
+            if manifest.source != str(source) or (
                 config.digest and manifest.digest != config.digest
             ):
                 continue
             try:
-                listing = self.reach.call(
-                    config.source, lambda: list_source(config.source, config.trust)
-                )
+                listing = self.reach.call(source, lambda: list_source(source, config.trust))
                 same_source = listing.identities() == manifest.identities()
                 complete = all(
                     os.stat(path).st_size == f.size_bytes
@@ -134,7 +140,7 @@ class Core:
             log.error("%s; every model is served from its source", why.detail)
             for model in self.models.values():
                 if model.serving is Serving.RAM or model.job:
-                    exists = self.reach.exists(model.settings.source)
+                    exists = self.reach.exists(model.source)
                     actions = lifecycle.fall_back(model, why, source_exists=exists)
                     self.apply(model, [*actions, Want(exists)])
         self.store_lost = True
@@ -151,7 +157,7 @@ class Core:
             return  # check_store takes an unmounted store from here
         for name in lifecycle.next_copies(self.models.values(), self.actuator.crew.workers):
             model = self.models[name]
-            listing = self._unshared(look(model.settings, self.reach))
+            listing = self._unshared(self.updates.look(model))
             if lifecycle.shares_a_copy_in_flight(listing, self.models.values()):
                 return  # and those after it wait for it, as below
             actions = lifecycle.admit(model, listing, self._budget())
@@ -190,7 +196,7 @@ class Core:
         for model in self.models.values():
             if model.want or model.held or model.why != Why(Reason.STORE_FULL):
                 continue
-            listing = self._unshared(look(model.settings, self.reach))
+            listing = self._unshared(self.updates.look(model))
             if not listing.error and listing.size_bytes <= self.store.fs.free_bytes():
                 log.info("%s: the store has room again; staging", model.name)
                 self.apply(model, lifecycle.resume())
@@ -234,7 +240,7 @@ class Core:
             log.error("%s: staging failed: %s", name, error)
         elif why is not None:
             log.error("%s: staging failed", name, exc_info=error)
-        exists = self.reach.exists(model.settings.source)
+        exists = self.reach.exists(model.source)
         now, cooldown = self.system.monotonic(), self.config.memory.effective_cooldown_seconds
         self.apply(
             model,
@@ -248,7 +254,7 @@ class Core:
             expected = lifecycle.expected_link(
                 model,
                 generation.target if generation else None,
-                source_exists=self.reach.exists(model.settings.source),
+                source_exists=self.reach.exists(model.source),
             )
             current = links.read(model.link)
             if current == (str(expected) if expected else None):

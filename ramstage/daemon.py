@@ -166,7 +166,7 @@ class Daemon:
         wait = 0.5 if any(m.job for m in core.models.values()) else 1.0
         if self.notifier.watchdog_interval:
             wait = min(wait, self.notifier.watchdog_interval)
-        backoffs = [m.backoff.not_before for m in core.models.values() if m.backoff]
+        backoffs = [b.not_before for m in core.models.values() for b in (m.backoff, m.retry) if b]
         timers = [core.updates.next_due(), core.generations.next_expiry(), *backoffs]
         now = self.system.monotonic()
         for due in [*timers, *self.due.values()]:
@@ -247,7 +247,7 @@ class Daemon:
         core = self.core
         model = core.models.get(event.name)
         if model:
-            exists = core.reach.exists(model.settings.source)
+            exists = core.reach.exists(model.source)
             actions = lifecycle.verify_failed(model, event.generation_id, source_exists=exists)
             if actions:
                 core.actuator.count_verify_failure(model)

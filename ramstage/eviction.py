@@ -134,7 +134,7 @@ class Relief:
             units.size(available),
             units.size(floor),
         )
-        exists = self.reach.exists(model.settings.source)
+        exists = self.reach.exists(model.source)
         self.apply(model, lifecycle.pressure_cancel(model, now, cooldown, source_exists=exists))
         return self.system.available_bytes() + taken
 
@@ -156,7 +156,7 @@ class Relief:
         generation = self.generations.current(model.name)
         assert generation is not None
         now, cooldown = self.system.monotonic(), self.memory.effective_cooldown_seconds
-        problem = self.reach.problem(model.settings.source)
+        problem = self.reach.problem(model.source)
         exists = problem is None
         self.apply(model, lifecycle.pressure_evict(model, now, cooldown, source_exists=exists))
         if problem is not None and not isinstance(problem, FileNotFoundError):

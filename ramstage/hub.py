@@ -48,12 +48,13 @@ class HubRepo:
     def refs(self) -> Path:
         return self.path / "refs"
 
-    def snapshot(self, trust: Trust) -> Path:
+    def snapshot(self, trust: Trust | None) -> Path:
         """The snapshot the revision names now: the commit in refs/REVISION, else the revision
         itself (a commit hash names its snapshot directly, as huggingface_hub has it). A ref
         that cannot be read leads to a snapshot that is not there: the model is missing, and
-        problem() says why."""
-        return self.path / "snapshots" / (self._commit(trust) or self.revision)
+        problem() says why. With no trust rule, the ref is not read at all."""
+        commit = self._commit(trust) if trust is not None else None
+        return self.path / "snapshots" / (commit or self.revision)
 
     def _commit(self, trust: Trust) -> str | None:
         try:

@@ -135,7 +135,7 @@ def free(config: Config, system: System) -> str:
 
 
 def _links_to_sources(config: Config, store_path: Path, system: System) -> None:
-    sources = {m.name: m.source for m in config.models}
+    sources = {m.name: m.resolve() for m in config.models}
     if not config.links_dir.is_dir():
         return
     for link in sorted(config.links_dir.iterdir()):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from ramstage.model import (
     Note,
     Reason,
     Remember,
+    RetryLater,
     Serve,
     Serving,
     StartCopy,
@@ -126,7 +127,7 @@ def source_missing(model: Model) -> list[Action]:
         serves = (
             "serving the verified copy in RAM" if model.generation else "no link until it is back"
         )
-        actions.append(Log(WARNING, f"source {model.settings.source} is missing; {serves}"))
+        actions.append(Log(WARNING, f"source {model.source} is missing; {serves}"))
     actions += [Remember(None), Note(why), Want(False)]
     if model.serving is Serving.RAM:
         return [*actions, Answer(None)]
@@ -157,7 +158,7 @@ def admit(model: Model, listing: Listing, budget: Budget) -> list[Action]:
         return []
     if refusal is None:
         why = Why(Reason.SOURCE_CHANGED) if model.serving is Serving.RAM else None
-        log = Log(INFO, f"staging {units.size(need)} from {model.settings.source}")
+        log = Log(INFO, f"staging {units.size(need)} from {model.source}")
         return [StartCopy(listing.identities, need), Note(why), log]
     why = Why(Reason(refusal), figures=figures)
     message = (
@@ -187,6 +188,7 @@ def copied(model: Model, generation_id: str, identities: Identities) -> list[Act
         Note(None),
         Want(False),
         Answer(None),
+        RetryLater(None),
     ]
 
 
@@ -221,11 +223,9 @@ def copy_failed(
         return source_missing(model)
     if why.reason is Reason.STORE_FULL:
         return refuse(model, why, source_exists=source_exists)  # tried again once there is room
-    if why.retry:  # tried again by to_resume once its backoff has run out
-        return [
-            *refuse(model, why, source_exists=source_exists),
-            back_off(model, now, cooldown_seconds),
-        ]
+    if why.retry:  # tried again by to_resume once its retry backoff has run out
+        retry = RetryLater(policy.next_backoff(model.retry, now, cooldown_seconds))
+        return [*refuse(model, why, source_exists=source_exists), retry]
     # Not tried again on its own until this source version changes.
     return [Remember(identities), *refuse(model, why, source_exists=source_exists)]
 
@@ -311,18 +311,24 @@ def to_resume(models: Iterable[Model], now: float, *, calm: bool) -> str | None:
     back to pending, the highest priority first, unless another copy is wanted or running or its
     backoff has not run out. That includes a model whose update was refused for pressure while
     it kept serving the older version from RAM, and one whose copy failed for a fault that may
-    clear (Why.retry)."""
+    clear (Why.retry), once its retry backoff has run out."""
     models = list(models)
     busy = any(m.job or waiting_to_copy(m) for m in models)
     if busy or not calm:
         return None
     return policy.next_to_stage(
-        policy.Candidate(m.name, m.settings.priority)
-        for m in models
-        if (m.why == Why(Reason.PRESSURE) or (m.why is not None and m.why.retry))
-        and not m.held
-        and (m.backoff is None or m.backoff.not_before <= now)
+        policy.Candidate(m.name, m.settings.priority) for m in models if not m.held and _due(m, now)
     )
+
+
+def _due(model: Model, now: float) -> bool:
+    if model.why == Why(Reason.PRESSURE):
+        wait = model.backoff
+    elif model.why is not None and model.why.retry:
+        wait = model.retry
+    else:
+        return False
+    return wait is None or wait.not_before <= now
 
 
 def resume() -> list[Action]:
@@ -369,7 +375,7 @@ def expected_link(
     """Where the link belongs: the verified generation, else the source, else nowhere."""
     if model.serving is Serving.RAM:
         return generation_target
-    return model.settings.source if source_exists else None
+    return model.source if source_exists else None
 
 
 def ready(models: Iterable[Model], mode: str) -> bool:
@@ -377,24 +383,4 @@ def ready(models: Iterable[Model], mode: str) -> bool:
     model is staged or has a reason not to be."""
     return mode != "staged" or not any(
         waiting_to_copy(m) or m.job for m in models if m.serving is not Serving.RAM
-    )
-
-
-@dataclass(frozen=True)
-class ReloadPlan:
-    removed: tuple[str, ...]
-    added: tuple[str, ...]
-    replaced: tuple[str, ...]  # another source, digest or validation
-    kept: tuple[str, ...]
-
-
-def reload_plan(
-    old: Mapping[str, tuple[object, ...]], new: Mapping[str, tuple[object, ...]]
-) -> ReloadPlan:
-    """old and new map each model's name to what, when it changes, means copying again."""
-    return ReloadPlan(
-        removed=tuple(sorted(old.keys() - new.keys())),
-        added=tuple(n for n in new if n not in old),
-        replaced=tuple(n for n in new if n in old and old[n] != new[n]),
-        kept=tuple(n for n in new if n in old and old[n] == new[n]),
     )

@@ -22,10 +22,9 @@ class Settings(Protocol):
 
     @property
     def name(self) -> str: ...
+    def resolve(self, *, read_refs: bool = True) -> Path: ...  # a hub repo: reads refs/
     @property
-    def source(self) -> Path: ...
-    @property
-    def watched(self) -> tuple[Path, ...]: ...
+    def refs(self) -> Path | None: ...  # a hub repo's refs/, that resolve() reads
     @property
     def priority(self) -> int: ...
     @property
@@ -85,7 +84,7 @@ class Why:
 
 @dataclass(frozen=True)
 class Backoff:
-    count: int  # evictions (or refusals for pressure) in a row
+    count: int  # evictions (or refusals) for pressure, or failed copies, in a row
     at: float  # monotonic seconds of the last one
     delay_seconds: float
 
@@ -135,6 +134,9 @@ class Tally:
 class Model:
     settings: Settings
     link: Path
+    # What is staged and what the link serves in fallback: settings.resolve() as the loop last
+    # resolved it, with a deadline (updates.SourceUpdates.locate), never on attribute access.
+    source: Path
     serving: Serving = Serving.SOURCE
     generation: str | None = None  # the id of the generation served, when serving RAM
     job: Job | None = None  # the copy in flight, whatever the link serves meanwhile
@@ -144,6 +146,7 @@ class Model:
     changed_at: float | None = None  # last source event not yet looked at (settle timer)
     seen: Identities | None = None  # the source version last taken up
     backoff: Backoff | None = None  # after evictions for pressure (backoff timer)
+    retry: Backoff | None = None  # after copies failed for a fault that may clear (Why.retry)
     waiters: list[Future[str | None]] = field(default_factory=list)
     tally: Tally = field(default_factory=Tally)
 
@@ -278,6 +281,21 @@ class BackOff:
 
 
 @dataclass(frozen=True)
+class RetryLater:
+    """A copy failed for a fault that may clear: tried again once `retry` has run out (None:
+    it was copied, nothing to try again)."""
+
+    retry: Backoff | None
+
+
+@dataclass(frozen=True)
+class Locate:
+    """The source resolved anew: a hub repo's revision moved to another snapshot."""
+
+    source: Path
+
+
+@dataclass(frozen=True)
 class Answer:
     """Answer everyone waiting for the model to be staged: None, or why it is not."""
 
@@ -314,6 +332,8 @@ Action = Union[
     Remember,
     Mark,
     BackOff,
+    RetryLater,
+    Locate,
     Answer,
     Await,
     Configure,

@@ -1,9 +1,9 @@
 """Pure decisions: whether a copy may be made, which model to stage next, which to give back
-under memory pressure, and when to come back."""
+under memory pressure, when to come back, and what a reload changes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ramstage.model import Backoff
@@ -98,7 +98,8 @@ def may_resume(
 
 
 def next_backoff(previous: Backoff | None, now: float, base_seconds: float) -> Backoff:
-    """The wait before a model evicted (or refused) for pressure at `now` may come back."""
+    """The wait before a model evicted (or refused) for pressure at `now` may come back; the
+    same for one whose copy failed at `now` for a fault that may clear (EIO, a hung read)."""
     count = 1
     if previous is not None and now - previous.at <= max(
         BACKOFF_RESET_SECONDS, 4 * previous.delay_seconds
@@ -106,3 +107,23 @@ def next_backoff(previous: Backoff | None, now: float, base_seconds: float) -> B
         count = previous.count + 1
     delay = min(base_seconds * 2 ** (count - 1), BACKOFF_CAP_SECONDS)
     return Backoff(count, now, delay)
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    removed: tuple[str, ...]
+    added: tuple[str, ...]
+    replaced: tuple[str, ...]  # another source, digest or validation
+    kept: tuple[str, ...]
+
+
+def reload_plan(
+    old: Mapping[str, tuple[object, ...]], new: Mapping[str, tuple[object, ...]]
+) -> ReloadPlan:
+    """old and new map each model's name to what, when it changes, means copying again."""
+    return ReloadPlan(
+        removed=tuple(sorted(old.keys() - new.keys())),
+        added=tuple(n for n in new if n not in old),
+        replaced=tuple(n for n in new if n in old and old[n] != new[n]),
+        kept=tuple(n for n in new if n in old and old[n] == new[n]),
+    )

@@ -9,7 +9,7 @@ import logging
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from ramstage import lifecycle
+from ramstage import lifecycle, policy
 from ramstage.config import Config, load_config, trust_warnings
 from ramstage.core import Core
 from ramstage.digest import hash_file
@@ -69,7 +69,7 @@ class Requests:
         if cmd == "evict":
             for name in names:
                 model = models[name]
-                exists = self.core.reach.exists(model.settings.source)
+                exists = self.core.reach.exists(model.source)
                 self.core.apply(model, lifecycle.evict_requested(model, source_exists=exists))
                 log.info("%s: evicted on request", name)
             return None
@@ -128,23 +128,23 @@ class Requests:
     def _reconfigure(self, new: Config) -> None:
         core = self.core
         configs = {m.name: m for m in new.models}
-        plan = lifecycle.reload_plan(
-            {m.name: (m.source, m.digest, m.validate) for m in core.config.models},
-            {m.name: (m.source, m.digest, m.validate) for m in new.models},
+        plan = policy.reload_plan(
+            {m.name: (m.origin, m.digest, m.validate) for m in core.config.models},
+            {m.name: (m.origin, m.digest, m.validate) for m in new.models},
         )
         for name in plan.removed:
             core.remove(name)
             log.info("%s: removed from the config; link and RAM copy gone", name)
         for name in plan.added:
             model = core.add(configs[name])
-            core.place(model)
+            core.place(model, core.reach_source(model))
             log.info("%s: added", name)
         for name in plan.replaced:
             model = core.models[name]
             core.apply(model, [Configure(configs[name])])
-            exists = core.reach.exists(model.settings.source)
+            exists = core.reach_source(model) is None
             core.apply(model, lifecycle.source_replaced(model, source_exists=exists))
-            log.info("%s: source changed to %s; staging again", name, model.settings.source)
+            log.info("%s: source changed to %s; staging again", name, model.source)
         for name in plan.kept:
             core.apply(core.models[name], [Configure(configs[name])])
         if new.memory != core.config.memory:

@@ -20,7 +20,7 @@ from ramstage.errors import NotFound
 from ramstage.generations import Generations
 from ramstage.holders import FileKey, holders
 from ramstage.memwatch import psi_avg10
-from ramstage.model import Model, Serving, Work, phase
+from ramstage.model import Backoff, Model, Serving, Work, phase
 from ramstage.store import Store
 from ramstage.system import System
 
@@ -52,6 +52,18 @@ def work_entry(work: Work | None, now: float) -> dict[str, Any] | None:
     }
 
 
+def _retry(retry: Backoff | None, now: float) -> dict[str, Any] | None:
+    """A copy failed for a fault that may clear: failures in a row, and when it is tried again
+    (once memory is calm and no other copy runs)."""
+    if retry is None:
+        return None
+    return {
+        "failures": retry.count,
+        "backoff_seconds": retry.delay_seconds,
+        "due_in_seconds": max(retry.not_before - now, 0.0),
+    }
+
+
 def model_entry(model: Model, generations: Generations, now: float) -> dict[str, Any]:
     generation = generations.current(model.name)
     manifest = generation.manifest if generation else None
@@ -62,7 +74,7 @@ def model_entry(model: Model, generations: Generations, now: float) -> dict[str,
         "state": phase(model).value,
         "link": str(model.link),
         "target": links.read(model.link),
-        "source": str(model.settings.source),
+        "source": str(model.source),
         "size_bytes": manifest.size_bytes if manifest else None,
         "digest": manifest.digest if manifest else None,
         "generation": generation.id if generation else None,
@@ -75,6 +87,7 @@ def model_entry(model: Model, generations: Generations, now: float) -> dict[str,
         "priority": model.settings.priority,
         "pressure_evictions": model.backoff.count if model.backoff else 0,
         "backoff_seconds": model.backoff.delay_seconds if model.backoff else None,
+        "retry": _retry(model.retry, now),
         "skipped": list(manifest.skipped) if manifest else [],
         "copies": model.tally.copies,
         "last_copy_seconds": model.tally.last_copy_seconds,

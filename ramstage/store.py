@@ -251,7 +251,7 @@ def fit_warnings(config: Config) -> list[str]:
     warnings = []
     for index, model in enumerate(config.models):
         try:
-            need = list_source(model.source, model.trust).size_bytes
+            need = list_source(model.resolve(), model.trust).size_bytes
         except (OSError, RamstageError):
             continue  # the daemon says why when it looks; the size is what matters here
         if need > store:

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 from ramstage import lifecycle
-from ramstage.access import Untrusted
+from ramstage.access import Trust, Untrusted
 from ramstage.config import WatchConfig
 from ramstage.errors import RamstageError
 from ramstage.holders import writers
 from ramstage.hub import downloads
-from ramstage.model import Action, Event, Model, Reason, Reload, Rescan, Settings, SourceEvent, Why
+from ramstage.model import Action, Event, Locate, Model, Reason, Reload, Rescan, SourceEvent, Why
 from ramstage.reach import Reach
 from ramstage.sources import list_source
 from ramstage.system import System
@@ -28,11 +28,11 @@ from ramstage.watcher import ConfigWatcher, SourceWatcher
 log = logging.getLogger("ramstage")
 
 
-def look(config: Settings, reach: Reach) -> lifecycle.Listing:
+def look(source: Path, trust: Trust, reach: Reach) -> lifecycle.Listing:
     """The source as it is now, listed by the model's trust rule, in the terms the lifecycle
     decides on."""
     try:
-        listing = reach.call(config.source, lambda: list_source(config.source, config.trust))
+        listing = reach.call(source, lambda: list_source(source, trust))
     except FileNotFoundError:
         return lifecycle.Listing(missing=True)
     except Untrusted as error:
@@ -55,6 +55,7 @@ class SourceUpdates:
     ) -> None:
         self.config, self.system, self.models, self.apply = config, system, models, apply
         self.reach = reach
+        self.relocated = False  # a source resolved to another path since the watches were set
         self.watcher = SourceWatcher(
             lambda name: post(SourceEvent(name)), lambda reason: post(Rescan(reason)), reach.call
         )
@@ -89,7 +90,37 @@ class SourceUpdates:
         return min(due) + self.config.settle_seconds if due else None
 
     def _sources(self) -> dict[str, tuple[Path, ...]]:
-        return {name: model.settings.watched for name, model in self.models.items()}
+        """The paths whose changes concern each model: its source, and a hub repo's refs."""
+        return {
+            name: (model.source, *filter(None, [model.settings.refs]))
+            for name, model in self.models.items()
+        }
+
+    def locate(self, model: Model) -> OSError | None:
+        """Resolves the model's source anew: a hub repo's revision, read from its refs/ file
+        with reach's deadline (a hung mount under the cache must not block the loop), may have
+        moved to another snapshot. What went wrong, if it could not be read in time; the
+        source last resolved stays meanwhile."""
+        refs = model.settings.refs
+        try:
+            source = (
+                model.settings.resolve()
+                if refs is None
+                else self.reach.call(refs, model.settings.resolve)
+            )
+        except OSError as error:
+            return error
+        if source != model.source:
+            self.apply(model, [Locate(source)])
+            self.relocated = True  # settle() watches the new snapshot
+        return None
+
+    def look(self, model: Model) -> lifecycle.Listing:
+        """The model's source, resolved anew (locate), as it is now."""
+        problem = self.locate(model)
+        if problem is not None:
+            return lifecycle.Listing(error=Why(Reason.ERROR, f"source unreachable: {problem}"))
+        return look(model.source, model.settings.trust, self.reach)
 
     def on_event(self, name: str) -> None:
         model = self.models.get(name)
@@ -110,13 +141,16 @@ class SourceUpdates:
 
     def settle(self) -> None:
         """Takes up sources that have been quiet for watch.settle."""
+        if self.relocated:
+            self.relocated = False
+            self.watcher.watch(self._sources())
         now = self.system.monotonic()
         for model in list(self.models.values()):
             if model.changed_at is None or now - model.changed_at < self.config.settle_seconds:
                 continue
-            listing = look(model.settings, self.reach)
+            listing = self.look(model)
             # inotify cannot tell a writer that pauses from one that has finished.
-            keys = {(i[0], i[1]) for _, i in listing.identities} | downloads(model.settings.source)
+            keys = {(i[0], i[1]) for _, i in listing.identities} | downloads(model.source)
             busy = writers(self.system.proc, keys) if keys else set()
             if busy:
                 log.debug("%s: still open for writing by %s", model.name, sorted(busy))

@@ -271,6 +271,13 @@ def _when(stamp: float | None, now: float) -> str:
     return f"{clock} ({units.duration(now - stamp)} ago)"
 
 
+def _retry(retry: dict[str, Any] | None) -> str:
+    if not retry:
+        return "-"
+    failures = "1 failure" if retry["failures"] == 1 else f"{retry['failures']} failures"
+    return f"{failures} in a row; tried again in {units.duration(retry['due_in_seconds'])}"
+
+
 def details(model: dict[str, Any], style: Style) -> list[str]:
     """Everything `status --json` knows of one model, one fact per line."""
     now = time.time()
@@ -300,6 +307,7 @@ def details(model: dict[str, Any], style: Style) -> list[str]:
         ("pinned", units.size(model["pinned_bytes"]) if model["pinned_bytes"] else "-"),
         ("pressure evictions", str(model.get("pressure_evictions", 0))),
         ("backoff", units.duration(backoff) if backoff else "-"),
+        ("retry", _retry(model.get("retry"))),
     ]
     skipped = model.get("skipped") or []
     facts.append(("skipped", _files(len(skipped)) if skipped else "-"))

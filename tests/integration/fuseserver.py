@@ -2,7 +2,9 @@
 speaking the kernel's protocol on /dev/fuse directly (fuse(4), <linux/fuse.h>): no libfuse is
 needed. It can be made to hang (stop answering, as a stopped server does), to leave reads
 unanswered while answering the rest, to fail reads with EIO, or be disconnected (ENOTCONN from
-then on, as when its server dies)."""
+then on, as when its server dies). Its file can be truncated, replaced (renamed over: a new
+inode under the name, the old one still read through what has it open) or deleted and made
+again, as on the server's side of a share."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ READ_IN = struct.Struct("<QQIIQII")  # fh, offset, size, …
 LOOKUP, FORGET, GETATTR, OPEN, READ, STATFS, RELEASE = 1, 2, 3, 14, 15, 17, 18
 FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR, INTERRUPT, BATCH_FORGET = 25, 26, 27, 28, 29, 36, 42
 NO_REPLY = {FORGET, INTERRUPT, BATCH_FORGET}
-ROOT, FILE = 1, 2
+ROOT, FILE = 1, 2  # node ids, and inode numbers
 MTIME = 1_700_000_000
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -37,7 +39,9 @@ class FuseServer:
     """Serves `name` holding `data` at `path` (mounted over it) until close()."""
 
     def __init__(self, path: Path, name: str, data: bytes, *, answer: bool = True) -> None:
-        self.path, self.name, self.data = path, name, data
+        self.path, self.name = path, name
+        self.files = {FILE: data}  # by node: what an open file reads, named or not
+        self.named: int | None = FILE  # the node the name leads to; None: deleted
         self.answering = threading.Event()  # cleared: requests wait unanswered (a hung mount)
         self.eio = threading.Event()  # set: reads fail with EIO
         self.reads = 0
@@ -67,6 +71,18 @@ class FuseServer:
 
     def release_reads(self) -> None:
         self.read_limit = None  # the server's thread answers those held
+
+    def truncate(self, size_bytes: int) -> None:
+        assert self.named is not None
+        self.files[self.named] = self.files[self.named][:size_bytes]
+
+    def replace(self, data: bytes) -> None:
+        """A new file renamed over the name (rename(2)); also makes it again after delete()."""
+        self.named = max(self.files) + 1
+        self.files[self.named] = data
+
+    def delete(self) -> None:
+        self.named = None
 
     def disconnect(self) -> None:
         """Every look fails with ENOTCONN from now on (and none waits any more)."""
@@ -120,9 +136,10 @@ class FuseServer:
                 7, min(minor, 31), readahead, 0, 16, 12, 128 << 10, 1, 0, 0, 0, 0
             )
         if opcode == LOOKUP:
-            if node != ROOT or body.rstrip(b"\0") != self.name.encode():
+            named = self.named
+            if node != ROOT or body.rstrip(b"\0") != self.name.encode() or named is None:
                 return -errno.ENOENT, b""
-            return 0, ENTRY_OUT.pack(FILE, 0, 0, 0, 0, 0) + self._attr(FILE)
+            return 0, ENTRY_OUT.pack(named, 0, 0, 0, 0, 0) + self._attr(named)
         if opcode == GETATTR:
             return 0, ATTR_OUT.pack(0, 0, 0) + self._attr(node)
         if opcode in (OPEN, OPENDIR):
@@ -131,7 +148,9 @@ class FuseServer:
             _, offset, size, *_ = READ_IN.unpack_from(body)
             self.reads += 1
             return (
-                (-errno.EIO, b"") if self.eio.is_set() else (0, self.data[offset : offset + size])
+                (-errno.EIO, b"")
+                if self.eio.is_set()
+                else (0, self.files[node][offset : offset + size])
             )
         if opcode == STATFS:
             return 0, bytes(80)
@@ -143,7 +162,7 @@ class FuseServer:
         if node == ROOT:
             mode, size, nlink = 0o40755, 0, 2
         else:
-            mode, size, nlink = 0o100644, len(self.data), 1
+            mode, size, nlink = 0o100644, len(self.files[node]), int(node == self.named)
         blocks = (size + 511) // 512
         return ATTR.pack(
             node, size, blocks, MTIME, MTIME, MTIME, 0, 0, 0, mode, nlink, 0, 0, 0, 4096, 0

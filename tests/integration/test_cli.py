@@ -206,7 +206,7 @@ def test_status_of_one_model_tells_every_detail(tmp_path, make_daemon):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(.+ ago\)", facts["staged at"])
     assert re.fullmatch(r"\S+ at \S+ \w+/s", facts["copy took"])
     assert facts["holders"] == f"{holder.pid} ({Path(sys.executable).name[:15]})"
-    assert facts["pressure evictions"] == "0" and facts["backoff"] == "-"
+    assert facts["pressure evictions"] == "0" and facts["backoff"] == facts["retry"] == "-"
     assert facts["skipped"] == "1 file"
     assert "    escape.bin: symlink leads outside the source" in result.stdout.splitlines()
 

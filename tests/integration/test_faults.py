@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from conftest import Daemon, wait_for, write_random
 from fuseserver import FuseServer
+from hubcache import HubCache
 
 from ramstage.links import read as read_link
 from ramstage.system import System
@@ -83,12 +85,13 @@ def models(daemon: Daemon) -> dict[str, dict[str, Any]]:
 
 
 def links_valid(daemon: Daemon, unreachable: set[str] = frozenset()) -> None:
-    """Every link there is leads to a readable file; none leads below a broken mount."""
+    """Every link there is leads to a file, or a directory (an `hf:` snapshot), that can be read;
+    none leads below a broken mount."""
     for link in daemon.links.iterdir():
         target = read_link(link)
         assert target is not None, link
         assert not any(target.startswith(str(u)) for u in unreachable), (link, target)
-        assert os.path.isfile(link), (link, target)
+        assert os.path.isfile(link) or os.listdir(link), (link, target)
 
 
 def set_floor(daemon: Daemon, floor: str, resume: str) -> None:
@@ -186,6 +189,64 @@ def test_a_hung_source_mount_blocks_neither_the_loop_nor_a_start(
     daemon.wait_state("hung", "staged")
     links_valid(daemon)
     assert {path: sha256(path) for path in sums} == sums
+    assert daemon.stop() == 0
+
+
+def test_a_hung_ref_of_an_hf_model_blocks_neither_the_loop_nor_a_start(
+    tmp_path, make_daemon, fuse_mounts
+):
+    """An `hf:` model's revision is read from refs/REVISION whenever its source is looked at:
+    with a deadline, like any look at a source."""
+    hub = HubCache(tmp_path / "hub")
+    commit = hub.revision("v1")
+    good = write_random(tmp_path / "src" / "good.bin", 4 * M, seed=1)
+    blobs = {path: sha256(path) for path in (hub.repo / "blobs").iterdir()}
+    daemon = make_daemon(
+        [
+            {"name": "hub", "hf": "org/name", "hf_cache": str(hub.cache), "validate": "none"},
+            {"name": "good", "source": str(good), "priority": 1},
+        ],
+        watch={"settle": "300ms", "rescan": "1s"},
+    ).start()
+    daemon.wait_state("hub", "staged")
+    daemon.wait_state("good", "staged")
+    timed(daemon, "evict", names=["hub"])
+    assert read_link(daemon.links / "hub") == str(hub.snapshot(commit))
+
+    refs = hub.repo / "refs"
+    mount = FuseMount(refs)  # a server that never answers: reading refs/main waits
+    fuse_mounts.append(mount)
+    deadline = time.monotonic() + 3  # rescans (every 1 s) resolve the revision again
+    while time.monotonic() < deadline:
+        models(daemon)
+    failed = daemon.cli("stage", "hub")
+    assert failed.returncode == 1 and f"{refs} " in failed.stderr, failed
+    hung = models(daemon)["hub"]
+    assert hung["state"] == "fallback" and "(a hung mount?)" in hung["reason"], hung
+    assert "source unreachable:" in hung["reason"] and f"{refs} " in hung["reason"], hung
+    assert hung["source"] == str(hub.snapshot(commit))  # the snapshot resolved before
+    timed(daemon, "evict", names=["good"])
+    assert daemon.request("stage", names=["good"]) == {"staged": ["good"]}  # others stage
+    links_valid(daemon)
+
+    # A start while the ref hangs opens the socket and places every link.
+    assert daemon.stop() == 0
+    daemon.start()
+    seen = models(daemon)
+    assert seen["hub"]["state"] == "missing" and not (daemon.links / "hub").exists()
+    reason = seen["hub"]["reason"]
+    assert "source unreachable:" in reason and f"{refs} gave no answer" in reason, reason
+    assert seen["good"]["state"] == "staged"
+    timed(daemon, "evict", names=["good"])
+    assert daemon.request("stage", names=["good"]) == {"staged": ["good"]}
+    links_valid(daemon)
+
+    mount.unmount()
+    staged = daemon.wait_state("hub", "staged")  # on its own, once the ref answers
+    assert staged["source"] == str(hub.snapshot(commit)) and staged["reason"] is None
+    links_valid(daemon)
+    assert {path: sha256(path) for path in blobs} == blobs
+    assert "internal error" not in daemon.log()
     assert daemon.stop() == 0
 
 
@@ -454,14 +515,23 @@ def test_a_source_read_failing_with_eio_is_said_and_staged_on_its_own_once_it_re
     ).start()
     failed = daemon.wait_state("eio", "fallback")
     assert "Input/output error" in failed["reason"]
-    assert failed["backoff_seconds"] is not None  # tried again after it
+    # Tried again after a backoff of its own: a failure is no eviction for pressure.
+    assert failed["retry"]["failures"] >= 1 and failed["retry"]["backoff_seconds"] >= 1.0
+    assert failed["pressure_evictions"] == 0 and failed["backoff_seconds"] is None
+    shown = daemon.cli("status", "eio").stdout
+    assert re.search(r"retry: +\d+ failures? in a row; tried again in ", shown), shown
+    assert re.search(r"pressure evictions: +0\n", shown), shown
     assert read_link(daemon.links / "eio") == str(share / "eio.bin")
     daemon.wait_state("good", "staged")
     assert not list(daemon.store.glob("eio/*/"))  # its partial copy is gone
     reads = server.reads
     wait_for(lambda: server.reads > reads, timeout=30)  # tried again, and failed again
+    again = wait_for(lambda: (m := models(daemon)["eio"])["retry"]["failures"] >= 2 and m)
+    assert again["retry"]["backoff_seconds"] == 2 * failed["retry"]["backoff_seconds"]
+    assert again["pressure_evictions"] == 0
     server.eio.clear()
-    daemon.wait_state("eio", "staged")  # on its own: no source change, no `ramstage stage`
+    staged = daemon.wait_state("eio", "staged")  # on its own: no source change, no `stage`
+    assert staged["retry"] is None and staged["pressure_evictions"] == 0
     assert (daemon.links / "eio").read_bytes() == data
     links_valid(daemon)
     assert "internal error" not in daemon.log()
@@ -499,6 +569,50 @@ def test_a_source_whose_reads_hang_mid_copy_is_given_up_on_and_staged_once_it_an
     # Nothing is left of the copy given up on: only the generation served.
     served = {staged["generation"], f"{staged['generation']}.json"}
     wait_for(lambda: {p.name for p in (daemon.store / "hung").iterdir()} == served)
+    links_valid(daemon)
+    assert "internal error" not in daemon.log()
+
+
+@pytest.mark.parametrize("change", ["truncated", "replaced", "deleted"])
+def test_a_source_changed_mid_copy_is_never_served_mixed_and_the_new_version_is_staged(
+    tmp_path, make_daemon, fuse_servers, change
+):
+    """The server's side of a share changes the file while the copy is half-way: reads are held
+    there (the copy waits on them), the file changes, then reads go on."""
+    good = write_random(tmp_path / "src" / "good.bin", 1 * M, seed=1)
+    share = tmp_path / "share"
+    share.mkdir()
+    old, new = os.urandom(4 * M), os.urandom(3 * M)
+    server = FuseServer(share, "m.bin", old)
+    fuse_servers.append(server)
+    server.hold_reads(after=8)  # 1 MiB of 4 read, then the copy waits
+    daemon = make_daemon(
+        [
+            {"name": "m", "source": str(share / "m.bin"), "priority": 1},
+            {"name": "good", "source": str(good)},
+        ],
+        watch={"settle": "300ms", "rescan": "1s"},  # no inotify events come from a share
+    ).start()
+    wait_for(lambda: server.held)
+    assert models(daemon)["m"]["state"] == "staging"
+    {"truncated": lambda: server.truncate(2 * M), "replaced": lambda: server.replace(new)}.get(
+        change, server.delete
+    )()
+    server.release_reads()
+    if change == "deleted":
+        gone = wait_for(lambda: (m := models(daemon)["m"])["state"] == "missing" and m)
+        assert gone["reason"] == "source_missing" and not (daemon.links / "m").exists()
+        assert daemon.wait_state("good", "staged")  # the copy after it went on
+        links_valid(daemon)
+        server.replace(new)  # made again: taken up by the next rescan
+    staged = daemon.wait_state("m", "staged")
+    expected = old[: 2 * M] if change == "truncated" else new
+    assert (daemon.links / "m").read_bytes() == expected  # the new version whole, never a mix
+    assert staged["size_bytes"] == len(expected) and staged["reason"] is None
+    # Nothing is left of the copy that met the change: only the generation served.
+    served = {staged["generation"], f"{staged['generation']}.json"}
+    wait_for(lambda: {p.name for p in (daemon.store / "m").iterdir()} == served)
+    daemon.wait_state("good", "staged")
     links_valid(daemon)
     assert "internal error" not in daemon.log()
 

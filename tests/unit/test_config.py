@@ -304,7 +304,7 @@ def test_an_hf_model_finds_its_cache_config_first_then_as_huggingface_hub_does(
         data["hf_cache"] = top_cache
     (model_config,) = parse_config(data, system=System(environ=environ)).models
     assert model_config.origin == HubRepo("org/name", "main", Path(expected))
-    assert model_config.source == Path(expected) / "models--org--name" / "snapshots" / "main"
+    assert model_config.resolve() == Path(expected) / "models--org--name" / "snapshots" / "main"
 
 
 def test_a_percentage_is_of_total_ram():
@@ -354,7 +354,7 @@ def test_a_good_config_parses_into_what_it_says(tmp_path, source, capsys):
     assert config.watch.settle_seconds == 0.5 and config.watch.rescan_seconds == 60
     assert config.watch.config is True
     assert config.models[0].priority == -3 and config.models[0].digest == GOOD_DIGEST
-    assert config.models[0].source == source
+    assert config.models[0].resolve() == source
     # The model's own trust adds to the top-level one.
     assert config.models[0].trust.uids == {1, 4242} and config.models[0].trust.gids == {0}
 

@@ -174,7 +174,7 @@ def test_copies_from_a_spinning_disk_share_its_lane_unless_workers_is_set(tmp_pa
         partial = tmp_path / f"partial-{by_device}"
         partial.mkdir(mode=0o700)
         job = Job(partial, identities=())
-        copy_source(Settings(source), job, "xxh3", crew, SpinningDisk(), {}, by_device)
+        copy_source(Settings(source), source, job, "xxh3", crew, SpinningDisk(), {}, by_device)
         assert crew.lanes[-1] == expected
         assert (job.work.files_done, job.work.files_total) == (3, 3)  # status shows them
         assert (partial / "shards" / "2.bin").read_bytes() == (source / "2.bin").read_bytes()

@@ -192,7 +192,7 @@ def test_the_config_is_valid_and_watched_and_its_paths_are_where_the_pods_mount_
     for path in (config.store.path, config.links_dir, config.socket):
         assert path.is_relative_to("/run/ramstage")
     for model in config.models:
-        mount = next(m for p, m in mounts.items() if model.source.is_relative_to(p))
+        mount = next(m for p, m in mounts.items() if model.resolve().is_relative_to(p))
         assert (
             mount["readOnly"] and volumes[mount["name"]]["hostPath"]["path"] == mount["mountPath"]
         )
@@ -206,7 +206,7 @@ def test_the_consumer_mounts_the_sources_where_the_node_has_them_and_waits_on_th
     mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
     lama = config.model("lama")
     assert lama is not None
-    mount = next(m for p, m in mounts.items() if lama.source.is_relative_to(p))
+    mount = next(m for p, m in mounts.items() if lama.resolve().is_relative_to(p))
     assert volumes[mount["name"]]["hostPath"]["path"] == mount["mountPath"]
     assert mounts["/run/ramstage"]["mountPropagation"] == "HostToContainer"
     terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]

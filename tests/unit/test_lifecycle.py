@@ -32,6 +32,7 @@ from ramstage.model import (
     Phase,
     Reason,
     Remember,
+    RetryLater,
     Serve,
     Serving,
     StartCopy,
@@ -52,17 +53,19 @@ EVICTED = Why(Reason.EVICTED)
 UNTRUSTED = Why(Reason.UNTRUSTED, "/ssd is group-writable")
 
 
+RESOLVED = Path("/ssd/m.ckpt")  # the source as the loop resolved it
+
+
 @dataclass(frozen=True)
 class Settings:
     name: str = "m"
-    source: Path = Path("/ssd/m.ckpt")
     priority: int = 0
     digest: str | None = None
     validate: str = "format"
 
 
 def record(name: str = "m", priority: int = 0, **fields: Any) -> Model:
-    model = Model(Settings(name, priority=priority), Path(f"/run/models/{name}"))
+    model = Model(Settings(name, priority=priority), Path(f"/run/models/{name}"), RESOLVED)
     if fields.pop("job", False):
         model.job = Job(Path("/store/m/.partial"), identities=fields.pop("copying", NEW))
     if fields.pop("waiting", False):
@@ -216,6 +219,9 @@ def test_admission(model: Model, decide: Callable[[Model], list[Action]], expect
     assert without_logs(decide(model)) == expected
 
 
+RETRIED = RetryLater(None)  # a copy published: no failure left to try again
+
+
 def copy_failed(model: Model, error: BaseException, exists: bool = True) -> list[Action]:
     why = lifecycle.copy_failure(error)
     return lifecycle.copy_failed(model, why, NEW, 100.0, 10.0, source_exists=exists)
@@ -227,13 +233,13 @@ def copy_failed(model: Model, error: BaseException, exists: bool = True) -> list
         pytest.param(
             record(),
             lambda m: lifecycle.copied(m, "g2", NEW),
-            [Serve(RAM, "g2"), Remember(NEW), Note(None), Want(False), Answer(None)],
+            [Serve(RAM, "g2"), Remember(NEW), Note(None), Want(False), Answer(None), RETRIED],
             id="copied-serves-ram",
         ),
         pytest.param(
             in_ram(want=True, why=CHANGED),
             lambda m: lifecycle.copied(m, "g2", NEW),
-            [Serve(RAM, "g2"), Remember(NEW), Note(None), Want(False), Answer(None)],
+            [Serve(RAM, "g2"), Remember(NEW), Note(None), Want(False), Answer(None), RETRIED],
             id="update-copied-flips",
         ),
         pytest.param(record(), lambda m: copy_failed(m, Cancelled("off")), [], id="cancelled"),
@@ -263,7 +269,7 @@ def copy_failed(model: Model, error: BaseException, exists: bool = True) -> list
                 Note(Why(Reason.ERROR, "[Errno 5] EIO")),
                 Want(False),
                 Answer("error: [Errno 5] EIO"),
-                BackOff(Backoff(1, 100.0, 10.0)),
+                RetryLater(Backoff(1, 100.0, 10.0)),
             ],
             id="eio-falls-back-and-is-tried-again-after-a-backoff",
         ),
@@ -275,7 +281,7 @@ def copy_failed(model: Model, error: BaseException, exists: bool = True) -> list
                 Note(Why(Reason.ERROR, "source read hung")),
                 Want(False),
                 Answer("error: source read hung"),
-                BackOff(Backoff(1, 100.0, 10.0)),
+                RetryLater(Backoff(1, 100.0, 10.0)),
             ],
             id="hung-read-falls-back-and-is-tried-again-after-a-backoff",
         ),
@@ -578,11 +584,16 @@ def test_resume_only_when_calm_idle_and_past_the_backoff():
     # An update refused for pressure while the older version stays in RAM comes back too.
     update_refused = in_ram(want=False, why=PRESSURE)
     assert lifecycle.to_resume([update_refused], 100.0, calm=True) == "m"
-    # A copy failed for a fault that may clear comes back after its backoff; another does not.
+    # A copy failed for a fault that may clear comes back after its retry backoff, whatever its
+    # pressure backoff says; another does not.
     eio = Why(Reason.ERROR, "[Errno 5] EIO", retry=True)
-    failed = record("e", want=False, why=eio, backoff=Backoff(1, 95.0, 10.0))
+    failed = record("e", want=False, why=eio, retry=Backoff(1, 95.0, 10.0))
     assert lifecycle.to_resume([failed], 100.0, calm=True) is None
     assert lifecycle.to_resume([failed], 106.0, calm=True) == "e"
+    failed.backoff = Backoff(1, 100.0, 600.0)
+    assert lifecycle.to_resume([failed], 106.0, calm=True) == "e"
+    failed.why = PRESSURE  # then evicted for pressure: its pressure backoff counts
+    assert lifecycle.to_resume([failed], 106.0, calm=True) is None
     broken = record("x", want=False, why=Why(Reason.ERROR, "bad"), backoff=Backoff(1, 0.0, 1.0))
     assert lifecycle.to_resume([broken], 106.0, calm=True) is None
 
@@ -617,15 +628,6 @@ def test_readiness(models: list[Model], mode: str, ready: bool):
 def test_where_the_link_belongs(model: Model, exists: bool, expected: Path | None):
     generation = Path("/store/m/g1/m.ckpt")
     assert lifecycle.expected_link(model, generation, source_exists=exists) == expected
-
-
-def test_reload_plan():
-    old = {"kept": ("/a", None), "gone": ("/b", None), "moved": ("/c", None)}
-    new = {"kept": ("/a", None), "moved": ("/d", None), "added": ("/e", None)}
-    plan = lifecycle.reload_plan(old, new)
-    assert plan == lifecycle.ReloadPlan(
-        removed=("gone",), added=("added",), replaced=("moved",), kept=("kept",)
-    )
 
 
 def test_a_missing_source_is_said_once():

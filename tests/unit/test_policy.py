@@ -146,3 +146,12 @@ def test_backoff_doubles_with_every_eviction_in_a_row():
 )
 def test_next_to_stage(waiting, expected):
     assert policy.next_to_stage(waiting) == expected
+
+
+def test_reload_plan():
+    old = {"kept": ("/a", None), "gone": ("/b", None), "moved": ("/c", None)}
+    new = {"kept": ("/a", None), "moved": ("/d", None), "added": ("/e", None)}
+    plan = policy.reload_plan(old, new)
+    assert plan == policy.ReloadPlan(
+        removed=("gone",), added=("added",), replaced=("moved",), kept=("kept",)
+    )
