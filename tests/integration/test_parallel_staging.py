@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pytest
 from conftest import Daemon, wait_for, write_random
-from fuseserver import FuseServer
+from fuseserver import FILE, FuseServer
 
 from ramstage.links import read as read_link
 from ramstage.system import System
@@ -86,7 +86,7 @@ def test_three_models_copy_at_once_and_are_byte_identical(tmp_path, make_daemon,
         server.release_reads()
     for name, (_, server) in zip("abc", shared):
         daemon.wait_state(name, "staged")
-        assert (daemon.links / name).read_bytes() == server.data
+        assert (daemon.links / name).read_bytes() == server.files[FILE]
         assert read_link(daemon.links / name).startswith(str(daemon.store))  # type: ignore[union-attr]
     assert not partials(daemon)
 
@@ -119,7 +119,7 @@ def test_a_store_for_two_of_three_models_never_holds_more_with_copies_in_flight(
     assert c["reason"] == "too_large"  # the store has no room for it beside a and b
     assert read_link(daemon.links / "c") == str(shared[2][0])
     for name, (_, server) in zip("ab", shared):
-        assert (daemon.links / name).read_bytes() == server.data
+        assert (daemon.links / name).read_bytes() == server.files[FILE]
     assert not partials(daemon)
     links_valid(daemon)
 
