@@ -144,7 +144,11 @@ def admit(model: Model, listing: Listing, budget: Budget) -> list[Action]:
     if listing.error is not None:
         warning = Log(WARNING, f"not staged ({listing.error})")
         # A verified copy stays: it was made from the source as it was then.
-        return [warning, *refuse(model, listing.error, source_exists=True)]
+        refused = [warning, *refuse(model, listing.error, source_exists=True)]
+        if listing.error.retry:  # a source that may answer again: tried again on its own
+            backoff = policy.next_backoff(model.retry, budget.now, budget.cooldown_seconds)
+            return [*refused, RetryLater(backoff)]
+        return refused
     need, in_flight, reserved = listing.size_bytes, budget.in_flight_bytes, budget.reserved_bytes
     free, others = budget.store_free_bytes, budget.store_others_bytes
     available, floor = budget.available_bytes, budget.floor_bytes

@@ -8,6 +8,7 @@ rescan (queue overflow, failed watch, watch.rescan) marks every model at once.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +21,7 @@ from ramstage.errors import RamstageError
 from ramstage.holders import writers
 from ramstage.hub import downloads
 from ramstage.model import Action, Event, Locate, Model, Reason, Reload, Rescan, SourceEvent, Why
-from ramstage.reach import Reach
+from ramstage.reach import Reach, Unreachable
 from ramstage.sources import list_source
 from ramstage.system import System
 from ramstage.watcher import ConfigWatcher, SourceWatcher
@@ -37,7 +38,10 @@ def look(source: Path, trust: Trust, reach: Reach) -> lifecycle.Listing:
         return lifecycle.Listing(missing=True)
     except Untrusted as error:
         return lifecycle.Listing(error=Why(Reason.UNTRUSTED, str(error)))
-    except (OSError, RamstageError) as error:
+    except OSError as error:  # a hung, failing or disconnected mount may answer again
+        retry = isinstance(error, Unreachable) or error.errno in (errno.EIO, errno.ENOTCONN)
+        return lifecycle.Listing(error=Why(Reason.ERROR, str(error), retry=retry))
+    except RamstageError as error:
         return lifecycle.Listing(error=Why(Reason.ERROR, str(error)))
     return lifecycle.Listing(listing.identities(), listing.size_bytes)
 
@@ -119,7 +123,8 @@ class SourceUpdates:
         """The model's source, resolved anew (locate), as it is now."""
         problem = self.locate(model)
         if problem is not None:
-            return lifecycle.Listing(error=Why(Reason.ERROR, f"source unreachable: {problem}"))
+            unreachable = Why(Reason.ERROR, f"source unreachable: {problem}", retry=True)
+            return lifecycle.Listing(error=unreachable)
         return look(model.source, model.settings.trust, self.reach)
 
     def on_event(self, name: str) -> None:

@@ -207,6 +207,7 @@ def test_a_hung_ref_of_an_hf_model_blocks_neither_the_loop_nor_a_start(
             {"name": "good", "source": str(good), "priority": 1},
         ],
         watch={"settle": "300ms", "rescan": "1s"},
+        memory={"cooldown": "1s"},  # the retry backoff's first wait
     ).start()
     daemon.wait_state("hub", "staged")
     daemon.wait_state("good", "staged")
@@ -228,6 +229,13 @@ def test_a_hung_ref_of_an_hf_model_blocks_neither_the_loop_nor_a_start(
     timed(daemon, "evict", names=["good"])
     assert daemon.request("stage", names=["good"]) == {"staged": ["good"]}  # others stage
     links_valid(daemon)
+    assert models(daemon)["hub"]["retry"]["failures"] >= 1, models(daemon)["hub"]
+
+    # The refused stage is tried again on its own once the ref answers.
+    mount.unmount()
+    daemon.wait_state("hub", "staged")
+    mount = FuseMount(refs)
+    fuse_mounts.append(mount)
 
     # A start while the ref hangs opens the socket and places every link.
     assert daemon.stop() == 0
