@@ -1,4 +1,4 @@
-"""A pool of worker threads that nothing joins: a file copy's hash helper (the file workers
+"""A pool of worker threads that nothing joins: a file copy's second stream (the file workers
 themselves are the crew's, crew.py, daemon threads too).
 
 concurrent.futures.ThreadPoolExecutor joins its threads when the interpreter exits

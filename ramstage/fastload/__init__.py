@@ -121,23 +121,29 @@ class Loader:
             return _merge(path, [_fallback(f, device, why_not, slices) for f in files])
         with self._lock:
             # A new ring starts preparing its host memory at once, while the files are planned.
+            kept = self._ring
             ring = self._ring_for(device, threads, ring_bytes)
             if device.type == "cuda" and slices is None:
                 _reserve(device, sum(file.stat().st_size for file in files))
             plans = [_plan(file, device, slices) for file in files]
-            ring.run([s for plan in plans if plan is not None for s in plan.segments])
+            if ring is not kept and all(plan is None for plan in plans):
+                self._close_ring()  # a load left wholly to the plain loader pins no memory
+            else:
+                ring.run([s for plan in plans if plan is not None for s in plan.segments])
         return _merge(path, [_finish(f, plan, device, slices) for f, plan in zip(files, plans)])
 
     def release(self) -> None:
         with self._lock:
-            if self._ring is not None:
-                self._ring.close()
-                self._ring = None
+            self._close_ring()
+
+    def _close_ring(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
 
     def _ring_for(self, device: torch.device, threads: int, ring_bytes: int) -> Ring:
         if self._ring is not None and not self._ring.matches(device, threads, ring_bytes):
-            self._ring.close()
-            self._ring = None
+            self._close_ring()
         if self._ring is None:
             self._ring = Ring(device, threads=threads, ring_bytes=ring_bytes)
         return self._ring

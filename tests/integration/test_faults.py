@@ -504,23 +504,32 @@ def test_status_does_not_wait_for_a_hung_mount_a_reader_holds_a_file_on(
             server.answer()  # before the file is closed: close(2) asks the server (FLUSH)
 
 
-def test_a_source_read_failing_with_eio_is_said_and_staged_on_its_own_once_it_reads(
-    tmp_path, make_daemon, fuse_servers
-):
+def _faulty_and_good(tmp_path, make_daemon, fuse_servers, name, size, fault):
+    """A daemon with two models: `name`, served by a FUSE server that `fault` has set to fail
+    (first in line), and `good`, a plain file. The backoff's first wait is 1 s."""
     good = write_random(tmp_path / "src" / "good.bin", 1 * M, seed=1)
     share = tmp_path / "share"
     share.mkdir()
-    data = os.urandom(2 * M)
-    server = FuseServer(share, "eio.bin", data)
+    data = os.urandom(size)
+    server = FuseServer(share, f"{name}.bin", data)
     fuse_servers.append(server)
-    server.eio.set()
+    fault(server)
     daemon = make_daemon(
         [
-            {"name": "eio", "source": str(share / "eio.bin"), "priority": 1},
+            {"name": name, "source": str(share / f"{name}.bin"), "priority": 1},
             {"name": "good", "source": str(good)},
         ],
-        memory={"cooldown": "1s"},  # the backoff's first wait
+        memory={"cooldown": "1s"},
     ).start()
+    return daemon, server, share, data, good
+
+
+def test_a_source_read_failing_with_eio_is_said_and_staged_on_its_own_once_it_reads(
+    tmp_path, make_daemon, fuse_servers
+):
+    daemon, server, share, data, _ = _faulty_and_good(
+        tmp_path, make_daemon, fuse_servers, "eio", 2 * M, lambda server: server.eio.set()
+    )
     failed = daemon.wait_state("eio", "fallback")
     assert "Input/output error" in failed["reason"]
     # Tried again after a backoff of its own: a failure is no eviction for pressure.
@@ -548,20 +557,15 @@ def test_a_source_read_failing_with_eio_is_said_and_staged_on_its_own_once_it_re
 def test_a_source_whose_reads_hang_mid_copy_is_given_up_on_and_staged_once_it_answers(
     tmp_path, make_daemon, fuse_servers
 ):
-    good = write_random(tmp_path / "src" / "good.bin", 1 * M, seed=1)
-    share = tmp_path / "share"
-    share.mkdir()
-    data = os.urandom(4 * M)
-    server = FuseServer(share, "hung.bin", data)
-    fuse_servers.append(server)
-    server.hold_reads(after=4)  # some of the file is read, then reads never answer
-    daemon = make_daemon(
-        [
-            {"name": "hung", "source": str(share / "hung.bin"), "priority": 1},
-            {"name": "good", "source": str(good)},
-        ],
-        memory={"cooldown": "1s"},
-    ).start()
+    # Some of the file is read, then reads never answer.
+    daemon, server, share, data, good = _faulty_and_good(
+        tmp_path,
+        make_daemon,
+        fuse_servers,
+        "hung",
+        4 * M,
+        lambda server: server.hold_reads(after=4),
+    )
     wait_for(lambda: server.held)
     assert models(daemon)["hung"]["state"] == "staging"  # the copy is blocked; the socket is not
     failed = daemon.wait_state("hung", "fallback")  # given up on after 10 s without progress

@@ -15,7 +15,7 @@ from conftest import sha256_file, wait_for, write_random
 
 from ramstage.config import Config
 from ramstage.copier import Cancelled, stage_source
-from ramstage.digest import hash_file, new_hasher
+from ramstage.digest import available_algorithms, hash_file, new_hasher
 
 
 def test_xxh3_digests_are_xxhashs_own(tmp_path):
@@ -25,6 +25,20 @@ def test_xxh3_digests_are_xxhashs_own(tmp_path):
     data = write_random(tmp_path / "f.bin", (3 << 20) + 17)
     assert hash_file(data, "xxh3") == "xxh3:" + xxhash.xxh3_128(data.read_bytes()).hexdigest()
     assert Config().checksum == "xxh3"  # a dependency of ramstage, so the default
+
+
+@pytest.mark.parametrize("algorithm", available_algorithms())
+@pytest.mark.parametrize("size", [0, 17, 1 << 20, (1 << 20) + 1, (5 << 20) + 17])
+def test_a_file_copied_on_two_streams_is_whole_and_hashed_in_order(tmp_path, algorithm, size):
+    """Each stream of a file copies every other 1 MiB chunk; the digest is still the hash of
+    the file from its first byte to its last, as the algorithm's own library gives it."""
+    source = write_random(tmp_path / "ssd" / "f.bin", size)
+    (tmp_path / "gen").mkdir(mode=0o700)
+    manifest = stage_source("f", source, tmp_path / "gen", algorithm)
+    want = new_hasher(algorithm)
+    want.update(source.read_bytes())
+    assert manifest.digest == f"{algorithm}:{want.hexdigest()}"
+    assert (tmp_path / "gen" / "f.bin").read_bytes() == source.read_bytes()
 
 
 def test_shards_copied_two_at_a_time_are_the_same_copy(tmp_path):

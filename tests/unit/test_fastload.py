@@ -264,6 +264,23 @@ def test_the_ring_is_reused_across_loads_and_released(tmp_path: Path) -> None:
     loader.release()
 
 
+def test_a_load_left_to_the_plain_loader_keeps_no_ring(tmp_path: Path) -> None:
+    """A file the fast path cannot plan (torch's legacy, non-zip format) pins no host memory
+    for a ring it never uses; a ring kept from an earlier load stays."""
+    loader = fastload.Loader(pipeline_on_cpu=True)
+    want = {"a": torch.randn(100, 100)}
+    torch.save(want, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save(want, tmp_path / "zip.pt")
+    assert_same(loader.load(tmp_path / "legacy.pt", "cpu", threads=2, ring_bytes=RING_BYTES), want)
+    assert loader._ring is None
+    assert_same(loader.load(tmp_path / "zip.pt", "cpu", threads=2, ring_bytes=RING_BYTES), want)
+    kept = loader._ring
+    assert kept is not None
+    assert_same(loader.load(tmp_path / "legacy.pt", "cpu", threads=2, ring_bytes=RING_BYTES), want)
+    assert loader._ring is kept
+    loader.release()
+
+
 @pytest.mark.parametrize(
     "option",
     [{"threads": 0}, {"threads": 65}, {"ring_bytes": 1024}],
