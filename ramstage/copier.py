@@ -173,8 +173,8 @@ class _Copier:
                 data = memoryview(buffer)[:count]
                 _write_all(dst_fd, data, offset)
                 self._check(source, dst_fd, offset, data, written)
+                self.on_bytes(count)  # copied and checked; its hash may wait for the other stream
                 turns.hash(index, data)
-                self.on_bytes(count)
         except BaseException:
             turns.stop()
             raise

@@ -30,7 +30,8 @@ Share = Callable[[str, int], tuple[Path, FuseServer]]
 @pytest.fixture
 def held_share(tmp_path: Path) -> Iterator[Share]:
     """held_share(name, size) -> (its path, its server): a FUSE source of random bytes whose
-    reads after the first 2 MiB wait until server.release_reads()."""
+    reads after the first 6 MiB wait until server.release_reads() (the kernel's readahead takes
+    some of those; every copy still gets whole chunks of its own)."""
     servers: list[FuseServer] = []
 
     def share(name: str, size: int) -> tuple[Path, FuseServer]:
@@ -38,7 +39,7 @@ def held_share(tmp_path: Path) -> Iterator[Share]:
         directory.mkdir()
         server = FuseServer(directory, f"{name}.bin", os.urandom(size))
         servers.append(server)
-        server.hold_reads(after=16)
+        server.hold_reads(after=48)
         return directory / f"{name}.bin", server
 
     yield share
