@@ -88,6 +88,16 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[written:], offset + written
 
 
+def _read_all(source: SourceFile, fd: int, data: memoryview, offset: int) -> None:
+    """Fills `data` from `offset`: a read may return less than asked (FUSE with direct_io),
+    and only the end of the file, before the size listed, is a change."""
+    while data:
+        count = os.preadv(fd, [data], offset)
+        if count == 0:
+            raise SourceChanged(f"{source.path}: size changed while reading")
+        data, offset = data[count:], offset + count
+
+
 class _Turns:
     """The streams of one file hash their chunks in the file's order, taking turns."""
 
@@ -164,13 +174,12 @@ class _Copier:
                 offset = index * CHUNK_BYTES
                 if offset >= source.size_bytes:
                     return
-                self._stop_if_asked(source)
+                self._stop_if_asked(source, turns)
                 ahead = offset + READ_AHEAD_BYTES
                 os.posix_fadvise(src_fd, ahead, CHUNK_BYTES, os.POSIX_FADV_WILLNEED)
-                count = os.preadv(src_fd, [buffer], offset)
-                if count != min(CHUNK_BYTES, source.size_bytes - offset):
-                    raise SourceChanged(f"{source.path}: size changed while reading")
+                count = min(CHUNK_BYTES, source.size_bytes - offset)
                 data = memoryview(buffer)[:count]
+                _read_all(source, src_fd, data, offset)
                 _write_all(dst_fd, data, offset)
                 self._check(source, dst_fd, offset, data, written)
                 self.on_bytes(count)  # copied and checked; its hash may wait for the other stream
@@ -179,11 +188,13 @@ class _Copier:
             turns.stop()
             raise
 
-    def _stop_if_asked(self, source: SourceFile) -> None:
+    def _stop_if_asked(self, source: SourceFile, turns: _Turns) -> None:
         if self.cancel.is_set():
             raise Cancelled(f"{source.path}: staging cancelled")
         if self.abort.is_set():
             raise _Aborted
+        if turns.halt:
+            raise _Halted
 
     @staticmethod
     def _check(

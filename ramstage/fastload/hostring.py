@@ -82,10 +82,15 @@ class HostRing:
             for i in range(slots)
         ]
         self._preparer: threading.Thread | None = None
+        self._closing = threading.Event()  # close(): the slots not yet prepared stay as they are
 
     def prepare_all(self, hand_over: Callable[[Slot], None], device: torch.device) -> None:
         """Starts the thread that prepares the slots, FAULT_WORKERS faulting them in at once,
         and hands each over, in order, once it is locked."""
+
+        def fault(slot: Slot) -> None:
+            if not self._closing.is_set():
+                fault_in(slot)
 
         def prepare() -> None:
             handed = 0
@@ -93,9 +98,11 @@ class HostRing:
                 # Registered in the device's context, as the copies are made (pipeline.Ring).
                 device_context = torch.cuda.device(device) if self._cudart else nullcontext()
                 with device_context, ThreadPoolExecutor(FAULT_WORKERS) as faults:
-                    faulted = [faults.submit(fault_in, slot) for slot in self.slots]
+                    faulted = [faults.submit(fault, slot) for slot in self.slots]
                     for slot, done in zip(self.slots, faulted):
                         done.result()
+                        if self._closing.is_set():
+                            break
                         self._lock(slot)
                         hand_over(slot)
                         handed += 1
@@ -120,6 +127,9 @@ class HostRing:
         slot.locked = True
 
     def close(self) -> None:
+        """Stops preparing (a ring closed at once, as after a load left to the plain loader,
+        waits for at most the slots being faulted in), then frees everything."""
+        self._closing.set()
         if self._preparer is not None:
             self._preparer.join()
         for slot in self.slots:

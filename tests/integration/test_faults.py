@@ -597,7 +597,7 @@ def test_a_source_changed_mid_copy_is_never_served_mixed_and_the_new_version_is_
     old, new = os.urandom(4 * M), os.urandom(3 * M)
     server = FuseServer(share, "m.bin", old)
     fuse_servers.append(server)
-    server.hold_reads(after=8)  # 1 MiB of 4 read, then the copy waits
+    server.hold_reads(after=8)  # 1 MiB of 4 read (by either stream), then the copy waits
     daemon = make_daemon(
         [
             {"name": "m", "source": str(share / "m.bin"), "priority": 1},

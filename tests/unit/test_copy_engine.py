@@ -3,6 +3,7 @@ the page cache the source leaves behind."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -39,6 +40,50 @@ def test_a_file_copied_on_two_streams_is_whole_and_hashed_in_order(tmp_path, alg
     want.update(source.read_bytes())
     assert manifest.digest == f"{algorithm}:{want.hexdigest()}"
     assert (tmp_path / "gen" / "f.bin").read_bytes() == source.read_bytes()
+
+
+def _reads_of(source: Path, monkeypatch, change):
+    """preadv of `source` goes through change(real preadv, fd, buffers, offset); other files'
+    reads (the store's read-back) are left alone. For what a real file system gives only on
+    demand it cannot be asked for: short reads before the end, EIO at one offset."""
+    real, inode = os.preadv, source.stat().st_ino
+
+    def preadv(fd, buffers, offset):
+        if os.fstat(fd).st_ino != inode:
+            return real(fd, buffers, offset)
+        return change(real, fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+
+
+def test_short_reads_before_the_end_are_read_on_not_taken_for_a_change(tmp_path, monkeypatch):
+    """A FUSE mount with direct_io may answer a read with fewer bytes than asked."""
+    source = write_random(tmp_path / "ssd" / "f.bin", (3 << 20) + 17)
+    _reads_of(source, monkeypatch, lambda real, fd, bufs, at: real(fd, [bufs[0][:12345]], at))
+    (tmp_path / "gen").mkdir(mode=0o700)
+    manifest = stage_source("f", source, tmp_path / "gen", "xxh3")
+    assert manifest.digest == "xxh3:" + xxhash.xxh3_128(source.read_bytes()).hexdigest()
+    assert (tmp_path / "gen" / "f.bin").read_bytes() == source.read_bytes()
+
+
+@pytest.mark.parametrize("failing_chunk", [0, 1])
+def test_a_read_failing_in_one_stream_is_the_error_raised(tmp_path, monkeypatch, failing_chunk):
+    """One stream fails (EIO at one chunk); the other stops at its next chunk, and the copy
+    ends with that EIO, not an internal stop, and leaves no thread behind."""
+    source = write_random(tmp_path / "ssd" / "f.bin", 8 << 20)
+
+    def fail(real, fd, buffers, offset):
+        if offset == failing_chunk << 20:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset)
+
+    _reads_of(source, monkeypatch, fail)
+    (tmp_path / "gen").mkdir(mode=0o700)
+    before = threading.active_count()
+    with pytest.raises(OSError) as raised:
+        stage_source("f", source, tmp_path / "gen", "xxh3")
+    assert raised.value.errno == errno.EIO
+    wait_for(lambda: threading.active_count() == before, timeout=5)  # copy threads end
 
 
 def test_shards_copied_two_at_a_time_are_the_same_copy(tmp_path):

@@ -266,7 +266,7 @@ def test_the_ring_is_reused_across_loads_and_released(tmp_path: Path) -> None:
 
 def test_a_load_left_to_the_plain_loader_keeps_no_ring(tmp_path: Path) -> None:
     """A file the fast path cannot plan (torch's legacy, non-zip format) pins no host memory
-    for a ring it never uses; a ring kept from an earlier load stays."""
+    for a ring it never uses; a ring kept from an earlier load with the same settings stays."""
     loader = fastload.Loader(pipeline_on_cpu=True)
     want = {"a": torch.randn(100, 100)}
     torch.save(want, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)

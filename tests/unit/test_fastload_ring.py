@@ -87,6 +87,34 @@ def test_a_failure_while_preparing_still_hands_every_slot_over(
         ring.close()
 
 
+def test_closing_a_ring_stops_preparing_the_slots_not_yet_begun(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ring closed while it is prepared (a load left to the plain loader closes the ring it
+    made) waits only for the slots being faulted in, not for the whole ring."""
+    real, go, faulted = hostring.fault_in, threading.Event(), []
+
+    def fault_in(slot: hostring.Slot) -> None:
+        faulted.append(slot)
+        if slot is not ring.slots[0]:
+            go.wait()  # each fault thread holds a slot until the ring is closing
+        real(slot)
+
+    monkeypatch.setattr(hostring, "fault_in", fault_in)
+    ring = hostring.HostRing(16, SLOT_BYTES, cuda=False)
+    ring.prepare_all(lambda slot: None, torch.device("cpu"))
+    while len(faulted) < 1 + hostring.FAULT_WORKERS:  # slot 0 done, one held by each thread
+        go.wait(0.01)
+    closing = threading.Thread(target=ring.close)
+    closing.start()
+    while not ring._closing.is_set():
+        closing.join(0.01)
+    go.set()
+    closing.join()
+    assert len(faulted) == 1 + hostring.FAULT_WORKERS  # none after those
+    assert not ring.slots  # unmapped
+
+
 def test_a_load_runs_on_the_first_ready_slot_while_the_rest_are_still_prepared(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
