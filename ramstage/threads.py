@@ -32,13 +32,15 @@ class DaemonPool:
         self._threads: list[threading.Thread] = []
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        if len(self._threads) < self.workers:
+            # Started before the work is queued: a thread that cannot start (no threads left)
+            # fails this call, instead of leaving work no thread runs for the exit to wait on.
+            thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
         future: Future[T] = Future()
         self._futures.append(future)
         self._tasks.put((future, fn, args))
-        if len(self._threads) < self.workers:
-            thread = threading.Thread(target=self._work, name=self.name, daemon=True)
-            self._threads.append(thread)
-            thread.start()
         return future
 
     def __enter__(self) -> DaemonPool:
