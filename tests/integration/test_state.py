@@ -37,7 +37,9 @@ def test_a_model_in_ram_stays_staged_and_evictable_while_another_copies_1gib(tmp
     )
     daemon.start()
     wait_for(lambda: daemon.model("a")["state"] == "staging", context=daemon.log)
-    assert daemon.model("b")["state"] == "staged"
+    # Both copy at once (staging.workers): b's 4 MiB may still be in flight when a's starts.
+    wait_for(lambda: daemon.model("b")["state"] == "staged", context=daemon.log)
+    assert daemon.model("a")["state"] == "staging"
     first = daemon.model("b")["generation"]
 
     # A new version of b while a copies: its copy has to wait for a's, and meanwhile b's link
