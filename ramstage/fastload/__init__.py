@@ -35,6 +35,7 @@ from ramstage.fastload.formats import (
     Unmappable,
     is_safetensors,
     map_safetensors,
+    map_torch_zip,
     plan_safetensors,
     plan_torch_zip,
     shard_files,
@@ -204,7 +205,10 @@ def _map_on_cpu(file: Path) -> Any:
         except Unmappable as error:
             return _fallback(file, torch.device("cpu"), str(error), None)
     if zipfile.is_zipfile(file):
-        return torch.load(file, map_location="cpu", mmap=True)
+        try:
+            return map_torch_zip(file)
+        except Unmappable:  # a foreign byte order: torch swaps the bytes in its private mapping
+            return torch.load(file, map_location="cpu", mmap=True)
     return _fallback(file, torch.device("cpu"), "a legacy (non-zip) file cannot be mapped", None)
 
 

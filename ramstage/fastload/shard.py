@@ -28,9 +28,10 @@ from ramstage.fastload.formats import (
     FileMappings,
     Plan,
     Unmappable,
-    check_byteorder,
     flat_bytes,
+    load_mapped,
     read_safetensors_header,
+    read_zip_records,
 )
 from ramstage.fastload.pipeline import Segment, Strided
 
@@ -158,14 +159,14 @@ def plan_safetensors_slices(path: Path, device: torch.device, shard: Shard) -> P
 def plan_torch_zip_slices(path: Path, device: torch.device, shard: Shard) -> Plan:
     """A torch.save'd state dict, each tensor located in the file through torch's own mmap
     load (as plan_torch_zip does). Names that share one tensor (tied weights) share one slice."""
-    check_byteorder(path)
+    records = read_zip_records(path)
     try:
-        state = torch.load(path, mmap=True, map_location="cpu", weights_only=True)
+        state = load_mapped(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001
         raise Unmappable(f"torch.load(mmap=True) failed: {type(error).__name__}: {error}") from None
     if not isinstance(state, dict) or not all(type(t) is torch.Tensor for t in state.values()):
         raise Unmappable("tensor slices are planned for state dicts (name -> tensor) only")
-    mappings = FileMappings(path)
+    mappings = FileMappings(path, records)
     tensors: dict[str, torch.Tensor] = {}
     parts: Parts = []
     planned: dict[tuple[Any, ...], torch.Tensor] = {}

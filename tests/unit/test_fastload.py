@@ -12,6 +12,7 @@ import json
 import logging
 import pickle
 import struct
+import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ramstage import fastload
+from ramstage.fastload import formats
 from ramstage.fastload.pipeline import Segment, plan_chunks
 
 pytestmark = pytest.mark.torch
@@ -181,6 +183,52 @@ def test_tied_weights_views_and_strides_keep_their_storage_layout(
     assert {"weight", "tied", "transposed", "rows", "strided"} in storage_groups(got)
 
 
+def rewritten_by_zipfile(path: Path) -> Path:
+    """The same records rewritten by Python's zipfile: no alignment padding and no data
+    descriptors, so each record lies elsewhere than torch's own writer would put it."""
+    out = path.with_name(f"rewritten-{path.name}")
+    with zipfile.ZipFile(path) as old, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as new:
+        for info in old.infolist():
+            new.writestr(info.filename, old.read(info))
+    return out
+
+
+def test_a_checkpoint_rewritten_by_another_zip_tool_loads_from_its_real_offsets(
+    target: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fastload asks torch to compute record offsets (reading each header costs 2 MiB on a
+    huge-page store); a wrong one is caught against the zip's directory, and the load is
+    planned again from the real headers, still on the fast path."""
+    weight = sample(torch.bfloat16, (37, 11))
+    state = {
+        "w": weight,
+        "tied": weight,
+        **{f"b{i}": sample(torch.float32, (5 + i,)) for i in range(4)},
+    }
+    torch.save(state, tmp_path / "a.pt")
+    path = rewritten_by_zipfile(tmp_path / "a.pt")
+    with caplog.at_level(logging.DEBUG, logger="ramstage.fastload"):
+        got = load(target, path)
+    assert_same(got, torch.load(path, map_location=target[1]))
+    assert storage_groups(got) == storage_groups(state)
+    assert "plain loader" not in caplog.text
+    if formats.torch_serialization_config is not None:
+        assert "reading each record's header" in caplog.text
+        assert not formats.torch_serialization_config.load.calculate_storage_offsets
+
+
+def test_torchs_own_layout_is_planned_from_computed_offsets(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.save(
+        {f"w{i}": sample(torch.float16, (64, 3 + i), seed=i) for i in range(6)}, tmp_path / "a.pt"
+    )
+    with caplog.at_level(logging.DEBUG, logger="ramstage.fastload"):
+        got = fastload.load(tmp_path / "a.pt", "cpu")
+    assert_same(got, torch.load(tmp_path / "a.pt"))
+    assert "record" not in caplog.text
+
+
 def test_lightning_style_checkpoint_round_trips_with_every_tensor_on_the_device(
     target: Any, tmp_path: Path
 ) -> None:
@@ -310,6 +358,14 @@ def test_cpu_device_maps_a_torch_checkpoint(tmp_path: Path) -> None:
     got = fastload.load(tmp_path / "a.pt", "cpu")
     assert_same(got, torch.load(tmp_path / "a.pt"))
     assert file_mapped(got["a"], tmp_path / "a.pt")
+
+
+def test_cpu_device_maps_a_checkpoint_rewritten_by_another_zip_tool(tmp_path: Path) -> None:
+    torch.save({"a": torch.randn(1000), "b": torch.arange(77)}, tmp_path / "a.pt")
+    path = rewritten_by_zipfile(tmp_path / "a.pt")
+    got = fastload.load(path, "cpu")
+    assert_same(got, torch.load(path))
+    assert file_mapped(got["b"], path)
 
 
 def test_cpu_device_maps_safetensors_without_copying(tmp_path: Path) -> None:

@@ -22,7 +22,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_fastload import DTYPES, assert_same, file_mapped, sample, write_safetensors
+from test_fastload import (
+    DTYPES,
+    assert_same,
+    file_mapped,
+    rewritten_by_zipfile,
+    sample,
+    write_safetensors,
+)
 
 from ramstage import fastload
 from ramstage.fastload import Shard
@@ -273,6 +280,17 @@ def test_tied_weights_in_a_torch_checkpoint_stay_tied_in_their_slices(
             got = load(target, tmp_path / "tied.pt", shard)
             assert_same(got, expected(plain, shard, target[1]))
             assert got["embed"].data_ptr() == got["lm_head"].data_ptr()
+
+
+def test_a_checkpoint_rewritten_by_another_zip_tool_slices_from_its_real_offsets(
+    target: Any, tmp_path: Path
+) -> None:
+    state = {"a": sample(torch.bfloat16, (9, 7)), "b": sample(torch.float32, (3, 5), seed=1)}
+    torch.save(state, tmp_path / "a.pt")
+    path = rewritten_by_zipfile(tmp_path / "a.pt")
+    for rank in range(2):
+        shard = Shard(rank, 2, dims=0)
+        assert_same(load(target, path, shard), expected(state, shard, target[1]))
 
 
 def test_a_strided_view_in_a_checkpoint_falls_back_and_still_slices(
