@@ -27,12 +27,14 @@ from ramstage.holders import mappings
 
 log = logging.getLogger("ramstage.fastload")
 
-try:
+try:  # a torch that can compute its records' offsets (2.11 and 2.13 here) rather than read them
     from torch.utils.serialization import config
 
-    torch_serialization_config: Any = config
-except ImportError:  # torch before 2.7 reads each record's header
-    torch_serialization_config = None
+    computed_offsets_config: Any = (
+        config if hasattr(config.load, "calculate_storage_offsets") else None
+    )
+except ImportError:
+    computed_offsets_config = None
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     name: dtype
@@ -295,14 +297,14 @@ def load_mapped(path: Path, **options: Any) -> Any:
     """torch.load(mmap=True). torch finds each storage by reading its record's header through
     Python's buffered file, whose buffer is st_blksize: 2 MiB on a huge-page tmpfs, so every
     record refills 2 MiB (a 512 MiB file of 83 tensors: 17 ms, against 6 on 4 KiB pages).
-    Asked to (torch 2.7 and later), torch computes the offsets from the first record's, as its
+    Asked to (where it can), torch computes the offsets from the first record's, as its
     own writer lays records out. FileMappings checks each against the zip's directory; a file
     laid out otherwise (rewritten by another zip tool) is loaded again, reading the headers."""
-    if torch_serialization_config is not None:
+    if computed_offsets_config is not None:
         try:
             with (
                 _computed_offsets,
-                torch_serialization_config.patch({"load.calculate_storage_offsets": True}),
+                computed_offsets_config.patch({"load.calculate_storage_offsets": True}),
             ):
                 return torch.load(path, mmap=True, **options)
         except Misplaced as error:

@@ -212,9 +212,9 @@ def test_a_checkpoint_rewritten_by_another_zip_tool_loads_from_its_real_offsets(
     assert_same(got, torch.load(path, map_location=target[1]))
     assert storage_groups(got) == storage_groups(state)
     assert "plain loader" not in caplog.text
-    if formats.torch_serialization_config is not None:
+    if formats.computed_offsets_config is not None:
         assert "reading each record's header" in caplog.text
-        assert not formats.torch_serialization_config.load.calculate_storage_offsets
+        assert not formats.computed_offsets_config.load.calculate_storage_offsets
 
 
 def test_torchs_own_layout_is_planned_from_computed_offsets(
