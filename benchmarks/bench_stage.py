@@ -1,7 +1,7 @@
 """Staging with verification against plain `cp` and `dd`, side by side in one run (as root).
 
     .venv/bin/python benchmarks/bench_stage.py [--rounds 5] [--cases file,dir,throttled,cache]
-        [--workers 2]
+        [--workers 2] [--huge never|within_size]
 
 - file: a 1 GiB file, `cp` against staging with each checksum, into the same real tmpfs;
 - dir: a 16-shard directory (4 GiB), `cp` run 2-wide (`xargs -P2`) against staging with
@@ -203,6 +203,13 @@ def main() -> int:
     parser.add_argument("--cases", default="file,dir,cache,throttled")
     parser.add_argument("--dir", default="/var/tmp", help="where the sources go")
     parser.add_argument(
+        "--huge",
+        default="never",
+        choices=("never", "within_size"),
+        help="the store's huge= option (never: see 'Staging into a huge-page store' in "
+        "docs/benchmarks.md)",
+    )
+    parser.add_argument(
         "--workers", default="2", help="dir: staging.workers values to run, as 1,2,4"
     )
     args = parser.parse_args()
@@ -214,9 +221,11 @@ def main() -> int:
     store = work / "store"
     store.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=5G,noswap", "bench", str(store)], check=True
+        ["mount", "-t", "tmpfs", "-o", f"size=5G,noswap,huge={args.huge}", "bench", str(store)],
+        check=True,
     )
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the start")
+    load = os.getloadavg()[0]
+    print(f"{os.cpu_count()} CPUs, load average {load:.2f} at the start, store huge={args.huge}")
     try:
         if "file" in cases:
             print_table(
