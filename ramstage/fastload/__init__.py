@@ -35,9 +35,7 @@ from ramstage.fastload.formats import (
     Unmappable,
     is_safetensors,
     map_safetensors,
-    map_torch_zip,
     plan_safetensors,
-    plan_torch_zip,
     shard_files,
 )
 from ramstage.fastload.pipeline import Ring
@@ -47,6 +45,7 @@ from ramstage.fastload.shard import (
     plan_torch_zip_slices,
     slice_loaded,
 )
+from ramstage.fastload.torchzip import map_torch_zip, plan_torch_zip
 
 __all__ = ["Loader", "Shard", "default_ring_bytes", "default_threads", "load", "release"]
 
@@ -207,7 +206,7 @@ def _map_on_cpu(file: Path) -> Any:
     if zipfile.is_zipfile(file):
         try:
             return map_torch_zip(file)
-        except Unmappable:  # a foreign byte order: torch swaps the bytes in its private mapping
+        except Unmappable:  # a storage that is no slice of the file: torch's own load
             return torch.load(file, map_location="cpu", mmap=True)
     return _fallback(file, torch.device("cpu"), "a legacy (non-zip) file cannot be mapped", None)
 

@@ -24,16 +24,9 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ramstage.fastload.formats import (
-    FileMappings,
-    Plan,
-    Unmappable,
-    flat_bytes,
-    load_mapped,
-    read_safetensors_header,
-    read_zip_records,
-)
+from ramstage.fastload.formats import Plan, Unmappable, flat_bytes, read_safetensors_header
 from ramstage.fastload.pipeline import Segment, Strided
+from ramstage.fastload.torchzip import FileMappings, check_torch_zip, load_mapped
 
 # Which dim each tensor is split on, None: the whole tensor (norms, biases of row-parallel
 # layers). An int applies to every tensor that has that dim; a mapping is {fnmatch pattern of
@@ -159,14 +152,14 @@ def plan_safetensors_slices(path: Path, device: torch.device, shard: Shard) -> P
 def plan_torch_zip_slices(path: Path, device: torch.device, shard: Shard) -> Plan:
     """A torch.save'd state dict, each tensor located in the file through torch's own mmap
     load (as plan_torch_zip does). Names that share one tensor (tied weights) share one slice."""
-    records = read_zip_records(path)
+    check_torch_zip(path)
     try:
-        state = load_mapped(path, map_location="cpu", weights_only=True)
+        state = load_mapped(path, None, weights_only=True)
     except Exception as error:  # noqa: BLE001
         raise Unmappable(f"torch.load(mmap=True) failed: {type(error).__name__}: {error}") from None
     if not isinstance(state, dict) or not all(type(t) is torch.Tensor for t in state.values()):
         raise Unmappable("tensor slices are planned for state dicts (name -> tensor) only")
-    mappings = FileMappings(path, records)
+    mappings = FileMappings(path)
     tensors: dict[str, torch.Tensor] = {}
     parts: Parts = []
     planned: dict[tuple[Any, ...], torch.Tensor] = {}

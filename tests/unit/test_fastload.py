@@ -12,6 +12,7 @@ import json
 import logging
 import pickle
 import struct
+import subprocess
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ramstage import fastload
-from ramstage.fastload import formats
+from ramstage.fastload import torchzip
 from ramstage.fastload.pipeline import Segment, plan_chunks
 
 pytestmark = pytest.mark.torch
@@ -183,27 +184,117 @@ def test_tied_weights_views_and_strides_keep_their_storage_layout(
     assert {"weight", "tied", "transposed", "rows", "strided"} in storage_groups(got)
 
 
-def rewritten_by_zipfile(path: Path) -> Path:
+def rewritten_by_zipfile(path: Path, compression: int = zipfile.ZIP_STORED) -> Path:
     """The same records rewritten by Python's zipfile: no alignment padding and no data
     descriptors, so each record lies elsewhere than torch's own writer would put it."""
     out = path.with_name(f"rewritten-{path.name}")
-    with zipfile.ZipFile(path) as old, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as new:
+    with zipfile.ZipFile(path) as old, zipfile.ZipFile(out, "w", compression) as new:
         for info in old.infolist():
             new.writestr(info.filename, old.read(info))
     return out
 
 
-def test_a_checkpoint_rewritten_by_another_zip_tool_loads_from_its_real_offsets(
-    target: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def rewritten_by_torch(path: Path, order: Any = None, pickled: Any = None) -> Path:
+    """The records rewritten by torch's own zip writer (its padding and data descriptors), in
+    the order `order` gives the names, with the pickle changed by `pickled`."""
+    out = path.with_name(f"torch-{path.name}")
+    with zipfile.ZipFile(path) as old:
+        prefix = old.namelist()[0].split("/")[0] + "/"
+        writer = torch._C.PyTorchFileWriter(str(out))
+        infos = [i for i in old.infolist() if not i.filename.endswith(("/version", "_id"))]
+        for info in sorted(infos, key=order) if order else infos:
+            data = old.read(info)
+            if info.filename.endswith("/data.pkl") and pickled:
+                data = pickled(data)
+            writer.write_record(info.filename[len(prefix) :], data, len(data))
+        writer.write_end_of_file()
+    return out
+
+
+@pytest.fixture
+def any_block_size(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """fastload has torch compute record offsets where files have a large block size (a
+    huge-page tmpfs): here on any file system. Gives, for each storage torch hands over,
+    whether its offset was computed."""
+    monkeypatch.setattr(torchzip, "SMALL_BUFFER_BYTES", 0)
+    return computed_offsets(monkeypatch)
+
+
+def computed_offsets(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    computed: list[bool] = []
+    locate = torchzip._Locator.__call__
+
+    def spy(self: Any, storage: Any, location: str) -> Any:
+        config = torchzip.computed_offsets_config
+        computed.append(bool(config and config.load.calculate_storage_offsets))
+        return locate(self, storage, location)
+
+    monkeypatch.setattr(torchzip._Locator, "__call__", spy)
+    return computed
+
+
+needs_computed_offsets = pytest.mark.skipif(
+    torchzip.computed_offsets_config is None, reason="this torch reads every record's header"
+)
+EQUAL_SIZES = {f"layer.{i}": torch.full((64,), float(i)) for i in range(12)}
+
+
+@needs_computed_offsets
+def test_torchs_own_layout_is_planned_from_computed_offsets(
+    target: Any, tmp_path: Path, any_block_size: list[bool]
 ) -> None:
-    """fastload asks torch to compute record offsets (reading each header costs 2 MiB on a
-    huge-page store); a wrong one is caught against the zip's directory, and the load is
-    planned again from the real headers, still on the fast path."""
+    torch.save(EQUAL_SIZES, tmp_path / "a.pt")
+    assert_same(
+        load(target, tmp_path / "a.pt"), torch.load(tmp_path / "a.pt", map_location=target[1])
+    )
+    assert len(any_block_size) == 12 and all(any_block_size)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_the_writers_layout_is_read_off_the_zip_and_the_pickle(
+    tmp_path: Path, protocol: int
+) -> None:
+    torch.save(EQUAL_SIZES, tmp_path / "a.pt", pickle_protocol=protocol)
+    layout = torchzip.writers_layout(tmp_path / "a.pt")
+    assert layout is not None and len(layout) == 12
+    data = (tmp_path / "a.pt").read_bytes()
+    for (start, size), tensor in zip(layout, EQUAL_SIZES.values()):
+        assert data[start : start + size] == tensor.numpy().tobytes()
+
+
+@pytest.mark.root
+@needs_computed_offsets
+def test_a_huge_page_store_has_offsets_computed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64M,huge=within_size", "t", str(store)], check=True
+    )
+    try:
+        torch.save(EQUAL_SIZES, store / "a.pt")
+        assert (store / "a.pt").stat().st_blksize > torchzip.SMALL_BUFFER_BYTES
+        computed = computed_offsets(monkeypatch)
+        got = fastload.load(store / "a.pt", "cpu")
+        assert_same(got, torch.load(store / "a.pt"))
+        assert len(computed) == 12 and all(computed)
+        del got
+    finally:
+        subprocess.run(["umount", "-l", str(store)], check=True)
+
+
+@needs_computed_offsets
+def test_a_checkpoint_rewritten_by_another_zip_tool_loads_from_its_real_offsets(
+    target: Any, tmp_path: Path, any_block_size: list[bool], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Computed offsets that miss the records (no padding here) are caught against the zip's
+    directory, and the load is planned again from the real headers, still on the fast path."""
     weight = sample(torch.bfloat16, (37, 11))
     state = {
         "w": weight,
         "tied": weight,
-        **{f"b{i}": sample(torch.float32, (5 + i,)) for i in range(4)},
+        **{f"b{i}": sample(torch.float32, (5,)) for i in range(4)},
     }
     torch.save(state, tmp_path / "a.pt")
     path = rewritten_by_zipfile(tmp_path / "a.pt")
@@ -211,22 +302,53 @@ def test_a_checkpoint_rewritten_by_another_zip_tool_loads_from_its_real_offsets(
         got = load(target, path)
     assert_same(got, torch.load(path, map_location=target[1]))
     assert storage_groups(got) == storage_groups(state)
-    assert "plain loader" not in caplog.text
-    if formats.computed_offsets_config is not None:
-        assert "reading each record's header" in caplog.text
-        assert not formats.computed_offsets_config.load.calculate_storage_offsets
+    assert "reading each record's header" in caplog.text and "plain loader" not in caplog.text
+    assert True in any_block_size and any_block_size[-1] is False
+    assert not torchzip.computed_offsets_config.load.calculate_storage_offsets
 
 
-def test_torchs_own_layout_is_planned_from_computed_offsets(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def by_name(info: zipfile.ZipInfo) -> str:
+    return info.filename
+
+
+def swap_keys_1_and_2(pickled: bytes) -> bytes:
+    one, two = b"X\x01\x00\x00\x001", b"X\x01\x00\x00\x002"  # BINUNICODE '1', '2'
+    assert pickled.count(one) == pickled.count(two) == 1
+    swapped = bytearray(pickled)
+    swapped[pickled.index(one) + 5] = ord("2")
+    swapped[pickled.index(two) + 5] = ord("1")
+    return bytes(swapped)
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        pytest.param(lambda p: rewritten_by_torch(p, order=by_name), id="records-by-name"),
+        pytest.param(lambda p: rewritten_by_torch(p, pickled=swap_keys_1_and_2), id="keys-swapped"),
+    ],
+)
+def test_a_layout_torch_cannot_compute_has_each_header_read(
+    target: Any, tmp_path: Path, any_block_size: list[bool], rewrite: Any
 ) -> None:
-    torch.save(
-        {f"w{i}": sample(torch.float16, (64, 3 + i), seed=i) for i in range(6)}, tmp_path / "a.pt"
-    )
-    with caplog.at_level(logging.DEBUG, logger="ramstage.fastload"):
-        got = fastload.load(tmp_path / "a.pt", "cpu")
-    assert_same(got, torch.load(tmp_path / "a.pt"))
-    assert "record" not in caplog.text
+    """torch's writer's padding, but records in name order (data/0, data/1, data/10, ...) or a
+    pickle that uses keys 2 and 1 the other way round: offsets computed from the order would
+    give equal-sized tensors each other's bytes, and pass a check of size alone."""
+    torch.save(EQUAL_SIZES, tmp_path / "a.pt")
+    path = rewrite(tmp_path / "a.pt")
+    want = torch.load(path, map_location=target[1])
+    assert_same(load(target, path), want)
+    assert len(any_block_size) == 12 and not any(any_block_size)
+
+
+def test_compressed_records_go_to_the_plain_loader(
+    target: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.save(EQUAL_SIZES, tmp_path / "a.pt")
+    path = rewritten_by_zipfile(tmp_path / "a.pt", zipfile.ZIP_DEFLATED)
+    with caplog.at_level(logging.INFO, logger="ramstage.fastload"):
+        got = load(target, path)
+    assert_same(got, torch.load(path, map_location=target[1]))
+    assert "compressed records" in caplog.text
 
 
 def test_lightning_style_checkpoint_round_trips_with_every_tensor_on_the_device(

@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch")
 from test_fastload import (
     DTYPES,
     assert_same,
+    computed_offsets,
     file_mapped,
     rewritten_by_zipfile,
     sample,
@@ -32,7 +33,7 @@ from test_fastload import (
 )
 
 from ramstage import fastload
-from ramstage.fastload import Shard
+from ramstage.fastload import Shard, torchzip
 from ramstage.fastload import pipeline as fastload_pipeline
 from ramstage.fastload.pipeline import (
     MAX_GAP_BYTES,
@@ -283,14 +284,19 @@ def test_tied_weights_in_a_torch_checkpoint_stay_tied_in_their_slices(
 
 
 def test_a_checkpoint_rewritten_by_another_zip_tool_slices_from_its_real_offsets(
-    target: Any, tmp_path: Path
+    target: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    monkeypatch.setattr(torchzip, "SMALL_BUFFER_BYTES", 0)  # offsets computed, as on huge pages
+    computed = computed_offsets(monkeypatch)
     state = {"a": sample(torch.bfloat16, (9, 7)), "b": sample(torch.float32, (3, 5), seed=1)}
     torch.save(state, tmp_path / "a.pt")
     path = rewritten_by_zipfile(tmp_path / "a.pt")
     for rank in range(2):
         shard = Shard(rank, 2, dims=0)
-        assert_same(load(target, path, shard), expected(state, shard, target[1]))
+        with caplog.at_level(logging.DEBUG, logger="ramstage.fastload"):
+            assert_same(load(target, path, shard), expected(state, shard, target[1]))
+    assert "plain loader" not in caplog.text and True in computed
+    assert "reading each record's header" in caplog.text
 
 
 def test_a_strided_view_in_a_checkpoint_falls_back_and_still_slices(
