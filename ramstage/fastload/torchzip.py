@@ -129,7 +129,7 @@ def storage_keys(pickled: bytes) -> list[str] | None:
     """The storage keys a torch pickle uses, in the order of first use, read off its opcodes
     without running it. Each storage is a persistent id, a tuple whose last three items are
     the key, the location and the size; None where a key is not a string it can read."""
-    keys: list[str] = []
+    keys: dict[str, None] = {}  # in the order of first use
     strings: dict[int, str] = {}  # memo index -> a string put there
     recent: deque[tuple[str, Any]] = deque(maxlen=4)  # the last opcodes, memo puts left out
     memo_size = 0
@@ -146,12 +146,11 @@ def storage_keys(pickled: bytes) -> list[str] | None:
             key = value if name in STRING_OPS else strings.get(value) if name in GET_OPS else None
             if key is None:
                 return None
-            if key not in keys:
-                keys.append(key)
+            keys.setdefault(key)
             recent.clear()
         else:
             recent.append((opcode.name, arg))
-    return keys
+    return list(keys)
 
 
 def map_torch_zip(path: Path) -> Any:
