@@ -153,6 +153,7 @@ class Actuator:
         served = model.serving
         for action in actions:
             self._apply(model, action)
+            model.actions += 1
         self._tally(model, served)
 
     def _tally(self, model: Model, served: Serving) -> None:

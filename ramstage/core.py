@@ -28,6 +28,8 @@ from ramstage.updates import SourceUpdates
 
 log = logging.getLogger("ramstage")
 
+LOOK_AGAIN_SECONDS = 5.0  # a model that waits to be copied has its source listed this often
+
 
 @dataclass
 class Core:
@@ -42,6 +44,8 @@ class Core:
     updates: SourceUpdates
     models: dict[str, Model] = field(default_factory=dict)
     store_lost: bool = False  # the store's tmpfs was unmounted under us and is not back yet
+    # name -> (when, Model.actions then, the listing): what _look saw last
+    looked: dict[str, tuple[float, int, lifecycle.Listing]] = field(default_factory=dict)
 
     def apply(self, model: Model, actions: list[Action]) -> None:
         self.actuator.apply(model, actions)
@@ -123,6 +127,7 @@ class Core:
     def remove(self, name: str) -> None:
         """Forgets a model: its link goes, then its generations (a partial once its copy stops)."""
         model = self.models.pop(name)
+        self.looked.pop(name, None)
         self.apply(model, lifecycle.released(model, "removed from the config", source_exists=False))
         self.generations.forget(name)
 
@@ -157,13 +162,26 @@ class Core:
             return  # check_store takes an unmounted store from here
         for name in lifecycle.next_copies(self.models.values(), self.actuator.crew.workers):
             model = self.models[name]
-            listing = self._unshared(self.updates.look(model))
+            listing = self._unshared(self._look(model))
             if lifecycle.shares_a_copy_in_flight(listing, self.models.values()):
                 return  # and those after it wait for it, as below
             actions = lifecycle.admit(model, listing, self._budget())
             if not actions:
                 return  # it waits for the copies in flight, and those after it wait for it
             self.apply(model, actions)
+
+    def _look(self, model: Model) -> lifecycle.Listing:
+        """The model's source as it is now (updates.look). A model that waits, for room or for
+        a copy in flight of a file it shares, is listed again once an action changed its record
+        (a source event among them) or LOOK_AGAIN_SECONDS passed: not at every turn of the loop
+        while copies run, which for a large tree or a network mount is real work."""
+        now = self.system.monotonic()
+        seen = self.looked.get(model.name)
+        if seen and seen[1] == model.actions and now - seen[0] < LOOK_AGAIN_SECONDS:
+            return seen[2]
+        listing = self.updates.look(model)
+        self.looked[model.name] = (now, model.actions, listing)
+        return listing
 
     def _budget(self) -> lifecycle.Budget:
         """The readings, with what each copy in flight took of the store so far and what it
@@ -196,7 +214,7 @@ class Core:
         for model in self.models.values():
             if model.want or model.held or model.why != Why(Reason.STORE_FULL):
                 continue
-            listing = self._unshared(self.updates.look(model))
+            listing = self._unshared(self._look(model))
             if not listing.error and listing.size_bytes <= self.store.fs.free_bytes():
                 log.info("%s: the store has room again; staging", model.name)
                 self.apply(model, lifecycle.resume())

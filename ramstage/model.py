@@ -149,6 +149,7 @@ class Model:
     retry: Backoff | None = None  # after copies failed for a fault that may clear (Why.retry)
     waiters: list[Future[str | None]] = field(default_factory=list)
     tally: Tally = field(default_factory=Tally)
+    actions: int = 0  # applied to this record so far: what was looked at before may be stale
 
     @property
     def name(self) -> str:

@@ -16,9 +16,10 @@ from conftest import write_random
 
 from ramstage import lifecycle
 from ramstage.config import parse_config
+from ramstage.core import LOOK_AGAIN_SECONDS
 from ramstage.daemon import Daemon
 from ramstage.generations import SWAP_GRACE_SECONDS
-from ramstage.model import Event, JobDone, Pressure, Serving
+from ramstage.model import Event, JobDone, Note, Pressure, Serving
 from ramstage.service import Notifier
 from ramstage.status import Snapshot, snapshot
 from ramstage.system import System
@@ -45,7 +46,7 @@ class FakeSystem(System):
 class Core:
     """A daemon's core built by its composition root, driven by hand, one step at a time."""
 
-    def __init__(self, root: Path, models: list[dict[str, Any]]) -> None:
+    def __init__(self, root: Path, models: list[dict[str, Any]], workers: int = 1) -> None:
         self.system = FakeSystem()
         data = {
             "store": {"path": str(root / "store"), "mount": False},
@@ -53,8 +54,8 @@ class Core:
             "socket": str(root / "control.sock"),
             "memory": {"min_available": "1G", "resume_available": "2G", "cooldown": "2s"},
             "watch": {"settle": "1s"},
-            # One copy at a time, so the tests choose the order copies finish in.
-            "staging": {"workers": 1},
+            # One copy at a time unless asked, so the tests choose the order copies finish in.
+            "staging": {"workers": workers},
             "models": models,
         }
         daemon = Daemon(
@@ -95,8 +96,8 @@ class Core:
 def make_core(tmp_path: Path) -> Iterator[Any]:
     made: list[Core] = []
 
-    def make(models: list[dict[str, Any]]) -> Core:
-        made.append(Core(tmp_path, models))
+    def make(models: list[dict[str, Any]], workers: int = 1) -> Core:
+        made.append(Core(tmp_path, models, workers))
         return made[-1]
 
     yield make
@@ -226,3 +227,31 @@ def test_evict_and_stage_back_reuses_nothing_stale(tmp_path, make_core):
     core.finish(core.copy_next())
     assert core.entry("m")["state"] == "staged"
     assert generation.path.exists()  # the same content: the same generation, copied again
+
+
+def test_a_model_that_waits_is_not_listed_again_at_every_turn(tmp_path, make_core, monkeypatch):
+    """b shares its file with a's copy in flight, so it waits for it. Its source is listed once,
+    then again only after LOOK_AGAIN_SECONDS or an action on its record."""
+    shared = write_random(tmp_path / "src" / "w.ckpt", 1 << 20, seed=1)
+    core = make_core(
+        [{"name": "a", "source": str(shared), "priority": 5}, {"name": "b", "source": str(shared)}],
+        workers=2,
+    )
+    listed: list[str] = []
+    look = core.core.updates.look
+    monkeypatch.setattr(core.core.updates, "look", lambda m: listed.append(m.name) or look(m))
+    for _ in range(5):  # turns of the loop while a copies
+        core.core.schedule(stopping=False)
+    assert (core.entry("a")["state"], core.entry("b")["state"]) == ("staging", "pending")
+    assert listed.count("b") == 1
+    core.system.now += LOOK_AGAIN_SECONDS
+    core.core.schedule(stopping=False)
+    assert listed.count("b") == 2
+    core.core.apply(core.core.models["b"], [Note(None)])
+    core.core.schedule(stopping=False)
+    assert listed.count("b") == 3
+    while not isinstance(event := core.events.get(timeout=30), JobDone):
+        pass
+    core.finish(event)
+    core.finish(core.copy_next())  # b, once a is in RAM: linked to a's copy of the file
+    assert (core.entry("a")["state"], core.entry("b")["state"]) == ("staged", "staged")
