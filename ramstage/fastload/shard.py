@@ -26,7 +26,7 @@ import torch
 
 from ramstage.fastload.formats import Plan, Unmappable, flat_bytes, read_safetensors_header
 from ramstage.fastload.pipeline import Segment, Strided
-from ramstage.fastload.torchzip import FileMappings, check_torch_zip, load_mapped
+from ramstage.fastload.torchzip import FileMappings, TorchZip
 
 # Which dim each tensor is split on, None: the whole tensor (norms, biases of row-parallel
 # layers). An int applies to every tensor that has that dim; a mapping is {fnmatch pattern of
@@ -152,9 +152,9 @@ def plan_safetensors_slices(path: Path, device: torch.device, shard: Shard) -> P
 def plan_torch_zip_slices(path: Path, device: torch.device, shard: Shard) -> Plan:
     """A torch.save'd state dict, each tensor located in the file through torch's own mmap
     load (as plan_torch_zip does). Names that share one tensor (tied weights) share one slice."""
-    check_torch_zip(path)
+    checkpoint = TorchZip(path, copied=True)
     try:
-        state = load_mapped(path, None, weights_only=True)
+        state = checkpoint.load(None, weights_only=True)
     except Exception as error:  # noqa: BLE001
         raise Unmappable(f"torch.load(mmap=True) failed: {type(error).__name__}: {error}") from None
     if not isinstance(state, dict) or not all(type(t) is torch.Tensor for t in state.values()):

@@ -49,36 +49,53 @@ except ImportError:
 
 # A storage torch mapped and its file offset (-1 for an empty one): what map_location returns.
 Place = Callable[[Storage, int], Storage]
+Layout = list[tuple[int, int]]  # where each storage's record begins, and its size, in key order
 
 
 class Misplaced(Unmappable):
     """A storage torch mapped does not lie where the zip's directory puts its record."""
 
 
-def load_mapped(path: Path, place: Place | None, **options: Any) -> Any:
-    """torch.load(path, mmap=True, **options), each storage handed to place() with its file
-    offset (place None: each stays the slice of the mapping torch made)."""
-    records = None
-    if os.stat(path).st_blksize > SMALL_BUFFER_BYTES and computed_offsets_config is not None:
-        records = writers_layout(path)
-    if records is not None:
+class TorchZip:
+    """One torch zip checkpoint, loaded with torch.load(mmap=True) as often as a plan needs:
+    its zip directory is read once, for the checks and for the layout torch's writer gives it
+    (then torch computes the offsets, until one misses its record)."""
+
+    def __init__(self, path: Path, *, copied: bool) -> None:
+        """copied: the file's bytes will be copied, so torch must map them unchanged
+        (Unmappable if it would not, or if the file is no zip)."""
+        self.path = path
+        self.layout: Layout | None = None
         try:
-            with computed_offsets_config.patch({"load.calculate_storage_offsets": True}):
-                locate = _Locator(path, place, records)
-                return torch.load(path, mmap=True, map_location=locate, **options)
-        except Misplaced as error:
-            log.debug("fastload: %s: %s; reading each record's header", path, error)
-    where = _Locator(path, place, None) if place else "cpu"
-    return torch.load(path, mmap=True, map_location=where, **options)
+            with zipfile.ZipFile(path) as archive:
+                if copied:
+                    _check_mappable(archive)
+                if computed_offsets_config and os.stat(path).st_blksize > SMALL_BUFFER_BYTES:
+                    self.layout = writers_layout(path, archive)
+        except (zipfile.BadZipFile, OSError) as error:
+            if copied:
+                raise Unmappable(f"not a torch zip checkpoint: {error}") from None
+
+    def load(self, place: Place | None, **options: Any) -> Any:
+        """torch.load(path, mmap=True, **options), each storage handed to place() with its
+        file offset (place None: each stays the slice of the mapping torch made)."""
+        if self.layout is not None:
+            try:
+                with computed_offsets_config.patch({"load.calculate_storage_offsets": True}):
+                    locate = _Locator(self.path, place, self.layout)
+                    return torch.load(self.path, mmap=True, map_location=locate, **options)
+            except Misplaced as error:
+                log.debug("fastload: %s: %s; reading each record's header", self.path, error)
+                self.layout = None
+        where = _Locator(self.path, place, None) if place else "cpu"
+        return torch.load(self.path, mmap=True, map_location=where, **options)
 
 
 class _Locator:
     """torch.load's map_location: each storage's file offset, read off the mapping, and where
     torch computed it, checked against the record of that storage's turn."""
 
-    def __init__(
-        self, path: Path, place: Place | None, records: list[tuple[int, int]] | None
-    ) -> None:
+    def __init__(self, path: Path, place: Place | None, records: Layout | None) -> None:
         self.mappings, self.place, self.records = FileMappings(path), place, records
         self.loaded = 0  # storages so far: torch loads each once, in the pickle's order
 
@@ -93,25 +110,25 @@ class _Locator:
         return self.place(storage, offset) if self.place else storage
 
 
-def writers_layout(path: Path) -> list[tuple[int, int]] | None:
+def writers_layout(path: Path, archive: zipfile.ZipFile) -> Layout | None:
     """Where the bytes of records data/0, data/1, ... begin, and how many, if they lie in
     that order, stored, and the pickle first uses the keys in that order, as torch's writer
-    makes them; None for any other layout, or no zip at all."""
+    makes them; None for any other layout."""
+    pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+    if len(pickles) != 1:
+        return None
+    prefix = pickles[0].removesuffix("data.pkl") + "data/"
+    infos = sorted(archive.infolist(), key=lambda info: info.header_offset)
+    storages = [info for info in infos if info.filename.startswith(prefix)]
+    names = [f"{prefix}{key}" for key in range(len(storages))]
+    if [info.filename for info in storages] != names or any(
+        info.compress_type != zipfile.ZIP_STORED for info in storages
+    ):
+        return None
     try:
-        with zipfile.ZipFile(path) as archive, open(path, "rb", buffering=0) as raw:
-            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-            if len(pickles) != 1:
-                return None
-            prefix = pickles[0].removesuffix("data.pkl") + "data/"
-            infos = sorted(archive.infolist(), key=lambda info: info.header_offset)
-            storages = [info for info in infos if info.filename.startswith(prefix)]
-            names = [f"{prefix}{key}" for key in range(len(storages))]
-            if [info.filename for info in storages] != names or any(
-                info.compress_type != zipfile.ZIP_STORED for info in storages
-            ):
-                return None
-            if storage_keys(archive.read(pickles[0])) != [str(k) for k in range(len(names))]:
-                return None
+        if storage_keys(archive.read(pickles[0])) != [str(k) for k in range(len(names))]:
+            return None
+        with open(path, "rb", buffering=0) as raw:
             return [(_data_start(raw.fileno(), info), info.file_size) for info in storages]
     except (zipfile.BadZipFile, OSError, struct.error, ValueError):
         return None
@@ -155,7 +172,7 @@ def storage_keys(pickled: bytes) -> list[str] | None:
 
 def map_torch_zip(path: Path) -> Any:
     """What torch.load(path, mmap=True, map_location="cpu") gives."""
-    return load_mapped(path, None)
+    return TorchZip(path, copied=False).load(None)
 
 
 def plan_torch_zip(path: Path, device: torch.device) -> Plan:
@@ -172,7 +189,7 @@ def plan_torch_zip(path: Path, device: torch.device) -> Plan:
     or objects only the full unpickler builds) is loaded again after the copy with torch.load's
     own defaults, with the filled device storages handed in: whatever reads data reads it right.
     """
-    check_torch_zip(path)
+    checkpoint = TorchZip(path, copied=True)
     ranges: dict[int, tuple[int, torch.UntypedStorage]] = {}  # file offset -> (nbytes, storage)
 
     def mapper(hand_out_device_storage: bool) -> Place:
@@ -189,20 +206,20 @@ def plan_torch_zip(path: Path, device: torch.device) -> Plan:
 
     # Any failure: leave it to plain torch.load, which gives the authoritative result or error.
     try:
-        result = load_mapped(path, mapper(True), weights_only=True)
+        result = checkpoint.load(mapper(True), weights_only=True)
         if _plain(result):
             return Plan(_segments(path, ranges), lambda: result)
     except Exception as error:  # noqa: BLE001
         log.debug("fastload: %s: one weights_only pass is not enough: %s", path, error)
     try:
-        load_mapped(path, mapper(False))
+        checkpoint.load(mapper(False))
     except Exception as error:  # noqa: BLE001
         raise Unmappable(f"torch.load(mmap=True) failed: {type(error).__name__}: {error}") from None
     known_offsets = set(ranges)
 
     def finish() -> Any:
         try:
-            result = load_mapped(path, mapper(True))
+            result = checkpoint.load(mapper(True))
         except Exception as error:  # noqa: BLE001
             raise Unmappable(f"second torch.load(mmap=True) failed: {error}") from None
         if set(ranges) != known_offsets:
@@ -257,20 +274,14 @@ def _plain(obj: Any) -> bool:
     return True
 
 
-def check_torch_zip(path: Path) -> None:
+def _check_mappable(archive: zipfile.ZipFile) -> None:
     """torch byteswaps storages of a foreign byte order in memory, and maps a compressed
     record's bytes as they lie in the file: file bytes would be wrong either way."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith("/byteorder")]
-            order = archive.read(names[0]).decode() if names else sys.byteorder
-            packed = [
-                i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED
-            ]
-    except (zipfile.BadZipFile, OSError) as error:
-        raise Unmappable(f"not a torch zip checkpoint: {error}") from None
+    names = [n for n in archive.namelist() if n.endswith("/byteorder")]
+    order = archive.read(names[0]).decode() if names else sys.byteorder
     if order != sys.byteorder:
         raise Unmappable(f"saved as {order}-endian, this machine is {sys.byteorder}-endian")
+    packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
     if packed:
         raise Unmappable(f"{len(packed)} compressed records ({packed[0]}, ...): not mappable")
 

@@ -255,7 +255,8 @@ def test_the_writers_layout_is_read_off_the_zip_and_the_pickle(
     tmp_path: Path, protocol: int
 ) -> None:
     torch.save(EQUAL_SIZES, tmp_path / "a.pt", pickle_protocol=protocol)
-    layout = torchzip.writers_layout(tmp_path / "a.pt")
+    with zipfile.ZipFile(tmp_path / "a.pt") as archive:
+        layout = torchzip.writers_layout(tmp_path / "a.pt", archive)
     assert layout is not None and len(layout) == 12
     data = (tmp_path / "a.pt").read_bytes()
     for (start, size), tensor in zip(layout, EQUAL_SIZES.values()):
@@ -305,6 +306,21 @@ def test_a_checkpoint_rewritten_by_another_zip_tool_loads_from_its_real_offsets(
     assert "reading each record's header" in caplog.text and "plain loader" not in caplog.text
     assert True in any_block_size and any_block_size[-1] is False
     assert not torchzip.computed_offsets_config.load.calculate_storage_offsets
+
+
+@needs_computed_offsets
+def test_offsets_that_missed_once_are_not_computed_again_for_the_same_file(
+    target: Any, tmp_path: Path, any_block_size: list[bool]
+) -> None:
+    """A sparse tensor makes the plan load the file three times (weights_only, the full
+    unpickler, then again after the copy); only the first tries computed offsets."""
+    state = {"w": sample(torch.float32, (9, 4)), "sparse": torch.randn(6, 5).relu().to_sparse()}
+    torch.save(state, tmp_path / "a.pt")
+    path = rewritten_by_zipfile(tmp_path / "a.pt")
+    assert_same(load(target, path), torch.load(path, map_location=target[1]))
+    first_read = any_block_size.index(False)
+    assert first_read > 0 and not any(any_block_size[first_read:])
+    assert len(any_block_size) > 2 * len(state)  # more than one load
 
 
 def by_name(info: zipfile.ZipInfo) -> str:
