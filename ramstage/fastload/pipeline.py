@@ -220,6 +220,7 @@ class Ring:
         self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ramstage-fastload")
         self._gaps = threading.local()  # per thread: a cache-sized buffer written by each core
+        _start_all(self._pool, threads)
         self._host.prepare_all(self._free.put, device)  # in the background, from now on
 
     def matches(self, device: torch.device, threads: int, ring_bytes: int) -> bool:
@@ -291,6 +292,21 @@ class Ring:
         if self._stream is not None:
             self._stream.synchronize()
         self._host.close()
+
+
+def _start_all(pool: ThreadPoolExecutor, threads: int) -> None:
+    """Starts every thread of the pool now, before the ring is prepared. Started lazily, by
+    the first load, they started 2-6 ms apart while slots were being page-locked (one H200),
+    and the preparing thread's own pool waited behind them (every executor's submit takes one
+    lock), so a fresh process began reading 10-40 ms late."""
+    started = threading.Barrier(threads + 1)
+    try:
+        for _ in range(threads):
+            pool.submit(started.wait)  # each waits, so each submit starts a thread
+        started.wait()
+    except BaseException:
+        started.abort()  # the threads already started return
+        raise
 
 
 def _map_strided_sources(chunks: list[Chunk], fds: dict[str, int]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ramstage import fastload
-from ramstage.fastload import hostring
+from ramstage.fastload import hostring, pipeline
 
 pytestmark = pytest.mark.torch
 
@@ -139,6 +139,27 @@ def test_a_load_runs_on_the_first_ready_slot_while_the_rest_are_still_prepared(
     finally:
         loaded.set()
         loader.release()
+
+
+def test_a_ring_starts_its_readers_before_it_prepares_the_slots(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Threads started while slots are faulted in and page-locked start slowly and hold the
+    preparation up, so every reader is running before the preparation begins."""
+    readers_at_start: list[int] = []
+    real = hostring.HostRing.prepare_all
+
+    def prepare_all(self: hostring.HostRing, *args: Any) -> None:
+        names = [thread.name for thread in threading.enumerate()]
+        readers_at_start.append(sum(name.startswith("ramstage-fastload_") for name in names))
+        real(self, *args)
+
+    monkeypatch.setattr(hostring.HostRing, "prepare_all", prepare_all)
+    ring = pipeline.Ring(torch.device("cpu"), threads=3, ring_bytes=6 * SLOT_BYTES)
+    try:
+        assert readers_at_start == [3]
+    finally:
+        ring.close()
 
 
 def test_reserving_device_memory_gives_way_where_none_is_free(
