@@ -15,8 +15,9 @@ import xxhash
 from conftest import sha256_file, wait_for, write_random
 
 from ramstage.config import Config
-from ramstage.copier import Cancelled, stage_source
+from ramstage.copier import stage_source
 from ramstage.digest import available_algorithms, hash_file, new_hasher
+from ramstage.streams import Cancelled
 
 
 def test_xxh3_digests_are_xxhashs_own(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from ramstage import lifecycle
 from ramstage.access import Untrusted
-from ramstage.copier import Cancelled, NoSpace
+from ramstage.copier import NoSpace
 from ramstage.errors import SourceHung
 from ramstage.lifecycle import Budget, Listing
 from ramstage.model import (
@@ -40,6 +40,7 @@ from ramstage.model import (
     Why,
     phase,
 )
+from ramstage.streams import Cancelled
 
 OLD = (("m.ckpt", (1, 10, 100, 5, 5)),)
 NEW = (("m.ckpt", (1, 11, 120, 6, 6)),)
