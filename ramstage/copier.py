@@ -22,7 +22,7 @@ from typing import Callable
 from ramstage.access import NO_TRUST, Owner, Trust
 from ramstage.crew import Crew
 from ramstage.digest import combine
-from ramstage.errors import RamstageError
+from ramstage.errors import Cancelled, RamstageError
 from ramstage.hub import check_blob
 from ramstage.manifest import CopyKey, Manifest, StagedFile
 from ramstage.sources import (
@@ -34,7 +34,7 @@ from ramstage.sources import (
     open_source,
 )
 from ramstage.store import link_copy, remove_tree
-from ramstage.streams import Aborted, Cancelled, FileCopier
+from ramstage.streams import Aborted, FileCopier
 
 ATTEMPTS = 3
 

@@ -16,6 +16,10 @@ class SourceHung(RamstageError):
     """A copy read nothing from its source for a while (a hung mount): given up on."""
 
 
+class Cancelled(RamstageError):
+    """Staging was called off (model removed, daemon stopping)."""
+
+
 class ConfigError(RamstageError):
     exit_code = 2
     wire_type = "ConfigError"

@@ -24,7 +24,7 @@ from pathlib import Path
 from ramstage import policy, units
 from ramstage.access import Untrusted
 from ramstage.copier import NoSpace
-from ramstage.errors import SourceHung
+from ramstage.errors import Cancelled, SourceHung
 from ramstage.model import (
     Action,
     Answer,
@@ -45,7 +45,6 @@ from ramstage.model import (
     Want,
     Why,
 )
-from ramstage.streams import Cancelled
 
 INFO, WARNING, ERROR = logging.INFO, logging.WARNING, logging.ERROR
 

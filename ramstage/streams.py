@@ -15,7 +15,7 @@ from threading import Condition, Event, Lock
 from typing import Callable
 
 from ramstage.digest import Hasher, new_hasher
-from ramstage.errors import RamstageError
+from ramstage.errors import Cancelled, RamstageError
 from ramstage.sources import SourceChanged, SourceFile
 from ramstage.threads import DaemonPool
 
@@ -30,10 +30,6 @@ DROP_EVERY_BYTES = 64 << 20
 # Reads are asked for this far ahead (posix_fadvise(2) WILLNEED starts them without waiting),
 # so a slow disk keeps reading while a chunk is written and checked.
 READ_AHEAD_BYTES = 32 << 20
-
-
-class Cancelled(RamstageError):
-    """Staging was called off (model removed, daemon stopping)."""
 
 
 class Aborted(Exception):

@@ -220,7 +220,12 @@ class Ring:
         self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ramstage-fastload")
         self._gaps = threading.local()  # per thread: a cache-sized buffer written by each core
-        _start_all(self._pool, threads)
+        try:
+            _start_all(self._pool, threads)
+        except BaseException:  # no thread left to start: free the ring's memory now
+            self._pool.shutdown(wait=False)
+            self._host.close()
+            raise
         self._host.prepare_all(self._free.put, device)  # in the background, from now on
 
     def matches(self, device: torch.device, threads: int, ring_bytes: int) -> bool:
@@ -295,10 +300,11 @@ class Ring:
 
 
 def _start_all(pool: ThreadPoolExecutor, threads: int) -> None:
-    """Starts every thread of the pool now, before the ring is prepared. Started lazily, by
-    the first load, they started 2-6 ms apart while slots were being page-locked (one H200),
-    and the preparing thread's own pool waited behind them (every executor's submit takes one
-    lock), so a fresh process began reading 10-40 ms late."""
+    """Starts every thread of the pool now, before the ring is prepared (16 threads: about 2
+    ms). Started lazily by the first load, they came up 2-6 ms apart while slots were being
+    page-locked (one H200), and the preparing thread's own pool waited behind them: submit
+    holds concurrent.futures' one module-wide lock while it starts a thread. The first read
+    then came 10-40 ms after the load began."""
     started = threading.Barrier(threads + 1)
     try:
         for _ in range(threads):

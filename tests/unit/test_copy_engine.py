@@ -17,7 +17,7 @@ from conftest import sha256_file, wait_for, write_random
 from ramstage.config import Config
 from ramstage.copier import stage_source
 from ramstage.digest import available_algorithms, hash_file, new_hasher
-from ramstage.streams import Cancelled
+from ramstage.errors import Cancelled
 
 
 def test_xxh3_digests_are_xxhashs_own(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,32 @@ def test_a_ring_starts_its_readers_before_it_prepares_the_slots(
         assert readers_at_start == [3]
     finally:
         ring.close()
+
+
+def test_a_ring_whose_threads_cannot_start_fails_and_frees_its_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the process may start no more threads, creating the ring raises that error, the
+    thread already started returns (no_thread_leaks checks), and the ring's mapping is freed."""
+    real_submit, real_close = ThreadPoolExecutor.submit, hostring.HostRing.close
+    submitted: list[object] = []
+    closed: list[hostring.HostRing] = []
+
+    def submit(self: ThreadPoolExecutor, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        submitted.append(fn)
+        if len(submitted) == 2:
+            raise RuntimeError("can't start new thread")
+        return real_submit(self, fn, *args, **kwargs)
+
+    def close(self: hostring.HostRing) -> None:
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", submit)
+    monkeypatch.setattr(hostring.HostRing, "close", close)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        pipeline.Ring(torch.device("cpu"), threads=3, ring_bytes=6 * SLOT_BYTES)
+    assert len(closed) == 1
 
 
 def test_reserving_device_memory_gives_way_where_none_is_free(

@@ -15,7 +15,7 @@ import pytest
 from ramstage import lifecycle
 from ramstage.access import Untrusted
 from ramstage.copier import NoSpace
-from ramstage.errors import SourceHung
+from ramstage.errors import Cancelled, SourceHung
 from ramstage.lifecycle import Budget, Listing
 from ramstage.model import (
     Action,
@@ -40,7 +40,6 @@ from ramstage.model import (
     Why,
     phase,
 )
-from ramstage.streams import Cancelled
 
 OLD = (("m.ckpt", (1, 10, 100, 5, 5)),)
 NEW = (("m.ckpt", (1, 11, 120, 6, 6)),)
