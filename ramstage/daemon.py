@@ -106,6 +106,7 @@ class Daemon:
         for problem in [
             *core.source_problems(core.config),
             *trust_warnings(core.config),
+            *core.store.fs.warnings(),
         ]:
             log.warning("%s", problem)
         core.store.open()

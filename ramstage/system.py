@@ -1,6 +1,6 @@
 """The one seam to the operating system: /proc readings (meminfo, mounts), /sys (whether a disk
-spins), the CPUs, the clock and sleep, the environment, mount(8) and systemctl(1), and the
-test-only crash hook.
+spins, whether a balloon reports free pages), the CPUs, the clock and sleep, the environment,
+mount(8) and systemctl(1), and the test-only crash hook.
 
 Tests point `proc` or `sysfs` at a mock-up, pass their own environment, or replace the clock
 to reach corner cases (earlyoom's procdir_path); everything else uses the real thing.
@@ -98,6 +98,20 @@ class System:
                 continue
             return device if rotational else None
         return None
+
+    def reports_free_pages(self) -> bool:
+        """Whether this is a VM whose virtio balloon hands free memory back to the host (free
+        page reporting, feature bit 5 in sysfs: one character per bit). The host then takes
+        back free 2 MiB blocks, exactly what a huge page is allocated from."""
+        for device in (self.sysfs / "bus/virtio/devices").glob("*"):
+            try:
+                driver = os.readlink(device / "driver")
+                features = (device / "features").read_text()
+            except OSError:
+                continue
+            if Path(driver).name == "virtio_balloon" and features[5:6] == "1":
+                return True
+        return False
 
     def mounts(self, pid: str = "self") -> list[MountEntry]:
         """Parses /proc/PID/mountinfo (proc(5)): fields, " - ", fstype, source, super options."""

@@ -97,6 +97,19 @@ class Tmpfs:
             extras.strip(",") or "swappable, small pages",
         )
 
+    def warnings(self) -> list[str]:
+        """What the operator should know about this store, for the log at start."""
+        if not self.config.mount or self.config.huge == "never":
+            return []
+        if not self.system.reports_free_pages():
+            return []
+        return [
+            f"store.huge is {self.config.huge} on a VM whose balloon hands free memory back to "
+            "the host: each new huge page is faulted back in from the host, so staging can "
+            "take several times as long as cp (docs/operations.md); huge: never stages faster "
+            "and loads slower"
+        ]
+
     def unmount(self) -> None:
         """Unmounts the tmpfs in PID 1's namespace. A lazy unmount lets a reader that still
         holds a file finish; its pages are freed when it lets go."""

@@ -68,6 +68,10 @@ def test_the_store_is_a_bounded_tmpfs_in_the_host_mount_namespace(tmp_path, make
     # Mounted where PID 1 (and so every service) sees it, not in a private namespace.
     mountinfo = Path("/proc/1/mountinfo").read_text().splitlines()
     assert any(line.split()[4] == str(daemon.store) and " - tmpfs " in line for line in mountinfo)
+    # Huge pages (store.huge's default) on a VM whose balloon reports free pages to the host
+    # are warned of at start, as this machine's own sysfs tells.
+    warned = "balloon hands free memory back" in daemon.log()
+    assert warned is System().reports_free_pages(), daemon.log()
 
 
 @pytest.mark.root

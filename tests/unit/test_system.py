@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from ramstage.config import StoreConfig
 from ramstage.system import System
+from ramstage.tmpfs import Tmpfs
 
 
 def test_mountinfo_octal_escapes_and_raw_bytes_are_decoded_as_bytes(tmp_path):
@@ -44,3 +48,41 @@ def test_a_spinning_disk_is_told_by_sysfs_for_the_disk_or_the_disk_a_partition_i
     # tmpfs has no block device (major 0): never a spinning disk
     assert System().spinning_disk(Path("/dev/shm")) is None
     assert system.spinning_disk(tmp_path / "gone") is None  # the copy says what is wrong
+
+
+def virtio_device(sysfs: Path, name: str, driver: str, features: str) -> None:
+    """A virtio device as sysfs shows it: its driver a link, its features one character a bit."""
+    device = sysfs / "bus" / "virtio" / "devices" / name
+    device.mkdir(parents=True)
+    (device / "driver").symlink_to(sysfs / "bus" / "virtio" / "drivers" / driver)
+    (device / "features").write_text(features.ljust(64, "0") + "\n")
+
+
+@pytest.mark.parametrize(
+    ("devices", "expected"),
+    [
+        pytest.param([("virtio_balloon", "0110010100")], True, id="balloon-reporting"),
+        pytest.param([("virtio_balloon", "0110000000")], False, id="balloon-without-reporting"),
+        pytest.param([("virtio_blk", "0010010000")], False, id="bit-5-of-another-device"),
+        pytest.param([], False, id="no-virtio"),
+    ],
+)
+def test_a_balloon_that_reports_free_pages_is_told_by_its_feature_bit(tmp_path, devices, expected):
+    for index, (driver, features) in enumerate(devices):
+        virtio_device(tmp_path, f"virtio{index}", driver, features)
+    assert System(sysfs=tmp_path).reports_free_pages() is expected
+
+
+@pytest.mark.parametrize(
+    ("huge", "mount", "warned"),
+    [("within_size", True, True), ("always", True, True), ("never", True, False),
+     ("within_size", False, False)],
+)  # fmt: skip
+def test_a_huge_page_store_on_a_vm_that_reports_free_pages_is_warned_of(
+    tmp_path, huge, mount, warned
+):
+    virtio_device(tmp_path, "virtio0", "virtio_balloon", "0110010100")
+    store = StoreConfig(path=tmp_path / "store", mount=mount, huge=huge)
+    warnings = Tmpfs(store, System(sysfs=tmp_path)).warnings()
+    assert bool(warnings) is warned
+    assert all(f"store.huge is {huge}" in warning for warning in warnings)
