@@ -55,10 +55,18 @@ class Tmpfs:
         self.swappable = "noswap" not in entry.options
         if self.usage()[0] != _page_rounded(self.config.size_bytes):
             log.info("resizing the store to %s", units.size(self.config.size_bytes))
-            self.system.run_in_init_namespace(
-                ["mount", "-o", f"remount,size={self.config.size_bytes}", str(self.path)]
-            )
+            self._remount(f"size={self.config.size_bytes}")
+        huge = next((o.split("=", 1)[1] for o in entry.options if o.startswith("huge=")), "never")
+        if huge != self.config.huge:
+            try:
+                self._remount(f"huge={self.config.huge}")  # for the pages allocated from now on
+                log.info("store.huge is now %s (was %s)", self.config.huge, huge)
+            except OSError as error:  # as at a mount: a kernel without it keeps what it has
+                log.warning("the kernel refused store.huge=%s (%s)", self.config.huge, error)
         log.info("adopted the tmpfs already mounted at %s", self.path)
+
+    def _remount(self, options: str) -> None:
+        self.system.run_in_init_namespace(["mount", "-o", f"remount,{options}", str(self.path)])
 
     def _mount(self) -> None:
         if self.path.is_dir() and any(self.path.iterdir()):

@@ -81,7 +81,9 @@ def test_a_running_ramstage_tmpfs_is_adopted_not_remounted(tmp_path, make_daemon
     assert first is not None
     daemon.stop(signal.SIGKILL)
 
+    assert "huge=within_size" in first["options"].split(",")  # store.huge's default
     daemon.config["store"]["size"] = "128M"  # a new size is applied by remount, in place
+    daemon.config["store"]["huge"] = "never"  # and so is store.huge
     daemon.write_config()
     daemon.start()
     daemon.wait_state("m", "staged")
@@ -89,6 +91,7 @@ def test_a_running_ramstage_tmpfs_is_adopted_not_remounted(tmp_path, make_daemon
     assert second is not None
     assert second["id"] == first["id"]
     assert second["size"] == 128 << 20
+    assert not any(option.startswith("huge=") for option in second["options"].split(","))
     assert "adopted the tmpfs already mounted" in daemon.log()
 
 

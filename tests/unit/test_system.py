@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ramstage.config import StoreConfig
-from ramstage.system import System
+from ramstage.system import MountEntry, System
 from ramstage.tmpfs import Tmpfs
 
 
@@ -86,3 +86,30 @@ def test_a_huge_page_store_on_a_vm_that_reports_free_pages_is_warned_of(
     warnings = Tmpfs(store, System(sysfs=tmp_path)).warnings()
     assert bool(warnings) is warned
     assert all(f"store.huge is {huge}" in warning for warning in warnings)
+
+
+class RefusingHuge(System):
+    """A kernel without transparent huge pages for tmpfs: a remount with huge= fails."""
+
+    def __init__(self, entry: MountEntry) -> None:
+        super().__init__()
+        self.entry = entry
+        self.commands: list[list[str]] = []
+
+    def mounts(self, pid: str = "self") -> list[MountEntry]:
+        return [self.entry]
+
+    def run_in_init_namespace(self, argv: list[str]) -> None:
+        self.commands.append(argv)
+        if "huge=" in argv[2]:
+            raise OSError("mount: bad option")
+
+
+def test_an_adopted_store_keeps_its_pages_where_the_kernel_refuses_the_new_huge(tmp_path, caplog):
+    """Where the kernel has no huge pages for tmpfs the store stays as it is, with a warning."""
+    system = RefusingHuge(MountEntry(tmp_path, "tmpfs", "ramstage", frozenset({"rw"})))
+    st = os.statvfs(tmp_path)  # its size already: only huge= is remounted
+    store = StoreConfig(path=tmp_path, size_bytes=st.f_blocks * st.f_frsize, huge="within_size")
+    Tmpfs(store, system).prepare()  # no error: adopted
+    assert system.commands == [["mount", "-o", "remount,huge=within_size", str(tmp_path)]]
+    assert "the kernel refused store.huge=within_size" in caplog.text
