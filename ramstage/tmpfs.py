@@ -62,7 +62,7 @@ class Tmpfs:
                 self._remount(f"huge={self.config.huge}")  # for the pages allocated from now on
                 log.info("store.huge is now %s (was %s)", self.config.huge, huge)
             except OSError as error:  # as at a mount: a kernel without it keeps what it has
-                log.warning("the kernel refused store.huge=%s (%s)", self.config.huge, error)
+                log.info("the kernel refused store.huge=%s (%s)", self.config.huge, error)
         log.info("adopted the tmpfs already mounted at %s", self.path)
 
     def _remount(self, options: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -106,7 +107,8 @@ class RefusingHuge(System):
 
 
 def test_an_adopted_store_keeps_its_pages_where_the_kernel_refuses_the_new_huge(tmp_path, caplog):
-    """Where the kernel has no huge pages for tmpfs the store stays as it is, with a warning."""
+    """Where the kernel has no huge pages for tmpfs the store stays as it is, as at a mount."""
+    caplog.set_level(logging.INFO, logger="ramstage.tmpfs")
     system = RefusingHuge(MountEntry(tmp_path, "tmpfs", "ramstage", frozenset({"rw"})))
     st = os.statvfs(tmp_path)  # its size already: only huge= is remounted
     store = StoreConfig(path=tmp_path, size_bytes=st.f_blocks * st.f_frsize, huge="within_size")
