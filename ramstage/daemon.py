@@ -103,11 +103,8 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: post(Stop(signum)))
         signal.signal(signal.SIGHUP, lambda signum, frame: post(Reload()))
-        for problem in [
-            *core.source_problems(core.config),
-            *trust_warnings(core.config),
-            *core.store.fs.warnings(),
-        ]:
+        problems = core.source_problems(core.config) + trust_warnings(core.config)
+        for problem in problems + core.store.fs.warnings():
             log.warning("%s", problem)
         core.store.open()
         core.place_all(self.evictions.load())

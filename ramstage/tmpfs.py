@@ -113,9 +113,9 @@ class Tmpfs:
             return []
         return [
             f"store.huge is {self.config.huge} on a VM whose balloon hands free memory back to "
-            "the host: each new huge page is faulted back in from the host, so staging can "
-            "take several times as long as cp (docs/operations.md); huge: never stages faster "
-            "and loads slower"
+            "the host: each new huge page is faulted back in from the host, so a copy into the "
+            "store can take several times as long as cp (docs/operations.md); huge: never "
+            "copies faster and loads slower"
         ]
 
     def unmount(self) -> None:
