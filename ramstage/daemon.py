@@ -103,10 +103,11 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: post(Stop(signum)))
         signal.signal(signal.SIGHUP, lambda signum, frame: post(Reload()))
-        problems = core.source_problems(core.config) + trust_warnings(core.config)
-        for problem in problems + core.store.fs.warnings():
+        for problem in core.source_problems(core.config) + trust_warnings(core.config):
             log.warning("%s", problem)
         core.store.open()
+        for warning in core.store.fs.warnings():  # the store as mounted
+            log.warning("%s", warning)
         core.place_all(self.evictions.load())
         core.updates.start()
         core.relief.watch(core.config.memory)

@@ -56,7 +56,7 @@ class Tmpfs:
         if self.usage()[0] != _page_rounded(self.config.size_bytes):
             log.info("resizing the store to %s", units.size(self.config.size_bytes))
             self._remount(f"size={self.config.size_bytes}")
-        huge = next((o.split("=", 1)[1] for o in entry.options if o.startswith("huge=")), "never")
+        huge = _huge(entry)
         if huge != self.config.huge:
             try:
                 self._remount(f"huge={self.config.huge}")  # for the pages allocated from now on
@@ -106,13 +106,14 @@ class Tmpfs:
         )
 
     def warnings(self) -> list[str]:
-        """What the operator should know about this store, for the log at start."""
-        if not self.config.mount or self.config.huge == "never":
-            return []
-        if not self.system.reports_free_pages():
+        """What the operator should know about the store as mounted (after prepare()), for
+        the log at start: the huge pages the kernel took, not the ones configured."""
+        entry = self._entry()
+        huge = _huge(entry) if entry is not None and entry.fstype == "tmpfs" else "never"
+        if huge == "never" or not self.system.reports_free_pages():
             return []
         return [
-            f"store.huge is {self.config.huge} on a VM whose balloon hands free memory back to "
+            f"store.huge is {huge} on a VM whose balloon hands free memory back to "
             "the host: each new huge page is faulted back in from the host, so a copy into the "
             "store can take several times as long as cp (docs/operations.md); huge: never "
             "copies faster and loads slower"
@@ -132,6 +133,11 @@ class Tmpfs:
     def free_bytes(self) -> int:
         st = os.statvfs(self.path)
         return st.f_bavail * st.f_frsize
+
+
+def _huge(entry: MountEntry) -> str:
+    """The tmpfs's huge= option as mounted; a tmpfs mounted without it shows none."""
+    return next((o.split("=", 1)[1] for o in entry.options if o.startswith("huge=")), "never")
 
 
 def _page_rounded(size: int) -> int:
