@@ -12,6 +12,9 @@ loader then runs in fresh processes forked from a server that imported only torc
 the first load of each process is a first-call sample (CUDA context creation timed apart), and
 one of them goes on to time --reps warm loads and to compare fastload's result with the plain
 loader's, bit for bit. Last, 2 and 4 processes load one model at once, rounds started together.
+fastload keeps its host ring in a ring file on a tmpfs mounted as the daemon mounts its rings
+(ramstage/rings.py), made by one process before the samples, as after a machine's first load;
+--no-rings leaves that out (rings of fresh memory in every process).
 """
 
 from __future__ import annotations
@@ -115,6 +118,20 @@ def stage_all(sources: dict[tuple[str, str], Path], work: Path) -> dict[tuple, P
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda job: stage_source(job[0].name, job[0], job[1], "sha256"), jobs))
     return staged
+
+
+def mount_rings(work: Path) -> Path:
+    """The rings' tmpfs as the daemon mounts it beside its store (store.rings, default 1G), for
+    the fast loader of every process started from here (RAMSTAGE_RINGS)."""
+    from ramstage import rings
+    from ramstage.config import StoreConfig
+    from ramstage.system import System
+    from ramstage.tmpfs import Tmpfs
+
+    config = StoreConfig(path=work / "rings", size_bytes=1 << 30, huge="always")
+    Tmpfs(config, System(), source=rings.SOURCE, mode="1777", key="rings").prepare()
+    os.environ["RAMSTAGE_RINGS"] = str(config.path)
+    return config.path
 
 
 def meminfo() -> dict[str, str]:
@@ -268,6 +285,9 @@ def main() -> int:
     parser.add_argument("--sweep-rings-mib", default="256,512")
     parser.add_argument("--loaders", default="", help="only these loaders (default: all)")
     parser.add_argument("--workers", default="2,4", help="process counts loading at once")
+    parser.add_argument(
+        "--no-rings", action="store_true", help="fastload's rings of fresh memory, no ring files"
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     ensure_cudart_link(args.work)
@@ -290,11 +310,18 @@ def main() -> int:
     disk = args.work / "disk"
     disk.mkdir(exist_ok=True)
     staged = stage_all(write_sources(disk), args.work)
+    ring_dir = None if args.no_rings else mount_rings(args.work)
     try:
         report["meminfo_after_staging"] = meminfo()
         log(report["meminfo_after_staging"])
         report["env"] = fresh(new_pool, environment)
         log(report["env"])
+        if ring_dir is not None:
+            # The first process after a boot makes the ring file; the samples are the restarts
+            # after it, which find the file there.
+            path = str(staged[("never", "512 MiB", "safetensors")])
+            report["ring_file_made"] = fresh(new_pool, cell, "fastload", path, 0, False, {})
+            log(report["ring_file_made"])
         report["ceiling"] = {
             label: fresh(new_pool, ceiling, nbytes, args.reps) for label, nbytes in SIZES.items()
         }
@@ -322,8 +349,9 @@ def main() -> int:
                 report["workers"].append(entry)
                 log(entry)
     finally:
-        for huge in STORES:
-            subprocess.run(["umount", str(args.work / f"store-{huge}")], check=False)
+        for mount in [*(args.work / f"store-{huge}" for huge in STORES), ring_dir]:
+            if mount is not None:
+                subprocess.run(["umount", str(mount)], check=False)
     (args.out / "bench_gpu_peers.json").write_text(json.dumps(report, indent=1))
     from peers_report import markdown
 

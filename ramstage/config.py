@@ -31,6 +31,11 @@ class StoreConfig:
     size_bytes: int = 8 << 30
     mount: bool = True
     huge: str = "within_size"
+    rings_bytes: int = 1 << 30  # the fast loader's ring files, a tmpfs beside the store (rings.py)
+
+    @property
+    def rings_path(self) -> Path:
+        return self.path.parent / "rings"
 
 
 @dataclass(frozen=True)
@@ -208,7 +213,7 @@ def parse_config(data: Any, *, check_sources: bool = False, system: System | Non
     total = system.meminfo_bytes("MemTotal")
     size = partial(convert.parse_size, total_bytes=total)
     section = partial(_section, top, problems)
-    store = section("store", ("path", "size", "mount", "huge"))
+    store = section("store", ("path", "size", "mount", "huge", "rings"))
     watch = section("watch", ("settle", "rescan", "config"))
     defaults = Config()
     trust = convert.trust(top.data.get("trust"), "trust", problems)
@@ -219,6 +224,7 @@ def parse_config(data: Any, *, check_sources: bool = False, system: System | Non
             size_bytes=store.get("size", size, defaults.store.size_bytes),
             mount=store.get("mount", convert.boolean, defaults.store.mount),
             huge=store.get("huge", convert.choice(HUGE_MODES), defaults.store.huge),
+            rings_bytes=store.get("rings", size, defaults.store.rings_bytes),
         ),
         links_dir=top.get("links_dir", convert.absolute_path, defaults.links_dir),
         socket=top.get("socket", convert.absolute_path, defaults.socket),

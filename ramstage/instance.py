@@ -128,6 +128,8 @@ def free(config: Config, system: System) -> str:
         if (mounted or not config.store.mount) and (store.path / MARKER).is_file():
             _links_to_sources(config, store.path, system)
             store.clear()
+        if store.rings.ours:  # a process still loading keeps its ring's pages till done
+            store.rings.unmount()
         if not mounted:
             return f"store {store.path}: emptied, every link on its source"
         store.fs.unmount()

@@ -174,6 +174,12 @@ SCHEMA: dict[str, Any] = {
                         "tmpfs huge pages, when ramstage mounts the store.",
                         ("within_size", "never", "always", "advise"),
                     ),
+                    "rings": _size(
+                        "The bound of the tmpfs mounted beside the store (its directory's"
+                        " rings/) that keeps the fast loader's host rings in RAM between"
+                        " processes; 0: none.",
+                        "1G",
+                    ),
                 },
             ),
             "links_dir": _path(

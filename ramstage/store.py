@@ -15,11 +15,11 @@ import secrets
 import shutil
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
-from ramstage import units
+from ramstage import rings, units
 from ramstage.config import Config, StoreConfig
 from ramstage.digest import hash_file
 from ramstage.errors import RamstageError
@@ -116,16 +116,32 @@ class Store:
     def __init__(self, config: StoreConfig, system: System) -> None:
         self.config, self.path, self.system = config, config.path, system
         self.fs = Tmpfs(config, system)
+        # The fast loader's ring files (rings.py): huge pages for any file, anyone may write.
+        at = replace(config, path=config.rings_path, size_bytes=config.rings_bytes, huge="always")
+        self.rings = Tmpfs(at, system, source=rings.SOURCE, mode="1777", key="store.rings")
 
     def open(self) -> None:
-        """Mounts (or adopts) the tmpfs, or checks the plain directory, and marks it ours."""
+        """Mounts (or adopts) the tmpfs, or checks the plain directory, and marks it ours;
+        mounts the rings' tmpfs beside a mounted store, or says why not."""
         self.fs.prepare()
+        if self.config.mount and self.config.rings_bytes:
+            try:
+                self.rings.prepare()
+            except (OSError, RamstageError) as error:  # the fast loader makes fresh rings
+                log.warning("no tmpfs for the fast loader's rings: %s", error)
         if not (self.path / MARKER).exists() and any(self.path.iterdir()):
             raise RamstageError(
                 f"store.path {self.path} is not empty and is not a ramstage store "
                 f"(no {MARKER}); point store.path at an empty directory"
             )
         (self.path / MARKER).touch()
+
+    def prune_rings(self) -> int:
+        """Deletes the ring files no process holds, in the rings' tmpfs if ramstage mounted
+        it (never in a directory that only happens to be there); returns the bytes freed."""
+        if not (self.config.mount and self.config.rings_bytes and self.rings.ours):
+            return 0
+        return rings.prune(self.rings.path)
 
     def scan(self, names: set[str]) -> dict[str, list[Generation]]:
         """Removes partial and unknown entries and returns the published generations."""

@@ -22,9 +22,21 @@ FS_NAME = "ramstage"  # the mount's source field: how an existing ramstage tmpfs
 
 
 class Tmpfs:
-    def __init__(self, config: StoreConfig, system: System) -> None:
+    """The tmpfs at config.path. The store's by default; `source`, `mode` and `key` (the
+    config key named in errors) tell another one apart: the fast loader's rings (store.py)."""
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        system: System,
+        *,
+        source: str = FS_NAME,
+        mode: str = "0755",
+        key: str = "store.path",
+    ) -> None:
         self.config, self.system = config, system
         self.path = config.path
+        self.source, self.mode, self.key = source, mode, key
         self.swappable: bool | None = None  # None: unknown (a plain directory)
 
     def _entry(self) -> MountEntry | None:
@@ -34,6 +46,12 @@ class Tmpfs:
     def mounted(self) -> bool:
         entry = self._entry()
         return entry is not None and entry.fstype == "tmpfs"
+
+    @property
+    def ours(self) -> bool:
+        """Mounted, and by ramstage (its source field), not some other tmpfs at the path."""
+        entry = self._entry()
+        return self.mounted and entry is not None and entry.source == self.source
 
     def prepare(self) -> None:
         """Mounts or adopts the tmpfs, or makes the plain directory."""
@@ -47,22 +65,22 @@ class Tmpfs:
             self._adopt(entry)
 
     def _adopt(self, entry: MountEntry) -> None:
-        if entry.fstype != "tmpfs" or entry.source != FS_NAME:
+        if entry.fstype != "tmpfs" or entry.source != self.source:
             raise RamstageError(
-                f"store.path {self.path}: something else is mounted there "
+                f"{self.key} {self.path}: something else is mounted there "
                 f"({entry.fstype} from {entry.source}); unmount it or choose another path"
             )
         self.swappable = "noswap" not in entry.options
         if self.usage()[0] != _page_rounded(self.config.size_bytes):
-            log.info("resizing the store to %s", units.size(self.config.size_bytes))
+            log.info("resizing %s to %s", self.path, units.size(self.config.size_bytes))
             self._remount(f"size={self.config.size_bytes}")
         huge = _huge(entry)
         if huge != self.config.huge:
             try:
                 self._remount(f"huge={self.config.huge}")  # for the pages allocated from now on
-                log.info("store.huge is now %s (was %s)", self.config.huge, huge)
+                log.info("%s: huge=%s now (was %s)", self.path, self.config.huge, huge)
             except OSError as error:  # as at a mount: a kernel without it keeps what it has
-                log.info("the kernel refused store.huge=%s (%s)", self.config.huge, error)
+                log.info("%s: the kernel refused huge=%s (%s)", self.path, self.config.huge, error)
         log.info("adopted the tmpfs already mounted at %s", self.path)
 
     def _remount(self, options: str) -> None:
@@ -72,11 +90,11 @@ class Tmpfs:
         if self.path.is_dir() and any(self.path.iterdir()):
             # A mount hides what is below it: whatever was there would seem lost.
             raise RamstageError(
-                f"store.path {self.path} is a directory that is not empty: a tmpfs mounted over "
+                f"{self.key} {self.path} is a directory that is not empty: a tmpfs mounted over "
                 "it would hide its files; empty it, or choose another path"
             )
         self.system.run_in_init_namespace(["mkdir", "-p", str(self.path)])
-        base = f"size={self.config.size_bytes},mode=0755,nosuid,nodev,noexec"
+        base = f"size={self.config.size_bytes},mode={self.mode},nosuid,nodev,noexec"
         # Optional options, best first, each dropped where the kernel refuses it:
         # noswap (Linux 6.4+): a staged copy that is swapped out is slower than the SSD it
         # mirrors; huge= (store.huge, default within_size): the copier preallocates each file,
@@ -86,7 +104,7 @@ class Tmpfs:
         for extras in (huge + ",noswap", huge, ",noswap", ""):
             try:
                 self.system.run_in_init_namespace(
-                    ["mount", "-t", "tmpfs", "-o", base + extras, FS_NAME, str(self.path)]
+                    ["mount", "-t", "tmpfs", "-o", base + extras, self.source, str(self.path)]
                 )
                 break
             except OSError:

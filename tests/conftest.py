@@ -40,6 +40,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
+def no_ring_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast loader makes its rings of fresh memory unless a test gives it a directory of
+    ring files: /run/ramstage/rings on this machine (a daemon's) is not the tests' to use."""
+    monkeypatch.setenv("RAMSTAGE_RINGS", str(tmp_path / "no-rings"))
+
+
+@pytest.fixture(autouse=True)
 def no_thread_leaks() -> Iterator[None]:
     """Fails a test that leaves a thread running: a leaked watcher or worker outlives its
     owner and makes later tests flaky. Threads get a moment to finish after the test."""
@@ -229,7 +236,8 @@ class Daemon:
             signal.SIGKILL if self.process and self.process.poll() is None else signal.SIGTERM
         )
         if self.mount:
-            subprocess.run(["umount", "--lazy", str(self.store)], capture_output=True, check=False)
+            for path in (self.store, self.root / "rings"):  # the store, and its rings beside it
+                subprocess.run(["umount", "--lazy", str(path)], capture_output=True, check=False)
 
 
 @pytest.fixture

@@ -1,4 +1,8 @@
-"""The host side of the fast loader's ring: slots of one anonymous mapping, page-locked for CUDA.
+"""The host side of the fast loader's ring: slots of one mapping, page-locked for CUDA.
+
+The mapping is of a ring file kept in RAM from an earlier process where one can be claimed
+(rings.py): its pages exist already, so faulting them in costs next to nothing. Else it is
+fresh anonymous memory, which the kernel must zero first.
 
 The mapping is aligned to and advised for huge pages (MADV_HUGEPAGE), which the driver locks
 faster where the kernel grants them. Preparing a slot is faulting it in (the kernel zeroes its
@@ -26,6 +30,8 @@ from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
+
+from ramstage import rings
 
 PAGE_BYTES = mmap.PAGESIZE
 HUGE_PAGE_BYTES = 2 << 20
@@ -69,10 +75,15 @@ class HostRing:
     def __init__(self, slots: int, chunk_bytes: int, cuda: bool) -> None:
         self._cudart = torch.cuda.cudart() if cuda else None  # type: ignore[no-untyped-call]
         self._nbytes = slots * chunk_bytes + HUGE_PAGE_BYTES
-        prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        address = _libc.mmap(None, self._nbytes, prot, flags, -1, 0)
+        # A ring file kept from an earlier process (rings.py), else fresh anonymous memory.
+        self._file = rings.claim(self._nbytes)
+        prot, flags, fd = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, self._file
+        if fd is None:
+            flags, fd = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1
+        address = _libc.mmap(None, self._nbytes, prot, flags, fd, 0)
         if address in (None, ctypes.c_void_p(-1).value):
             error = ctypes.get_errno()
+            self._close_file()
             raise OSError(error, f"mmap of the {self._nbytes}-byte ring: {os.strerror(error)}")
         self._address: int = address
         start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
@@ -137,6 +148,13 @@ class HostRing:
                 self._cudart.cudaHostUnregister(slot.tensor.data_ptr())
         self.slots.clear()
         _libc.munmap(self._address, self._nbytes)
+        self._close_file()
+
+    def _close_file(self) -> None:
+        """Lets go of the ring file (its lock): the next process may claim it."""
+        if self._file is not None:
+            os.close(self._file)
+            self._file = None
 
 
 def fault_in(slot: Slot) -> None:

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.root, pytest.mark.e2e]
 
 STORE = "/run/ramstage/store"
 LINKS = "/run/ramstage/models"
+RINGS = "/run/ramstage/rings"
 SOURCES = "/srv/models"
 CAP_SYS_ADMIN = 21
 NOBODY = 65534
@@ -146,6 +147,19 @@ def test_a_configured_model_is_staged(machine: Machine, digests: dict[str, str])
     assert store_mount(machine) == "ramstage tmpfs"
 
 
+def test_a_user_keeps_a_fast_loader_ring_in_the_rings_tmpfs(machine: Machine) -> None:
+    """The packaged client, on Debian's Python, claims a ring file as an ordinary user."""
+    mounted = machine.run("findmnt", "-n", "-o", "SOURCE,FSTYPE", RINGS).stdout.strip()
+    assert mounted == "ramstage-rings tmpfs"
+    claim = (
+        "import os; from ramstage import rings; fd = rings.claim(4 << 20);"
+        "print(os.readlink(f'/proc/self/fd/{fd}'), os.fstat(fd).st_size)"
+    )
+    as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    got = machine.run(*as_nobody, "python3", "-c", claim).stdout.split()
+    assert got == [f"{RINGS}/{NOBODY}.0", str(4 << 20)]
+
+
 def test_a_sandboxed_consumer_service_reads_the_model_through_its_link(
     machine: Machine, digests: dict[str, str]
 ) -> None:
@@ -269,6 +283,7 @@ def test_stop_points_every_link_at_its_source(machine: Machine, digests: dict[st
         assert machine.run("readlink", "-f", link).stdout.strip() == f"{SOURCES}/{name}.safetensors"
         assert machine.sh(f"sha256sum < {link}").split()[0] == digest
     assert store_mount(machine) == ""  # stopped cleanly: the empty store is unmounted
+    assert machine.run("findmnt", RINGS, check=False).returncode == 1  # and the rings too
 
 
 def test_purge_leaves_no_process_and_no_mount(machine: Machine) -> None:

@@ -142,6 +142,49 @@ def test_a_load_runs_on_the_first_ready_slot_while_the_rest_are_still_prepared(
         loader.release()
 
 
+@pytest.fixture
+def ring_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A directory for the rings' files, as the daemon's rings tmpfs is."""
+    directory = tmp_path / "rings"
+    directory.mkdir()
+    monkeypatch.setenv("RAMSTAGE_RINGS", str(directory))
+    return directory
+
+
+def test_a_ring_maps_a_ring_file_and_leaves_it_with_its_pages_for_the_next_process(
+    ring_files: Path,
+) -> None:
+    ring = hostring.HostRing(6, SLOT_BYTES, cuda=False)
+    try:
+        prepared(ring)[0].memory[:12] = b"left in RAM!"
+    finally:
+        ring.close()
+    (kept,) = ring_files.iterdir()
+    assert b"left in RAM!" in kept.read_bytes()  # the slots are the file's pages
+    again = hostring.HostRing(6, SLOT_BYTES, cuda=False)  # the next process's ring
+    try:
+        assert [p.stat().st_ino for p in ring_files.iterdir()] == [kept.stat().st_ino]
+        assert prepared(again) == again.slots
+    finally:
+        again.close()
+
+
+def test_a_load_through_a_ring_file_gives_what_the_plain_loader_gives(
+    ring_files: Path, tmp_path: Path
+) -> None:
+    state = {f"w{i}": torch.randn(3000 + i) for i in range(8)}
+    torch.save(state, tmp_path / "m.pt")
+    for _ in range(2):  # a fresh ring file, then the same file again
+        loader = fastload.Loader(pipeline_on_cpu=True)
+        try:
+            got = loader.load(tmp_path / "m.pt", "cpu", threads=3, ring_bytes=6 * SLOT_BYTES)
+        finally:
+            loader.release()
+        assert got.keys() == state.keys()
+        assert all(torch.equal(got[name], tensor) for name, tensor in state.items())
+    assert len(list(ring_files.iterdir())) == 1
+
+
 def test_a_ring_starts_its_readers_before_it_prepares_the_slots(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

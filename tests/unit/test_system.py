@@ -124,4 +124,4 @@ def test_an_adopted_store_keeps_its_pages_where_the_kernel_refuses_the_new_huge(
     store = StoreConfig(path=tmp_path, size_bytes=st.f_blocks * st.f_frsize, huge="within_size")
     Tmpfs(store, system).prepare()  # no error: adopted
     assert system.commands == [["mount", "-o", "remount,huge=within_size", str(tmp_path)]]
-    assert "the kernel refused store.huge=within_size" in caplog.text
+    assert "the kernel refused huge=within_size" in caplog.text
