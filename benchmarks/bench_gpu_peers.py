@@ -129,7 +129,9 @@ def mount_rings(work: Path) -> Path:
     from ramstage.tmpfs import Tmpfs
 
     config = StoreConfig(path=work / "rings", size_bytes=1 << 30, huge="always")
-    Tmpfs(config, System(), source=rings.SOURCE, mode="1777", key="rings").prepare()
+    Tmpfs(
+        config, System(), source=rings.SOURCE, mode="1777", key="rings", inodes=rings.INODES
+    ).prepare()
     os.environ["RAMSTAGE_RINGS"] = str(config.path)
     return config.path
 

@@ -11,11 +11,15 @@ while the process uses it; a file someone else planted under that name is passed
 daemon deletes the files no process holds when memory runs short, before any model; a process
 that finds no file to claim makes its ring of fresh memory as before.
 
-Nothing here imports torch: the daemon prunes, the fast loader (fastload/hostring.py) claims.
+The boundary is the uid: processes of one uid share their ring files as they share everything
+else that uid owns (pods that run as one uid on a node too, which is why the Kubernetes config
+turns the rings off). Nothing here imports torch: the daemon prunes, the fast loader
+(fastload/hostring.py) claims.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -24,6 +28,7 @@ from pathlib import Path
 DEFAULT_DIRECTORY = Path("/run/ramstage/rings")
 SOURCE = "ramstage-rings"  # the tmpfs's source field, as the store's is "ramstage"
 FILES_PER_USER = 8  # rings one user's processes hold at once (workers of one job)
+INODES = 1024  # the tmpfs's nr_inodes: a user cannot fill it with names the daemon must walk
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # no planted link, FIFO or tty
 
 
@@ -34,18 +39,24 @@ def directory() -> Path:
 
 def claim(nbytes: int) -> int | None:
     """An open descriptor of a ring file of exactly nbytes, every byte allocated, locked for
-    this process until it is closed; None where there is no ring directory, every name of this
-    user is taken or not the user's own, or the tmpfs is full."""
+    this process until it is closed; None where there is no ring directory (a sticky one that
+    everyone may write, root's or this user's: never the bare mountpoint an unmount leaves),
+    every name of this user is taken or not the user's own, or the tmpfs is full."""
     uid = os.getuid()
     try:
-        dir_fd = os.open(directory(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = os.open(directory(), os.O_RDONLY | os.O_DIRECTORY | _OPEN_FLAGS)
     except OSError:
         return None
     try:
+        st = os.fstat(dir_fd)
+        if stat.S_IMODE(st.st_mode) != 0o1777 or st.st_uid not in (0, uid):
+            return None
         for index in range(FILES_PER_USER):
             fd = _claim_one(dir_fd, f"{uid}.{index}", uid, nbytes)
             if fd is not None:
                 return fd
+        return None
+    except _Full:
         return None
     finally:
         os.close(dir_fd)
@@ -65,18 +76,41 @@ def _claim_one(dir_fd: int, name: str, uid: int, nbytes: int) -> int | None:
             raise _PassOver  # pruned between the open and the lock
         if st.st_size > nbytes:
             os.ftruncate(fd, nbytes)
-        # Every page allocated now (a page the tmpfs could not give later would be SIGBUS),
-        # once: allocating a kept file's pages again took 0.5 s for 258 MiB on this VM.
-        if os.fstat(fd).st_blocks * 512 < nbytes or os.fstat(fd).st_size != nbytes:
-            os.posix_fallocate(fd, 0, nbytes)
+        _allocate(fd, nbytes)
     except (OSError, _PassOver):
         os.close(fd)
         return None
+    except _Full:
+        os.close(fd)
+        raise
     return fd
+
+
+def _allocate(fd: int, nbytes: int) -> None:
+    """Every page of the file allocated now (a page the tmpfs could not give later would be
+    SIGBUS), once: allocating a kept file's pages again took 0.5 s for 258 MiB on this VM.
+    Raises _Full, without trying, where the tmpfs has not room for what is missing."""
+    st = os.fstat(fd)
+    missing = nbytes - st.st_blocks * 512
+    if missing <= 0 and st.st_size == nbytes:
+        return
+    fs = os.fstatvfs(fd)
+    if missing > fs.f_bavail * fs.f_frsize:
+        raise _Full
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise _Full from None
+        raise
 
 
 class _PassOver(Exception):
     """This name is not a ring file this process can use."""
+
+
+class _Full(Exception):
+    """The tmpfs has no room for this ring: no other name would have any either."""
 
 
 def prune(path: Path) -> int:
@@ -88,7 +122,7 @@ def prune(path: Path) -> int:
         return 0
     freed = 0
     try:
-        for name in os.listdir(dir_fd):
+        for name in _names(dir_fd):
             try:
                 fd = os.open(name, os.O_RDONLY | _OPEN_FLAGS, dir_fd=dir_fd)
             except OSError:
@@ -107,3 +141,10 @@ def prune(path: Path) -> int:
     finally:
         os.close(dir_fd)
     return freed
+
+
+def _names(dir_fd: int) -> list[str]:
+    try:
+        return os.listdir(dir_fd)
+    except OSError:  # the tmpfs unmounted under us: nothing to free there
+        return []

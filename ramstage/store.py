@@ -118,7 +118,9 @@ class Store:
         self.fs = Tmpfs(config, system)
         # The fast loader's ring files (rings.py): huge pages for any file, anyone may write.
         at = replace(config, path=config.rings_path, size_bytes=config.rings_bytes, huge="always")
-        self.rings = Tmpfs(at, system, source=rings.SOURCE, mode="1777", key="store.rings")
+        self.rings = Tmpfs(
+            at, system, source=rings.SOURCE, mode="1777", key="store.rings", inodes=rings.INODES
+        )
 
     def open(self) -> None:
         """Mounts (or adopts) the tmpfs, or checks the plain directory, and marks it ours;
@@ -126,15 +128,28 @@ class Store:
         self.fs.prepare()
         if self.config.mount and self.config.rings_bytes:
             try:
-                self.rings.prepare()
+                self._prepare_rings()
             except (OSError, RamstageError) as error:  # the fast loader makes fresh rings
                 log.warning("no tmpfs for the fast loader's rings: %s", error)
+        elif self.rings.ours:  # store.rings: 0 now, and a restart kept the tmpfs
+            self.rings.unmount()
         if not (self.path / MARKER).exists() and any(self.path.iterdir()):
             raise RamstageError(
                 f"store.path {self.path} is not empty and is not a ramstage store "
                 f"(no {MARKER}); point store.path at an empty directory"
             )
         (self.path / MARKER).touch()
+
+    def _prepare_rings(self) -> None:
+        """Mounts the rings' tmpfs, never through a symlink or in a directory that anyone but
+        root could have changed: a path nobody configured, mounted by root for everyone."""
+        path = self.rings.path
+        parent = os.lstat(path.parent)
+        if parent.st_uid != 0 or parent.st_mode & 0o022 or not stat.S_ISDIR(parent.st_mode):
+            raise RamstageError(f"{path.parent} is not a directory only root may change")
+        if path.is_symlink():
+            raise RamstageError(f"{path} is a symbolic link")
+        self.rings.prepare()
 
     def prune_rings(self) -> int:
         """Deletes the ring files no process holds, in the rings' tmpfs if ramstage mounted

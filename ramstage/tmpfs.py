@@ -22,8 +22,8 @@ FS_NAME = "ramstage"  # the mount's source field: how an existing ramstage tmpfs
 
 
 class Tmpfs:
-    """The tmpfs at config.path. The store's by default; `source`, `mode` and `key` (the
-    config key named in errors) tell another one apart: the fast loader's rings (store.py)."""
+    """The tmpfs at config.path. The store's by default; `source`, `mode`, `key` (the config
+    key named in errors) and `inodes` make another one: the fast loader's rings (store.py)."""
 
     def __init__(
         self,
@@ -33,10 +33,12 @@ class Tmpfs:
         source: str = FS_NAME,
         mode: str = "0755",
         key: str = "store.path",
+        inodes: int | None = None,
     ) -> None:
         self.config, self.system = config, system
         self.path = config.path
         self.source, self.mode, self.key = source, mode, key
+        self.inodes = inodes  # nr_inodes=, else the kernel's default (half the RAM's pages)
         self.swappable: bool | None = None  # None: unknown (a plain directory)
 
     def _entry(self) -> MountEntry | None:
@@ -95,6 +97,7 @@ class Tmpfs:
             )
         self.system.run_in_init_namespace(["mkdir", "-p", str(self.path)])
         base = f"size={self.config.size_bytes},mode={self.mode},nosuid,nodev,noexec"
+        base += f",nr_inodes={self.inodes}" if self.inodes else ""
         # Optional options, best first, each dropped where the kernel refuses it:
         # noswap (Linux 6.4+): a staged copy that is swapped out is slower than the SSD it
         # mirrors; huge= (store.huge, default within_size): the copier preallocates each file,

@@ -70,7 +70,7 @@ class Slot:
 
 
 class HostRing:
-    """An anonymous mapping cut into slots; prepare_all() readies them in a background thread."""
+    """One mapping cut into slots; prepare_all() readies them in a background thread."""
 
     def __init__(self, slots: int, chunk_bytes: int, cuda: bool) -> None:
         self._cudart = torch.cuda.cudart() if cuda else None  # type: ignore[no-untyped-call]
@@ -88,10 +88,15 @@ class HostRing:
         self._address: int = address
         start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
         _libc.madvise(start, slots * chunk_bytes, MADV_HUGEPAGE)
-        self.slots = [
-            Slot(start + i * chunk_bytes, chunk_bytes, torch.cuda.Event() if cuda else None)  # type: ignore[no-untyped-call]
-            for i in range(slots)
-        ]
+        try:
+            self.slots = [
+                Slot(start + i * chunk_bytes, chunk_bytes, torch.cuda.Event() if cuda else None)  # type: ignore[no-untyped-call]
+                for i in range(slots)
+            ]
+        except BaseException:  # the mapping and the ring file's lock go with the error
+            _libc.munmap(address, self._nbytes)
+            self._close_file()
+            raise
         self._preparer: threading.Thread | None = None
         self._closing = threading.Event()  # close(): the slots not yet prepared stay as they are
 

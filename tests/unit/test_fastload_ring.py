@@ -147,6 +147,7 @@ def ring_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A directory for the rings' files, as the daemon's rings tmpfs is."""
     directory = tmp_path / "rings"
     directory.mkdir()
+    directory.chmod(0o1777)
     monkeypatch.setenv("RAMSTAGE_RINGS", str(directory))
     return directory
 

@@ -18,7 +18,8 @@ MiB = 1 << 20
 @pytest.fixture
 def ring_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     directory = tmp_path / "rings"
-    directory.mkdir(mode=0o1777)
+    directory.mkdir()
+    directory.chmod(0o1777)  # as the daemon mounts it: sticky, everyone may write
     monkeypatch.setenv("RAMSTAGE_RINGS", str(directory))
     return directory
 
@@ -104,6 +105,17 @@ def test_no_ring_directory_or_every_name_taken_means_no_claim(ring_dir, claimed,
     assert rings.claim(MiB) is None
     monkeypatch.setenv("RAMSTAGE_RINGS", str(ring_dir / "absent"))
     assert rings.claim(MiB) is None
+
+
+def test_only_a_sticky_directory_everyone_may_write_holds_ring_files(ring_dir, tmp_path):
+    """Not the bare mountpoint an unmount leaves behind (0755), nor a link to a directory."""
+    ring_dir.chmod(0o755)
+    assert rings.claim(MiB) is None
+    ring_dir.chmod(0o1777)
+    (tmp_path / "link").symlink_to(ring_dir)
+    os.environ["RAMSTAGE_RINGS"] = str(tmp_path / "link")  # monkeypatch restores it
+    assert rings.claim(MiB) is None
+    assert list(ring_dir.iterdir()) == []
 
 
 def test_pruning_deletes_the_idle_ring_files_and_keeps_the_held_ones(ring_dir, claimed, tmp_path):
