@@ -121,19 +121,16 @@ def stage_all(sources: dict[tuple[str, str], Path], work: Path) -> dict[tuple, P
 
 
 def mount_rings(work: Path) -> Path:
-    """The rings' tmpfs as the daemon mounts it beside its store (store.rings, default 1G), for
-    the fast loader of every process started from here (RAMSTAGE_RINGS)."""
-    from ramstage import rings
+    """The rings' tmpfs as the daemon mounts it beside its store (store.rings, default 1G: the
+    store's own Tmpfs for it), for the fast loader of every process started from here."""
     from ramstage.config import StoreConfig
+    from ramstage.store import Store
     from ramstage.system import System
-    from ramstage.tmpfs import Tmpfs
 
-    config = StoreConfig(path=work / "rings", size_bytes=1 << 30, huge="always")
-    Tmpfs(
-        config, System(), source=rings.SOURCE, mode="1777", key="rings", inodes=rings.INODES
-    ).prepare()
-    os.environ["RAMSTAGE_RINGS"] = str(config.path)
-    return config.path
+    rings = Store(StoreConfig(path=work / "store-rings"), System()).rings
+    rings.prepare()
+    os.environ["RAMSTAGE_RINGS"] = str(rings.path)
+    return rings.path
 
 
 def meminfo() -> dict[str, str]:

@@ -53,7 +53,7 @@ class Tmpfs:
     def ours(self) -> bool:
         """Mounted, and by ramstage (its source field), not some other tmpfs at the path."""
         entry = self._entry()
-        return self.mounted and entry is not None and entry.source == self.source
+        return entry is not None and entry.fstype == "tmpfs" and entry.source == self.source
 
     def prepare(self) -> None:
         """Mounts or adopts the tmpfs, or makes the plain directory."""
