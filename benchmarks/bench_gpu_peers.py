@@ -361,8 +361,15 @@ def main() -> int:
 
 
 def environment() -> dict[str, Any]:
+    from ramstage.fastload.pipeline import _copy_stream
+
     thp = Path("/sys/kernel/mm/transparent_hugepage")
+    torch.empty(1, device=DEVICE)  # the context, current in this thread, as in every cell
+    stream, free_stream = _copy_stream(torch.device(DEVICE))
+    free_stream()
     return {
+        # ExternalStream: made by the driver; Stream: torch's pool (the slower first call)
+        "fastload_copy_stream": type(stream).__name__,
         "gpu": torch.cuda.get_device_name(DEVICE),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -23,6 +23,7 @@ discarded buffer: 10x slower for 1 KiB rows 8 KiB apart. Long rows or gaps: a re
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import queue
@@ -30,7 +31,8 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import torch
 
@@ -46,6 +48,8 @@ except ImportError:  # strided slices then read their covering range (read_rows)
 MAX_GAP_BYTES = 1 << 20
 # Linux takes at most 1024 buffers per preadv (UIO_MAXIOV): a row and a gap each use one.
 ROWS_PER_READ = 512
+# cuda.h: a stream that does not wait for the legacy default stream, as torch's own streams.
+CU_STREAM_NON_BLOCKING = 1
 
 
 @dataclass(frozen=True)
@@ -216,14 +220,18 @@ class Ring:
         self.chunk_bytes = max(ring_bytes // slots // PAGE_BYTES * PAGE_BYTES, PAGE_BYTES)
         cuda = device.type == "cuda"
         self._host = HostRing(slots, self.chunk_bytes, cuda)
-        self._stream = torch.cuda.Stream(device) if cuda else None  # type: ignore[no-untyped-call]
+        self._stream: torch.cuda.Stream | None = None
+        self._free_stream: Callable[[], object] = lambda: None
         self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ramstage-fastload")
         self._gaps = threading.local()  # per thread: a cache-sized buffer written by each core
         try:
+            if cuda:
+                self._stream, self._free_stream = _copy_stream(device)
             _start_all(self._pool, threads)
-        except BaseException:  # no thread left to start: free the ring's memory now
+        except BaseException:  # no stream or no thread: free the ring's memory now
             self._pool.shutdown(wait=False)
+            self._free_stream()
             self._host.close()
             raise
         self._host.prepare_all(self._free.put, device)  # in the background, from now on
@@ -296,7 +304,35 @@ class Ring:
         self._pool.shutdown(wait=True)
         if self._stream is not None:
             self._stream.synchronize()
+        self._free_stream()
         self._host.close()
+
+
+def _copy_stream(device: torch.device) -> tuple[torch.cuda.Stream, Callable[[], object]]:
+    """The ring's copy stream, and what frees it. Made by the driver (cuStreamCreate, 0.2 ms)
+    where this thread has a context of the device current: torch's first torch.cuda.Stream()
+    makes the device's whole pool of streams first, 2.5-3.7 ms of a fresh process's first load
+    (one H100, docs/benchmarks.md). Else (no such context yet, no libcuda: ROCm), one of
+    torch's streams. Non-blocking either way: the copies do not wait for the default stream."""
+    with torch.cuda.device(device):
+        index = torch.cuda.current_device()
+        try:
+            driver = ctypes.CDLL("libcuda.so.1")
+        except OSError:
+            driver = None
+        context, ordinal, handle = ctypes.c_void_p(), ctypes.c_int(-1), ctypes.c_void_p()
+        if (
+            driver is not None
+            and driver.cuCtxGetCurrent(ctypes.byref(context)) == 0
+            and context.value
+            and driver.cuCtxGetDevice(ctypes.byref(ordinal)) == 0
+            and ordinal.value == index
+            and driver.cuStreamCreate(ctypes.byref(handle), CU_STREAM_NON_BLOCKING) == 0
+        ):
+            stream = torch.cuda.ExternalStream(handle.value, device=device)  # type: ignore[no-untyped-call]
+            driver.cuStreamDestroy_v2.argtypes = (ctypes.c_void_p,)
+            return stream, partial(driver.cuStreamDestroy_v2, handle)
+        return torch.cuda.Stream(device), lambda: None  # type: ignore[no-untyped-call]
 
 
 def _start_all(pool: ThreadPoolExecutor, threads: int) -> None:
