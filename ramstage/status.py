@@ -209,6 +209,7 @@ def render(
             "used_bytes": used,
             "swappable": store.fs.swappable,
         },
+        "rings": rings_status(store),
         "memory": memory_status(
             memory, system, since, sum(m["pinned_bytes"] for m in result), psi_trigger
         ),
@@ -216,6 +217,15 @@ def render(
         "watch": {"degraded": bool(taken.watch_problems), "problems": list(taken.watch_problems)},
         "models": result,
     }
+
+
+def rings_status(store: Store) -> dict[str, Any] | None:
+    """The tmpfs of the fast loader's ring files, where ramstage mounted one: RAM the
+    applications' GPU loads keep between processes, freed first under pressure; else None."""
+    if not store.rings.ours:
+        return None
+    size, used = store.rings.usage()
+    return {"path": str(store.rings.path), "size_bytes": size, "used_bytes": used}
 
 
 def command(system: System, pid: int) -> str | None:

@@ -102,7 +102,7 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
 
 
 def header(status: dict[str, Any], style: Style, width: int | None = None) -> list[str]:
-    """Five short lines; on a narrow terminal the store's path is cut in its middle."""
+    """Five or six short lines; on a narrow terminal the store's path is cut in its middle."""
     store, memory = status["store"], status["memory"]
     size, used = store["size_bytes"], store["used_bytes"]
     kind = "tmpfs" if store["mounted"] else "plain directory"
@@ -113,10 +113,19 @@ def header(status: dict[str, Any], style: Style, width: int | None = None) -> li
         path = cut_middle(path, max(width - len("store   ") - len(where), 12))
     avg10 = memory.get("psi_avg10")
     pressure = style.paint("UNDER PRESSURE", "31") if memory["pressure"] else "no pressure"
+    rings = status.get("rings")
     return [
         f"ramstage {status['version']} (pid {status['pid']})",
         f"store   {path}{where}",
         f"        {bar(used / size if size else 0)} {units.size(used)} of {units.size(size)} used",
+        *(
+            [
+                f"rings   {units.size(rings['used_bytes'])} of {units.size(rings['size_bytes'])}"
+                " held for the fast loader (freed first under pressure)"
+            ]
+            if rings
+            else []
+        ),
         f"memory  {units.size(memory['available_bytes'])} available,"
         f" floor {units.size(memory['min_available_bytes'])},"
         f" resume {units.size(memory.get('resume_available_bytes'))}",

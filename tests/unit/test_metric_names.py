@@ -31,6 +31,7 @@ def model(name: str, state: str, **more: Any) -> dict[str, Any]:
 STATUS = {
     "version": "0.1.0",
     "store": {"size_bytes": 1000, "used_bytes": 100},
+    "rings": {"path": "/run/ramstage/rings", "size_bytes": 400, "used_bytes": 30},
     "memory": {
         "available_bytes": 5000,
         "min_available_bytes": 1000,
@@ -91,6 +92,12 @@ def test_values_come_from_the_status():
     assert value("ramstage_model_last_copy_seconds", model="c") == 0
     assert value("ramstage_memory_pressure") == 1
     assert value("ramstage_memory_psi_some_avg10_ratio") == 0.125
+    assert (value("ramstage_rings_size_bytes"), value("ramstage_rings_used_bytes")) == (400, 30)
+
+
+def test_no_rings_no_rings_metrics(monkeypatch):
+    monkeypatch.setitem(STATUS, "rings", None)
+    assert not {name for name, _ in samples() if name.startswith("ramstage_rings_")}
 
 
 def test_the_dashboard_and_the_alerts_use_only_metrics_that_exist():
