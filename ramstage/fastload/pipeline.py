@@ -310,12 +310,15 @@ class Ring:
 
 def _copy_stream(device: torch.device) -> tuple[torch.cuda.Stream, Callable[[], object]]:
     """The ring's copy stream, and what frees it. Made by the driver (cuStreamCreate, 0.2 ms)
-    where this thread has a context of the device current: torch's first torch.cuda.Stream()
-    makes the device's whole pool of streams first, 2.5-3.7 ms of a fresh process's first load
-    (one H100, docs/benchmarks.md). Else (no such context yet, no libcuda: ROCm), one of
-    torch's streams. Non-blocking either way: the copies do not wait for the default stream."""
+    in the device's context: torch's first torch.cuda.Stream() makes the device's whole pool
+    of streams first, 2.5-3.7 ms of a fresh process's first load (one H100,
+    docs/benchmarks.md). Else (no libcuda: ROCm; another context current), one of torch's
+    streams. Non-blocking either way: the copies do not wait for the default stream."""
     with torch.cuda.device(device):
         index = torch.cuda.current_device()
+        # A runtime call that needs the context makes it current in this thread, as in a thread
+        # that has not used the device yet (the runtime binds it lazily).
+        torch.cuda.mem_get_info(index)
         try:
             driver = ctypes.CDLL("libcuda.so.1")
         except OSError:
