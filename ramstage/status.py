@@ -222,9 +222,12 @@ def render(
 def rings_status(store: Store) -> dict[str, Any] | None:
     """The tmpfs of the fast loader's ring files, where ramstage mounted one: RAM the
     applications' GPU loads keep between processes, freed first under pressure; else None."""
-    if not store.rings.ours:
+    if not store.rings_ours:
         return None
-    size, used = store.rings.usage()
+    try:
+        size, used = store.rings.usage()
+    except OSError:  # unmounted and removed just now
+        return None
     return {"path": str(store.rings.path), "size_bytes": size, "used_bytes": used}
 
 

@@ -151,12 +151,16 @@ class Store:
             raise RamstageError(f"{path} is a symbolic link")
         self.rings.prepare()
 
+    @property
+    def rings_ours(self) -> bool:
+        """The rings' tmpfs is mounted, by ramstage, and the config wants it: ramstage's to
+        prune and to report (never a directory that only happens to be there)."""
+        return bool(self.config.mount and self.config.rings_bytes and self.rings.ours)
+
     def prune_rings(self) -> int:
-        """Deletes the ring files no process holds, in the rings' tmpfs if ramstage mounted
-        it (never in a directory that only happens to be there); returns the bytes freed."""
-        if not (self.config.mount and self.config.rings_bytes and self.rings.ours):
-            return 0
-        return rings.prune(self.rings.path)
+        """Deletes the ring files no process holds, in the rings' tmpfs if ramstage's;
+        returns the bytes freed."""
+        return rings.prune(self.rings.path) if self.rings_ours else 0
 
     def scan(self, names: set[str]) -> dict[str, list[Generation]]:
         """Removes partial and unknown entries and returns the published generations."""

@@ -121,7 +121,7 @@ def header(status: dict[str, Any], style: Style, width: int | None = None) -> li
         *(
             [
                 f"rings   {units.size(rings['used_bytes'])} of {units.size(rings['size_bytes'])}"
-                " held for the fast loader (freed first under pressure)"
+                " kept for GPU loads"
             ]
             if rings
             else []

@@ -23,7 +23,9 @@ discarded buffer: 10x slower for 1 KiB rows 8 KiB apart. Long rows or gaps: a re
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import mmap
 import os
 import queue
@@ -31,12 +33,13 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable
 
 import torch
 
 from ramstage.fastload.hostring import PAGE_BYTES, HostRing, Slot
+
+log = logging.getLogger("ramstage.fastload")
 
 try:
     import numpy
@@ -229,12 +232,12 @@ class Ring:
             if cuda:
                 self._stream, self._free_stream = _copy_stream(device)
             _start_all(self._pool, threads)
+            self._host.prepare_all(self._free.put, device)  # in the background, from now on
         except BaseException:  # no stream or no thread: free the ring's memory now
             self._pool.shutdown(wait=False)
             self._free_stream()
             self._host.close()
             raise
-        self._host.prepare_all(self._free.put, device)  # in the background, from now on
 
     def matches(self, device: torch.device, threads: int, ring_bytes: int) -> bool:
         return (self.device, self.threads, self.ring_bytes) == (device, threads, ring_bytes)
@@ -301,45 +304,61 @@ class Ring:
         return gap
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        if self._stream is not None:
-            self._stream.synchronize()
-        self._free_stream()
-        self._host.close()
+        with contextlib.ExitStack() as after:  # each runs, last first, whatever raises
+            after.callback(self._host.close)
+            after.callback(self._free_stream)
+            self._pool.shutdown(wait=True)
+            if self._stream is not None:
+                self._stream.synchronize()
 
 
 def _copy_stream(device: torch.device) -> tuple[torch.cuda.Stream, Callable[[], object]]:
-    """The ring's copy stream, and what frees it. Made by the driver (cuStreamCreate, 0.2 ms)
-    in the device's context: torch's first torch.cuda.Stream() makes the device's whole pool
-    of streams first, 2.5-3.7 ms of a fresh process's first load (one H100,
-    docs/benchmarks.md). Else (no libcuda: ROCm; another context current), one of torch's
-    streams. Non-blocking either way: the copies do not wait for the default stream."""
-    with torch.cuda.device(device):
-        index = torch.cuda.current_device()
-        # A runtime call that needs the context makes it current in this thread, as in a thread
-        # that has not used the device yet (the runtime binds it lazily).
-        torch.cuda.mem_get_info(index)
-        try:
-            driver = ctypes.CDLL("libcuda.so.1")
-        except OSError:
-            driver = None
-        context, ordinal, handle = ctypes.c_void_p(), ctypes.c_int(-1), ctypes.c_void_p()
-        if (
-            driver is not None
-            and driver.cuCtxGetCurrent(ctypes.byref(context)) == 0
-            and context.value
-            and driver.cuCtxGetDevice(ctypes.byref(ordinal)) == 0
-            and ordinal.value == index
-            and driver.cuStreamCreate(ctypes.byref(handle), CU_STREAM_NON_BLOCKING) == 0
-        ):
-            stream = torch.cuda.ExternalStream(handle.value, device=device)  # type: ignore[no-untyped-call]
-            driver.cuStreamDestroy_v2.argtypes = (ctypes.c_void_p,)
-            return stream, partial(driver.cuStreamDestroy_v2, handle)
+    """The ring's copy stream, and what frees it. Made by the driver (cuStreamCreate, 0.2 ms):
+    torch's first torch.cuda.Stream() makes the device's whole pool of streams first, 2.7-3.8
+    ms of a fresh process's first load (one H100, docs/benchmarks.md). Else (ROCm, no
+    libcuda.so.1, a driver error), one of torch's streams. Non-blocking either way: the
+    copies do not wait for the default stream."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    try:
+        driver = None if torch.version.hip else ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        driver = None
+    made = None if driver is None else _driver_stream(driver, index)
+    if made is None:
         return torch.cuda.Stream(device), lambda: None  # type: ignore[no-untyped-call]
+    handle, free = made
+    stream = torch.cuda.ExternalStream(handle, device=torch.device("cuda", index))  # type: ignore[no-untyped-call]
+    return stream, free
+
+
+def _driver_stream(driver: Any, index: int) -> tuple[int, Callable[[], None]] | None:
+    """A non-blocking stream in the device's primary context, the one torch uses, whatever
+    context this thread has current (it is pushed for the call), and what frees it; None
+    after any driver error. The context stays retained while the stream lives."""
+    ordinal, context, handle = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
+    if driver.cuDeviceGet(ctypes.byref(ordinal), index) != 0:
+        return None
+    if driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), ordinal) != 0:
+        return None
+    made = False
+    if driver.cuCtxPushCurrent_v2(context) == 0:
+        made = driver.cuStreamCreate(ctypes.byref(handle), CU_STREAM_NON_BLOCKING) == 0
+        driver.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+    if not made:
+        driver.cuDevicePrimaryCtxRelease_v2(ordinal)
+        return None
+
+    def free() -> None:
+        error = driver.cuStreamDestroy_v2(handle)
+        driver.cuDevicePrimaryCtxRelease_v2(ordinal)
+        if error:
+            log.warning("fastload: the copy stream was not destroyed (CUDA driver error %d)", error)
+
+    return int(handle.value or 0), free
 
 
 def _start_all(pool: ThreadPoolExecutor, threads: int) -> None:
-    """Starts every thread of the pool now, before the ring is prepared (16 threads: about 2
+    """Starts every thread of the pool now, before the ring is prepared (16 threads: 2-4
     ms). Started lazily by the first load, they came up 2-6 ms apart while slots were being
     page-locked (one H200), and the preparing thread's own pool waited behind them: submit
     holds concurrent.futures' one module-wide lock while it starts a thread. The first read

@@ -48,6 +48,7 @@ def check_against_status(samples: dict[Any, float], status: dict[str, Any]) -> N
     assert value(samples, "ramstage_memory_pressure") == float(memory["pressure"])
     rings = status["rings"] or {"size_bytes": None, "used_bytes": None}  # no samples without
     assert samples.get(("ramstage_rings_size_bytes", ())) == rings["size_bytes"]
+    assert samples.get(("ramstage_rings_used_bytes", ())) == rings["used_bytes"]
     available = value(samples, "ramstage_memory_available_bytes")
     assert abs(available - memory["available_bytes"]) < 2 << 30  # read at another moment
     for model in status["models"]:

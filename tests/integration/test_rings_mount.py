@@ -71,7 +71,7 @@ def test_rings_zero_mounts_none_and_unmounts_one_a_restart_kept(make_daemon):
     assert mount_of(daemon.root / "rings") is None
     daemon.start()
     assert daemon.status()["rings"] is None
-    assert "fast loader" not in daemon.cli("status").stdout
+    assert "kept for GPU loads" not in daemon.cli("status").stdout
 
 
 def test_the_daemon_prunes_and_unmounts_only_a_rings_tmpfs_it_mounted(tmp_path, make_daemon):
@@ -206,7 +206,7 @@ def test_pressure_frees_the_idle_ring_files_first_and_keeps_those_in_use(
         status = daemon.status()["rings"]
         assert status["path"] == str(daemon.root / "rings") and status["size_bytes"] == 64 * MiB
         assert status["used_bytes"] >= 12 * MiB  # both files, held or not
-        assert "held for the fast loader" in daemon.cli("status").stdout
+        assert "kept for GPU loads" in daemon.cli("status").stdout
         inject(fifo)
         wait_for(lambda: "of idle rings" in daemon.log())
         assert [p.name for p in (daemon.root / "rings").iterdir()] == [f"{os.getuid()}.0"]

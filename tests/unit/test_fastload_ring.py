@@ -241,3 +241,73 @@ def test_reserving_device_memory_gives_way_where_none_is_free(
 
     monkeypatch.setattr(torch, "empty", empty)
     fastload._reserve(torch.device("cuda:0"), 1 << 30)  # no error: tensors come one by one
+
+
+class FakeDriver:
+    """The CUDA driver's entry points that the copy stream uses, failing at `fail`: driver
+    errors a real GPU does not give on demand. Counts what must stay balanced."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.fail, self.calls = fail, []
+        self.retained = self.pushed = self.streams = 0
+
+    def _result(self, name: str) -> int:
+        self.calls.append(name)
+        return 999 if name == self.fail else 0
+
+    def cuDeviceGet(self, ordinal: Any, index: int) -> int:
+        ordinal._obj.value = index
+        return self._result("cuDeviceGet")
+
+    def cuDevicePrimaryCtxRetain(self, context: Any, ordinal: Any) -> int:
+        error = self._result("cuDevicePrimaryCtxRetain")
+        if not error:
+            context._obj.value, self.retained = 0x1000 + ordinal.value, self.retained + 1
+        return error
+
+    def cuDevicePrimaryCtxRelease_v2(self, ordinal: Any) -> int:
+        self.retained -= 1
+        return self._result("cuDevicePrimaryCtxRelease_v2")
+
+    def cuCtxPushCurrent_v2(self, context: Any) -> int:
+        error = self._result("cuCtxPushCurrent_v2")
+        self.pushed += not error
+        return error
+
+    def cuCtxPopCurrent_v2(self, context: Any) -> int:
+        self.pushed -= 1
+        return self._result("cuCtxPopCurrent_v2")
+
+    def cuStreamCreate(self, handle: Any, flags: int) -> int:
+        assert (flags, self.pushed) == (pipeline.CU_STREAM_NON_BLOCKING, 1)  # in the context
+        error = self._result("cuStreamCreate")
+        if not error:
+            handle._obj.value, self.streams = 0x2000, self.streams + 1
+        return error
+
+    def cuStreamDestroy_v2(self, handle: Any) -> int:
+        self.streams -= 1
+        return self._result("cuStreamDestroy_v2")
+
+
+def test_the_copy_stream_is_made_in_the_devices_primary_context_and_freed_with_it(caplog):
+    driver = FakeDriver()
+    made = pipeline._driver_stream(driver, 1)
+    assert made is not None and made[0] == 0x2000
+    assert (driver.retained, driver.pushed, driver.streams) == (1, 0, 1)  # kept while it lives
+    made[1]()
+    assert (driver.retained, driver.streams) == (0, 0)
+    driver.fail = "cuStreamDestroy_v2"
+    driver.retained, driver.streams = 1, 1
+    with caplog.at_level(logging.WARNING, logger="ramstage.fastload"):
+        made[1]()
+    assert "the copy stream was not destroyed (CUDA driver error 999)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "fail", ["cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxPushCurrent_v2", "cuStreamCreate"]
+)
+def test_a_driver_error_gives_no_stream_and_leaves_the_context_as_it_was(fail):
+    driver = FakeDriver(fail)
+    assert pipeline._driver_stream(driver, 0) is None  # the ring then takes one of torch's
+    assert (driver.retained, driver.pushed, driver.streams) == (0, 0, 0)
