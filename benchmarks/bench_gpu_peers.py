@@ -361,11 +361,11 @@ def main() -> int:
 
 
 def environment() -> dict[str, Any]:
-    from ramstage.fastload.pipeline import _copy_stream
+    from ramstage.fastload.stream import copy_stream
 
     thp = Path("/sys/kernel/mm/transparent_hugepage")
     torch.empty(1, device=DEVICE)  # the context, current in this thread, as in every cell
-    stream, free_stream = _copy_stream(torch.device(DEVICE))
+    stream, free_stream = copy_stream(torch.device(DEVICE))
     free_stream()
     return {
         # ExternalStream: made by the driver; Stream: torch's pool (the slower first call)

@@ -24,8 +24,6 @@ discarded buffer: 10x slower for 1 KiB rows 8 KiB apart. Long rows or gaps: a re
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import logging
 import mmap
 import os
 import queue
@@ -38,8 +36,7 @@ from typing import Any, Callable
 import torch
 
 from ramstage.fastload.hostring import PAGE_BYTES, HostRing, Slot
-
-log = logging.getLogger("ramstage.fastload")
+from ramstage.fastload.stream import copy_stream
 
 try:
     import numpy
@@ -51,8 +48,6 @@ except ImportError:  # strided slices then read their covering range (read_rows)
 MAX_GAP_BYTES = 1 << 20
 # Linux takes at most 1024 buffers per preadv (UIO_MAXIOV): a row and a gap each use one.
 ROWS_PER_READ = 512
-# cuda.h: a stream that does not wait for the legacy default stream, as torch's own streams.
-CU_STREAM_NON_BLOCKING = 1
 
 
 @dataclass(frozen=True)
@@ -230,7 +225,7 @@ class Ring:
         self._gaps = threading.local()  # per thread: a cache-sized buffer written by each core
         try:
             if cuda:
-                self._stream, self._free_stream = _copy_stream(device)
+                self._stream, self._free_stream = copy_stream(device)
             _start_all(self._pool, threads)
             self._host.prepare_all(self._free.put, device)  # in the background, from now on
         except BaseException:  # no stream or no thread: free the ring's memory now
@@ -310,51 +305,6 @@ class Ring:
             self._pool.shutdown(wait=True)
             if self._stream is not None:
                 self._stream.synchronize()
-
-
-def _copy_stream(device: torch.device) -> tuple[torch.cuda.Stream, Callable[[], object]]:
-    """The ring's copy stream, and what frees it. Made by the driver (cuStreamCreate, 0.2 ms):
-    torch's first torch.cuda.Stream() makes the device's whole pool of streams first, 2.7-3.8
-    ms of a fresh process's first load (one H100, docs/benchmarks.md). Else (ROCm, no
-    libcuda.so.1, a driver error), one of torch's streams. Non-blocking either way: the
-    copies do not wait for the default stream."""
-    index = torch.cuda.current_device() if device.index is None else device.index
-    try:
-        driver = None if torch.version.hip else ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        driver = None
-    made = None if driver is None else _driver_stream(driver, index)
-    if made is None:
-        return torch.cuda.Stream(device), lambda: None  # type: ignore[no-untyped-call]
-    handle, free = made
-    stream = torch.cuda.ExternalStream(handle, device=torch.device("cuda", index))  # type: ignore[no-untyped-call]
-    return stream, free
-
-
-def _driver_stream(driver: Any, index: int) -> tuple[int, Callable[[], None]] | None:
-    """A non-blocking stream in the device's primary context, the one torch uses, whatever
-    context this thread has current (it is pushed for the call), and what frees it; None
-    after any driver error. The context stays retained while the stream lives."""
-    ordinal, context, handle = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
-    if driver.cuDeviceGet(ctypes.byref(ordinal), index) != 0:
-        return None
-    if driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), ordinal) != 0:
-        return None
-    made = False
-    if driver.cuCtxPushCurrent_v2(context) == 0:
-        made = driver.cuStreamCreate(ctypes.byref(handle), CU_STREAM_NON_BLOCKING) == 0
-        driver.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
-    if not made:
-        driver.cuDevicePrimaryCtxRelease_v2(ordinal)
-        return None
-
-    def free() -> None:
-        error = driver.cuStreamDestroy_v2(handle)
-        driver.cuDevicePrimaryCtxRelease_v2(ordinal)
-        if error:
-            log.warning("fastload: the copy stream was not destroyed (CUDA driver error %d)", error)
-
-    return int(handle.value or 0), free
 
 
 def _start_all(pool: ThreadPoolExecutor, threads: int) -> None:

@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ramstage import fastload
-from ramstage.fastload import hostring, pipeline
+from ramstage.fastload import hostring, pipeline, stream
 
 pytestmark = pytest.mark.torch
 
@@ -279,7 +279,7 @@ class FakeDriver:
         return self._result("cuCtxPopCurrent_v2")
 
     def cuStreamCreate(self, handle: Any, flags: int) -> int:
-        assert (flags, self.pushed) == (pipeline.CU_STREAM_NON_BLOCKING, 1)  # in the context
+        assert (flags, self.pushed) == (stream.CU_STREAM_NON_BLOCKING, 1)  # in the context
         error = self._result("cuStreamCreate")
         if not error:
             handle._obj.value, self.streams = 0x2000, self.streams + 1
@@ -292,7 +292,7 @@ class FakeDriver:
 
 def test_the_copy_stream_is_made_in_the_devices_primary_context_and_freed_with_it(caplog):
     driver = FakeDriver()
-    made = pipeline._driver_stream(driver, 1)
+    made = stream.driver_stream(driver, 1)
     assert made is not None and made[0] == 0x2000
     assert (driver.retained, driver.pushed, driver.streams) == (1, 0, 1)  # kept while it lives
     made[1]()
@@ -309,5 +309,5 @@ def test_the_copy_stream_is_made_in_the_devices_primary_context_and_freed_with_i
 )
 def test_a_driver_error_gives_no_stream_and_leaves_the_context_as_it_was(fail):
     driver = FakeDriver(fail)
-    assert pipeline._driver_stream(driver, 0) is None  # the ring then takes one of torch's
+    assert stream.driver_stream(driver, 0) is None  # the ring then takes one of torch's
     assert (driver.retained, driver.pushed, driver.streams) == (0, 0, 0)
