@@ -364,7 +364,7 @@ def environment() -> dict[str, Any]:
     from ramstage.fastload.stream import copy_stream
 
     thp = Path("/sys/kernel/mm/transparent_hugepage")
-    torch.empty(1, device=DEVICE)  # the context, current in this thread, as in every cell
+    torch.cuda.init()  # the driver initialised, as the ring's host memory has it before
     stream, free_stream = copy_stream(torch.device(DEVICE))
     free_stream()
     return {

@@ -42,8 +42,7 @@ def _store_and_memory(status: dict[str, Any]) -> Iterator[Metric]:
     yield info
     yield _gauge("ramstage_store_size_bytes", "Size of the store's tmpfs.", store["size_bytes"])
     yield _gauge("ramstage_store_used_bytes", "Bytes used in the store.", store["used_bytes"])
-    if status.get("rings"):
-        rings = status["rings"]
+    if rings := status.get("rings"):
         yield _gauge("ramstage_rings_size_bytes", "Size of the rings' tmpfs.", rings["size_bytes"])
         yield _gauge("ramstage_rings_used_bytes", "Bytes in ring files.", rings["used_bytes"])
     yield _gauge(

@@ -224,10 +224,7 @@ def rings_status(store: Store) -> dict[str, Any] | None:
     applications' GPU loads keep between processes, freed first under pressure; else None."""
     if not store.rings_ours:
         return None
-    try:
-        size, used = store.rings.usage()
-    except OSError:  # unmounted and removed just now
-        return None
+    size, used = store.rings.usage()
     return {"path": str(store.rings.path), "size_bytes": size, "used_bytes": used}
 
 

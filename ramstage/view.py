@@ -113,19 +113,16 @@ def header(status: dict[str, Any], style: Style, width: int | None = None) -> li
         path = cut_middle(path, max(width - len("store   ") - len(where), 12))
     avg10 = memory.get("psi_avg10")
     pressure = style.paint("UNDER PRESSURE", "31") if memory["pressure"] else "no pressure"
-    rings = status.get("rings")
-    return [
+    lines = [
         f"ramstage {status['version']} (pid {status['pid']})",
         f"store   {path}{where}",
         f"        {bar(used / size if size else 0)} {units.size(used)} of {units.size(size)} used",
-        *(
-            [
-                f"rings   {units.size(rings['used_bytes'])} of {units.size(rings['size_bytes'])}"
-                " kept for GPU loads"
-            ]
-            if rings
-            else []
-        ),
+    ]
+    if rings := status.get("rings"):
+        held = f"{units.size(rings['used_bytes'])} of {units.size(rings['size_bytes'])}"
+        lines.append(f"rings   {held} kept for GPU loads")
+    return [
+        *lines,
         f"memory  {units.size(memory['available_bytes'])} available,"
         f" floor {units.size(memory['min_available_bytes'])},"
         f" resume {units.size(memory.get('resume_available_bytes'))}",
