@@ -216,7 +216,11 @@ class Daemon:
         return next(m for m in self.request("status")["models"] if m["name"] == name)
 
     def wait_state(self, name: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
-        return wait_for(lambda: (m := self.model(name))["state"] == state and m, timeout)  # type: ignore[no-any-return]
+        def reached() -> dict[str, Any] | None:
+            model = self.model(name)
+            return model if model["state"] == state else None
+
+        return wait_for(reached, timeout, context=self.log)  # type: ignore[no-any-return]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

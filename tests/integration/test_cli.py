@@ -291,7 +291,7 @@ def test_stage_draws_a_progress_bar_on_a_terminal_and_lines_in_a_pipe(
     result = daemon.cli("stage", "big", "--no-wait", check=True)
     assert result.stdout == "staging: big\n"
     assert daemon.model("big")["state"] in ("pending", "staging")  # it returned at once
-    daemon.wait_state("big", "staged")
+    daemon.wait_state("big", "staged", timeout=300)  # at 2% of a CPU: the other stages wait as long
     code, output = on_terminal(ramstage(daemon, "verify", "big"))
     assert code == 0 and output.rstrip().endswith("verified: big"), output
     assert re.search(r"big  \[#*\.+\]\s+\d+%  verifying [\d.]+ \w+ of 64 MiB at", output), output
