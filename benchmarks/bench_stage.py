@@ -38,7 +38,8 @@ from ramstage.copier import stage_source
 from ramstage.digest import available_algorithms
 from ramstage.store import remove_tree
 
-FILE_TARGETS = {"xxh3": 1.1, "sha256": 1.3, "blake3": 1.1}
+# blake3 is measured beside the others; its issue sets it no target.
+FILE_TARGETS: dict[str, float | None] = {"xxh3": 1.1, "sha256": 1.3, "blake3": None}
 DIR_TARGET, THROTTLED_TARGET, CACHE_TARGET, CPU_TARGET = 1.1, 1.05, 0.05, 1.3
 SHARDS, THROTTLE_BYTES_PER_S = 16, 150_000_000
 Sample = tuple[float, float]  # wall seconds, CPU seconds
@@ -176,7 +177,7 @@ def throttled_case(work: Path, store: Path, rounds: int) -> dict[str, list[Sampl
 
 
 def print_table(
-    title: str, times: dict[str, list[Sample]], size: int, targets: dict[str, float]
+    title: str, times: dict[str, list[Sample]], size: int, targets: dict[str, float | None]
 ) -> None:
     base = next(iter(times))
     wall = {name: statistics.median(t[0] for t in runs) for name, runs in times.items()}
@@ -228,9 +229,12 @@ def main() -> int:
     print(f"{os.cpu_count()} CPUs, load average {load:.2f} at the start, store huge={args.huge}")
     try:
         if "file" in cases:
-            print_table(
-                "1 GiB file, stage / cp", file_case(work, store, args.rounds), 1 << 30, FILE_TARGETS
-            )
+            times = file_case(work, store, args.rounds)
+            print_table("1 GiB file, stage / cp", times, 1 << 30, FILE_TARGETS)
+            cpu = {name: statistics.median(t[1] for t in times[name]) for name in ("cp", "xxh3")}
+            ratio = cpu["xxh3"] / cpu["cp"]
+            verdict = "ok" if ratio <= CPU_TARGET else "MISSED"
+            print(f"CPU seconds per GiB, xxh3 over cp's: {ratio:.2f} (<= {CPU_TARGET}) {verdict}")
         if cases & {"dir", "cache"}:
             workers = [int(n) for n in args.workers.split(",")]
             times = dir_case(work, store, args.rounds, workers)
