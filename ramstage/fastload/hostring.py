@@ -25,6 +25,7 @@ import logging
 import mmap
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, Callable
@@ -37,6 +38,7 @@ PAGE_BYTES = mmap.PAGESIZE
 HUGE_PAGE_BYTES = 2 << 20
 MADV_HUGEPAGE = 14  # linux/mman.h; a no-op where transparent huge pages are off
 MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14; older kernels refuse it (EINVAL)
+MADV_DONTFORK = 10  # linux/mman.h: a child of fork() gets no copy of the mapping
 # Threads faulting slots in at once, in slot order: 1, 2, 4 and 16 gave the same first loads
 # on one H100 (docs/benchmarks.md, "What was tried"); two keep the next slot faulting in while
 # one is registered, without more threads beside the readers.
@@ -69,6 +71,22 @@ class Slot:
         self.locked = False
 
 
+# The rings of this process that hold a ring file open (and so its lock).
+_with_files: weakref.WeakSet[HostRing] = weakref.WeakSet()
+
+
+def _let_go_in_child() -> None:
+    """A child of fork() shares each ring file's open description with its parent, and with
+    it the lock (flock(2) locks belong to the description): the child closes its copies, so
+    the file is free once the parent lets go of it, not once every child (a data loader's
+    workers, say) has exited. The child has no copy of the mapping (MADV_DONTFORK)."""
+    for ring in list(_with_files):
+        ring._close_file()
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)
+
+
 class HostRing:
     """One mapping cut into slots; prepare_all() readies them in a background thread."""
 
@@ -86,6 +104,11 @@ class HostRing:
             self._close_file()
             raise OSError(error, f"mmap of the {self._nbytes}-byte ring: {os.strerror(error)}")
         self._address: int = address
+        if self._file is not None:
+            _with_files.add(self)
+        # A forked child would otherwise keep the ring file's pages (or copy-on-write pinned
+        # memory) for as long as it lives, though it cannot use the ring.
+        _libc.madvise(address, self._nbytes, MADV_DONTFORK)
         start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
         _libc.madvise(start, slots * chunk_bytes, MADV_HUGEPAGE)
         try:
@@ -158,6 +181,7 @@ class HostRing:
     def _close_file(self) -> None:
         """Lets go of the ring file (its lock): the next process may claim it."""
         if self._file is not None:
+            _with_files.discard(self)
             os.close(self._file)
             self._file = None
 

@@ -214,6 +214,7 @@ class Ring:
         self.device = device
         self.threads = threads
         self.ring_bytes = ring_bytes
+        self._pid = os.getpid()  # a child of fork() has none of the threads, stream or slots
         slots = 2 * threads  # one being read by each thread, one whose copy is in flight
         self.chunk_bytes = max(ring_bytes // slots // PAGE_BYTES * PAGE_BYTES, PAGE_BYTES)
         cuda = device.type == "cuda"
@@ -235,7 +236,8 @@ class Ring:
             raise
 
     def matches(self, device: torch.device, threads: int, ring_bytes: int) -> bool:
-        return (self.device, self.threads, self.ring_bytes) == (device, threads, ring_bytes)
+        mine = (self._pid, self.device, self.threads, self.ring_bytes)
+        return mine == (os.getpid(), device, threads, ring_bytes)
 
     def run(self, segments: Sequence[Segment | Strided]) -> None:
         """Copies every segment into its target; returns once all bytes are on the device."""
@@ -299,6 +301,8 @@ class Ring:
         return gap
 
     def close(self) -> None:
+        if os.getpid() != self._pid:  # inherited over fork(): nothing of it is this process's
+            return
         with contextlib.ExitStack() as after:  # each runs, last first, whatever raises
             after.callback(self._host.close)
             after.callback(self._free_stream)

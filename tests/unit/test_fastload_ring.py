@@ -8,7 +8,11 @@ MADV_POPULATE_WRITE or preparing fails, and that a load runs before the ring is 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
+import os
+import select
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -184,6 +188,56 @@ def test_a_load_through_a_ring_file_gives_what_the_plain_loader_gives(
         assert got.keys() == state.keys()
         assert all(torch.equal(got[name], tensor) for name, tensor in state.items())
     assert len(list(ring_files.iterdir())) == 1
+
+
+def test_a_child_of_fork_neither_holds_nor_maps_the_parents_ring_file(
+    ring_files: Path, tmp_path: Path
+) -> None:
+    state = {f"w{i}": torch.randn(3000 + i) for i in range(4)}
+    torch.save(state, tmp_path / "m.pt")
+    settings = {"threads": 2, "ring_bytes": 6 * SLOT_BYTES}
+    loader = fastload.Loader(pipeline_on_cpu=True)
+    loader.load(tmp_path / "m.pt", "cpu", **settings)
+    (parents,) = ring_files.iterdir()
+    report_r, report_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: what it holds and maps, then a load of its own; waits to exit
+        code = 1
+        try:
+            held = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+            mapped = Path("/proc/self/maps").read_text()
+            got = loader.load(tmp_path / "m.pt", "cpu", **settings)  # on a ring of its own
+            same = all(torch.equal(got[name], tensor) for name, tensor in state.items())
+            os.write(report_w, repr((str(parents) in held, str(parents) in mapped, same)).encode())
+            os.read(done_r, 1)
+            code = 0
+        finally:
+            os._exit(code)
+    reported = False
+    try:
+        # A child that went on with the parent's ring would wait forever for its dead threads.
+        reported = bool(select.select([report_r], [], [], 60)[0])
+        assert reported, "the child's load did not finish"
+        report = os.read(report_r, 100).decode()
+        assert report == "(False, False, True)"  # neither held nor mapped; the child's load right
+        loader.release()
+        # With the child still running, the parent's file is free: no copy of its lock is left.
+        assert os.path.basename(parents) in {p.name for p in ring_files.iterdir()}
+        probe = os.open(parents, os.O_RDONLY)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(probe)
+    finally:
+        os.write(done_w, b"x")
+        if not reported:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        loader.release()
+        for fd in (report_r, report_w, done_r, done_w):
+            os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_a_ring_starts_its_readers_before_it_prepares_the_slots(
