@@ -73,18 +73,29 @@ class Slot:
 
 # The rings of this process that hold a ring file open (and so its lock).
 _with_files: weakref.WeakSet[HostRing] = weakref.WeakSet()
+# Held while a ring claims its file and maps it, and while it lets the file go: a fork() waits,
+# so its child never copies a descriptor or a mapping not yet marked as the parent's.
+_fork_lock = threading.RLock()
+_generation = 0  # one more in each child of fork(): rings of an earlier one are its parent's
 
 
-def _let_go_in_child() -> None:
+def _after_fork_in_child() -> None:
     """A child of fork() shares each ring file's open description with its parent, and with
     it the lock (flock(2) locks belong to the description): the child closes its copies, so
     the file is free once the parent lets go of it, not once every child (a data loader's
     workers, say) has exited. The child has no copy of the mapping (MADV_DONTFORK)."""
+    global _generation
+    _generation += 1
+    _fork_lock.release()  # taken before the fork, by this very thread
     for ring in list(_with_files):
         ring._close_file()
 
 
-os.register_at_fork(after_in_child=_let_go_in_child)
+os.register_at_fork(
+    before=_fork_lock.acquire,
+    after_in_parent=_fork_lock.release,
+    after_in_child=_after_fork_in_child,
+)
 
 
 class HostRing:
@@ -93,22 +104,24 @@ class HostRing:
     def __init__(self, slots: int, chunk_bytes: int, cuda: bool) -> None:
         self._cudart = torch.cuda.cudart() if cuda else None  # type: ignore[no-untyped-call]
         self._nbytes = slots * chunk_bytes + HUGE_PAGE_BYTES
-        # A ring file kept from an earlier process (rings.py), else fresh anonymous memory.
-        self._file = rings.claim(self._nbytes)
-        prot, flags, fd = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, self._file
-        if fd is None:
-            flags, fd = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1
-        address = _libc.mmap(None, self._nbytes, prot, flags, fd, 0)
-        if address in (None, ctypes.c_void_p(-1).value):
-            error = ctypes.get_errno()
-            self._close_file()
-            raise OSError(error, f"mmap of the {self._nbytes}-byte ring: {os.strerror(error)}")
+        self._generation = _generation
+        with _fork_lock:
+            # A ring file kept from an earlier process (rings.py), else fresh anonymous memory.
+            self._file = rings.claim(self._nbytes)
+            prot, flags, fd = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, self._file
+            if fd is None:
+                flags, fd = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1
+            address = _libc.mmap(None, self._nbytes, prot, flags, fd, 0)
+            if address in (None, ctypes.c_void_p(-1).value):
+                error = ctypes.get_errno()
+                self._close_file()
+                raise OSError(error, f"mmap of the {self._nbytes}-byte ring: {os.strerror(error)}")
+            # A forked child would otherwise keep the ring file's pages (or copy-on-write
+            # pinned memory) for as long as it lives, though it cannot use the ring.
+            _libc.madvise(address, self._nbytes, MADV_DONTFORK)
+            if self._file is not None:
+                _with_files.add(self)
         self._address: int = address
-        if self._file is not None:
-            _with_files.add(self)
-        # A forked child would otherwise keep the ring file's pages (or copy-on-write pinned
-        # memory) for as long as it lives, though it cannot use the ring.
-        _libc.madvise(address, self._nbytes, MADV_DONTFORK)
         start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
         _libc.madvise(start, slots * chunk_bytes, MADV_HUGEPAGE)
         try:
@@ -165,9 +178,17 @@ class HostRing:
             return
         slot.locked = True
 
+    @property
+    def inherited(self) -> bool:
+        """Made before a fork() of which this process is the child: the parent's, not ours
+        (no mapping, no preparing thread, no file here)."""
+        return self._generation != _generation
+
     def close(self) -> None:
         """Stops preparing (a ring closed at once, as after a load left to the plain loader,
         waits for at most the slots being faulted in), then frees everything."""
+        if self.inherited:  # its address may be another mapping's by now
+            return
         self._closing.set()
         if self._preparer is not None:
             self._preparer.join()
@@ -180,10 +201,11 @@ class HostRing:
 
     def _close_file(self) -> None:
         """Lets go of the ring file (its lock): the next process may claim it."""
-        if self._file is not None:
-            _with_files.discard(self)
-            os.close(self._file)
-            self._file = None
+        with _fork_lock:
+            if self._file is not None:
+                _with_files.discard(self)
+                os.close(self._file)
+                self._file = None
 
 
 def fault_in(slot: Slot) -> None:

@@ -214,7 +214,6 @@ class Ring:
         self.device = device
         self.threads = threads
         self.ring_bytes = ring_bytes
-        self._pid = os.getpid()  # a child of fork() has none of the threads, stream or slots
         slots = 2 * threads  # one being read by each thread, one whose copy is in flight
         self.chunk_bytes = max(ring_bytes // slots // PAGE_BYTES * PAGE_BYTES, PAGE_BYTES)
         cuda = device.type == "cuda"
@@ -236,8 +235,8 @@ class Ring:
             raise
 
     def matches(self, device: torch.device, threads: int, ring_bytes: int) -> bool:
-        mine = (self._pid, self.device, self.threads, self.ring_bytes)
-        return mine == (os.getpid(), device, threads, ring_bytes)
+        mine = (self.device, self.threads, self.ring_bytes)
+        return not self._host.inherited and mine == (device, threads, ring_bytes)
 
     def run(self, segments: Sequence[Segment | Strided]) -> None:
         """Copies every segment into its target; returns once all bytes are on the device."""
@@ -301,7 +300,7 @@ class Ring:
         return gap
 
     def close(self) -> None:
-        if os.getpid() != self._pid:  # inherited over fork(): nothing of it is this process's
+        if self._host.inherited:  # a fork()'s child has none of its threads, stream or slots
             return
         with contextlib.ExitStack() as after:  # each runs, last first, whatever raises
             after.callback(self._host.close)

@@ -14,6 +14,7 @@ import os
 import select
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ramstage import fastload
+from ramstage import fastload, rings
 from ramstage.fastload import hostring, pipeline, stream
 
 pytestmark = pytest.mark.torch
@@ -190,7 +191,7 @@ def test_a_load_through_a_ring_file_gives_what_the_plain_loader_gives(
     assert len(list(ring_files.iterdir())) == 1
 
 
-def test_a_child_of_fork_neither_holds_nor_maps_the_parents_ring_file(
+def test_a_child_of_fork_neither_holds_nor_maps_nor_frees_the_parents_ring(
     ring_files: Path, tmp_path: Path
 ) -> None:
     state = {f"w{i}": torch.randn(3000 + i) for i in range(4)}
@@ -202,42 +203,87 @@ def test_a_child_of_fork_neither_holds_nor_maps_the_parents_ring_file(
     report_r, report_w = os.pipe()
     done_r, done_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: what it holds and maps, then a load of its own; waits to exit
+    if pid == 0:  # the child: what it holds and maps, then loads on its own; waits to exit
         code = 1
         try:
+            os.close(report_r)
+            os.close(done_w)
             held = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
             mapped = Path("/proc/self/maps").read_text()
+            unmapped: list[int] = []
+            munmap = hostring._libc.munmap
+            hostring._libc.munmap = lambda address, n: (
+                unmapped.append(address) or munmap(address, n)
+            )
+            inherited = loader._ring._host  # type: ignore[union-attr]
+            loader.release()  # the parent's ring: nothing of it to free here
             got = loader.load(tmp_path / "m.pt", "cpu", **settings)  # on a ring of its own
             same = all(torch.equal(got[name], tensor) for name, tensor in state.items())
-            os.write(report_w, repr((str(parents) in held, str(parents) in mapped, same)).encode())
+            facts = (str(parents) in held, str(parents) in mapped, inherited._address in unmapped)
+            os.write(report_w, repr((*facts, same)).encode())
             os.read(done_r, 1)
             code = 0
         finally:
             os._exit(code)
+    os.close(report_w)
+    os.close(done_r)
     reported = False
     try:
         # A child that went on with the parent's ring would wait forever for its dead threads.
         reported = bool(select.select([report_r], [], [], 60)[0])
         assert reported, "the child's load did not finish"
         report = os.read(report_r, 100).decode()
-        assert report == "(False, False, True)"  # neither held nor mapped; the child's load right
+        # Neither held, mapped nor unmapped by the child; its own load gave the right tensors.
+        assert report == "(False, False, False, True)", report or "the child failed"
         loader.release()
         # With the child still running, the parent's file is free: no copy of its lock is left.
-        assert os.path.basename(parents) in {p.name for p in ring_files.iterdir()}
+        assert parents.name in {p.name for p in ring_files.iterdir()}
         probe = os.open(parents, os.O_RDONLY)
         try:
             fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:
             os.close(probe)
     finally:
-        os.write(done_w, b"x")
+        os.close(done_w)  # the child exits
         if not reported:
             os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
+        os.close(report_r)
         loader.release()
-        for fd in (report_r, report_w, done_r, done_w):
-            os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_fork_while_a_ring_claims_its_file_waits_and_the_child_holds_nothing(
+    ring_files: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claiming = threading.Event()
+    allocate = rings._allocate
+
+    def slow_allocate(fd: int, nbytes: int) -> None:  # the file is open and locked meanwhile
+        claiming.set()
+        time.sleep(0.5)
+        allocate(fd, nbytes)
+
+    monkeypatch.setattr(rings, "_allocate", slow_allocate)
+    made: list[hostring.HostRing] = []
+    maker = threading.Thread(target=lambda: made.append(hostring.HostRing(6, SLOT_BYTES, False)))
+    maker.start()
+    claiming.wait()
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        held = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+        os.write(report_w, repr(any(str(ring_files) in path for path in held)).encode())
+        os._exit(0)
+    os.close(report_w)
+    try:
+        assert os.read(report_r, 10) == b"False"  # the fork waited for the claim, then let go
+    finally:
+        os.waitpid(pid, 0)
+        os.close(report_r)
+        maker.join()
+        for ring in made:
+            ring.close()
 
 
 def test_a_ring_starts_its_readers_before_it_prepares_the_slots(
