@@ -71,8 +71,8 @@ class Slot:
         self.locked = False
 
 
-# The rings of this process that hold a ring file open (and so its lock).
-_with_files: weakref.WeakSet[HostRing] = weakref.WeakSet()
+# The rings of this process not yet closed.
+_open_rings: weakref.WeakSet[HostRing] = weakref.WeakSet()
 # Held while a ring claims its file and maps it, and while it lets the file go: a fork() waits,
 # so its child never copies a descriptor or a mapping not yet marked as the parent's.
 _fork_lock = threading.RLock()
@@ -83,12 +83,15 @@ def _after_fork_in_child() -> None:
     """A child of fork() shares each ring file's open description with its parent, and with
     it the lock (flock(2) locks belong to the description): the child closes its copies, so
     the file is free once the parent lets go of it, not once every child (a data loader's
-    workers, say) has exited. The child has no copy of the mapping (MADV_DONTFORK)."""
+    workers, say) has exited. The child has no copy of the mapping (MADV_DONTFORK), and keeps
+    each ring object for good: freeing its CUDA events there would call a driver that a forked
+    child cannot use (PyTorch aborts the process)."""
     global _generation
     _generation += 1
     _fork_lock.release()  # taken before the fork, by this very thread
-    for ring in list(_with_files):
+    for ring in list(_open_rings):
         ring._close_file()
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(ring))
 
 
 os.register_at_fork(
@@ -119,8 +122,7 @@ class HostRing:
             # A forked child would otherwise keep the ring file's pages (or copy-on-write
             # pinned memory) for as long as it lives, though it cannot use the ring.
             _libc.madvise(address, self._nbytes, MADV_DONTFORK)
-            if self._file is not None:
-                _with_files.add(self)
+            _open_rings.add(self)
         self._address: int = address
         start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
         _libc.madvise(start, slots * chunk_bytes, MADV_HUGEPAGE)
@@ -197,13 +199,13 @@ class HostRing:
                 self._cudart.cudaHostUnregister(slot.tensor.data_ptr())
         self.slots.clear()
         _libc.munmap(self._address, self._nbytes)
+        _open_rings.discard(self)
         self._close_file()
 
     def _close_file(self) -> None:
         """Lets go of the ring file (its lock): the next process may claim it."""
         with _fork_lock:
             if self._file is not None:
-                _with_files.discard(self)
                 os.close(self._file)
                 self._file = None
 
