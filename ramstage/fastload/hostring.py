@@ -91,6 +91,7 @@ def _after_fork_in_child() -> None:
     _fork_lock.release()  # taken before the fork, by this very thread
     for ring in list(_open_rings):
         ring._close_file()
+        # A reference no one holds: a list of them would be emptied when the child exits.
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(ring))
 
 
@@ -183,14 +184,12 @@ class HostRing:
     @property
     def inherited(self) -> bool:
         """Made before a fork() of which this process is the child: the parent's, not ours
-        (no mapping, no preparing thread, no file here)."""
+        (no mapping, no preparing thread, no file here), so never to be closed here."""
         return self._generation != _generation
 
     def close(self) -> None:
         """Stops preparing (a ring closed at once, as after a load left to the plain loader,
         waits for at most the slots being faulted in), then frees everything."""
-        if self.inherited:  # its address may be another mapping's by now
-            return
         self._closing.set()
         if self._preparer is not None:
             self._preparer.join()

@@ -300,8 +300,8 @@ class Ring:
         return gap
 
     def close(self) -> None:
-        if self._host.inherited:  # a fork()'s child has none of its threads, stream or slots
-            return
+        if self._host.inherited:  # a fork()'s child has none of its threads, stream or slots,
+            return  # and the ring's address may be another mapping's there by now
         with contextlib.ExitStack() as after:  # each runs, last first, whatever raises
             after.callback(self._host.close)
             after.callback(self._free_stream)

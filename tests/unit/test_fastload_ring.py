@@ -193,6 +193,11 @@ def test_a_load_through_a_ring_file_gives_what_the_plain_loader_gives(
     assert len(list(ring_files.iterdir())) == 1
 
 
+def open_paths() -> set[str]:
+    """What this process's descriptors are open on."""
+    return {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+
+
 def test_a_child_of_fork_neither_holds_nor_maps_nor_frees_the_parents_ring_but_keeps_it(
     ring_files: Path, tmp_path: Path
 ) -> None:
@@ -210,7 +215,7 @@ def test_a_child_of_fork_neither_holds_nor_maps_nor_frees_the_parents_ring_but_k
         try:
             os.close(report_r)
             os.close(done_w)
-            held = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+            held = open_paths()
             mapped = Path("/proc/self/maps").read_text()
             unmapped: list[int] = []
             munmap = hostring._libc.munmap
@@ -276,10 +281,12 @@ def test_a_fork_while_a_ring_claims_its_file_waits_and_the_child_holds_nothing(
     claiming.wait()
     report_r, report_w = os.pipe()
     pid = os.fork()
-    if pid == 0:
-        held = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
-        os.write(report_w, repr(any(str(ring_files) in path for path in held)).encode())
-        os._exit(0)
+    if pid == 0:  # the child reports what it holds, and never returns into pytest
+        try:
+            held = any(str(ring_files) in path for path in open_paths())
+            os.write(report_w, repr(held).encode())
+        finally:
+            os._exit(0)
     os.close(report_w)
     try:
         assert os.read(report_r, 10) == b"False"  # the fork waited for the claim, then let go
