@@ -361,6 +361,7 @@ def main() -> int:
 
 
 def environment() -> dict[str, Any]:
+    from ramstage.fastload import native
     from ramstage.fastload.stream import copy_stream
 
     thp = Path("/sys/kernel/mm/transparent_hugepage")
@@ -370,6 +371,8 @@ def environment() -> dict[str, Any]:
     return {
         # ExternalStream: made by the driver; Stream: torch's pool (the slower first call)
         "fastload_copy_stream": type(stream).__name__,
+        # the C copy loop (setup.py built it), else the Python loop
+        "fastload_copy_loop": "C" if native.LIBRARY is not None else "Python",
         "gpu": torch.cuda.get_device_name(DEVICE),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -3,7 +3,8 @@
 Several threads read file chunks with os.preadv into slots of one host ring that is kept between
 loads. Each slot's bytes are copied to the device on one CUDA stream without blocking the thread;
 an event recorded after the copy guards the slot, so it is read into again only after the device
-has taken its bytes.
+has taken its bytes. Where it was built, that loop is C (native.py, copyloop.c), which holds no
+GIL between reads; the Python loop here runs without it and for rows gathered by numpy.
 
 The ring's host memory (hostring.py) is faulted in and page-locked by a background thread
 from the ring's creation on, and each slot goes to the readers as soon as it is locked, so a
@@ -35,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from ramstage.fastload import native
 from ramstage.fastload.hostring import PAGE_BYTES, HostRing, Slot
 from ramstage.fastload.stream import copy_stream
 
@@ -177,7 +179,7 @@ def read_exact(fd: int, buffers: list[memoryview], offset: int) -> None:
     while first < len(buffers):
         n = os.preadv(fd, buffers[first:], offset)
         if n == 0:
-            raise EOFError(f"file ends at byte {offset}, before the data its header describes")
+            raise native.ended(offset)
         offset += n
         while first < len(buffers) and n >= len(buffers[first]):
             n -= len(buffers[first])
@@ -219,6 +221,7 @@ class Ring:
         cuda = device.type == "cuda"
         self._host = HostRing(slots, self.chunk_bytes, cuda)
         self._stream: torch.cuda.Stream | None = None
+        self._loop: native.CopyLoop | None = None
         self._free_stream: Callable[[], object] = lambda: None
         self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ramstage-fastload")
@@ -226,10 +229,14 @@ class Ring:
         try:
             if cuda:
                 self._stream, self._free_stream = copy_stream(device)
+            addresses = [slot.tensor.data_ptr() for slot in self._host.slots]
+            self._loop = native.copy_loop(addresses, device, self._stream)
             _start_all(self._pool, threads)
-            self._host.prepare_all(self._free.put, device)  # in the background, from now on
+            self._host.prepare_all(self._hand_over, device)  # in the background, from now on
         except BaseException:  # no stream or no thread: free the ring's memory now
             self._pool.shutdown(wait=False)
+            if self._loop is not None:
+                self._loop.close()
             self._free_stream()
             self._host.close()
             raise
@@ -249,6 +256,9 @@ class Ring:
         job = _Job(chunks, _map_strided_sources(chunks, fds))
         try:
             workers = min(self.threads, len(chunks))
+            if self._loop is not None and not any(chunk.row_stride for chunk in chunks):
+                self._loop.run(chunks, fds, workers)  # all of it in C
+                return
             futures: list[Future[None]] = [
                 self._pool.submit(self._work, job, fds) for _ in range(workers)
             ]
@@ -261,6 +271,11 @@ class Ring:
                 self._stream.synchronize()
             for fd in fds.values():
                 os.close(fd)
+
+    def _hand_over(self, slot: Slot) -> None:
+        self._free.put(slot)
+        if self._loop is not None:
+            self._loop.ready.value += 1  # slots come in order: the C loop may use this one too
 
     def _work(self, job: _Job, fds: dict[str, int]) -> None:
         if self._stream is None:
@@ -305,6 +320,8 @@ class Ring:
         with contextlib.ExitStack() as after:  # each runs, last first, whatever raises
             after.callback(self._host.close)
             after.callback(self._free_stream)
+            if self._loop is not None:
+                after.callback(self._loop.close)
             self._pool.shutdown(wait=True)
             if self._stream is not None:
                 self._stream.synchronize()

@@ -24,7 +24,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ramstage import fastload
-from ramstage.fastload import torchzip
+from ramstage.fastload import native, torchzip
 from ramstage.fastload.pipeline import Segment, plan_chunks
 
 pytestmark = pytest.mark.torch
@@ -59,10 +59,19 @@ ST_NAMES = {
 }
 
 
-@pytest.fixture(params=TARGETS)
-def target(request: pytest.FixtureRequest) -> Iterator[tuple[fastload.Loader, Any]]:
+@pytest.fixture(params=[(device, loop) for device in TARGETS for loop in ("C", "Python")])
+def target(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[fastload.Loader, Any]]:
+    """A loader on each device, its ring copying with the C loop (where it was built) or the
+    Python one."""
+    device, loop = request.param
+    if loop == "Python":
+        monkeypatch.setattr(native, "LIBRARY", None)
+    elif native.LIBRARY is None:
+        pytest.skip("the C copy loop was not built (no C compiler at install)")
     loader = fastload.Loader(pipeline_on_cpu=True)
-    yield loader, torch.device(request.param)
+    yield loader, torch.device(device)
     loader.release()
 
 

@@ -1,0 +1,249 @@
+/* The fast loader's copy loop in C: the same pipeline as pipeline.Ring's Python loop, with no
+ * Python (and no GIL) between one read and the next.
+ *
+ * Threads take the chunks in order, each a free ring slot: wait for the slot's last copy to
+ * leave it (its event), pread(2) the chunk into it, issue each piece's host-to-device copy on
+ * the one copy stream, record the slot's event, and free the slot. Slots become usable as the
+ * ring's preparing thread hands them over: *ready counts them, in slot order.
+ *
+ * Without driver entry points (cuda.copy NULL), the pieces are copied with memcpy: the
+ * pipeline with the CPU as its target, which the tests run where there is no GPU.
+ *
+ * Built as ramstage/fastload/_copyloop*.so where a C compiler was at hand (setup.py) and loaded
+ * with ctypes (native.py); it uses no Python API. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef int (*copy_fn)(uint64_t dst, const void *src, size_t nbytes, void *stream);
+typedef int (*record_fn)(void *event, void *stream);
+typedef int (*event_fn)(void *event);
+typedef int (*context_fn)(void *context);
+typedef int (*pop_fn)(void **context);
+
+/* cuMemcpyHtoDAsync_v2, cuEventRecord, cuEventSynchronize, cuCtxSetCurrent,
+ * cuCtxPushCurrent_v2 and cuCtxPopCurrent_v2, as ctypes found them in libcuda.so.1, with the
+ * device's primary context, the copy stream and one event per slot. */
+struct rs_cuda {
+    copy_fn copy;
+    record_fn record;
+    event_fn synchronize;
+    context_fn set_context;
+    context_fn push_context;
+    pop_fn pop_context;
+    void *context;
+    void *stream;
+    void *const *events;
+};
+
+struct rs_piece {
+    uint64_t chunk_offset, target, nbytes;
+};
+
+struct rs_chunk {
+    int64_t fd;
+    uint64_t file_offset, nbytes, first_piece, pieces;
+};
+
+/* What went wrong first: kind 1 a read failed (code: errno), 2 the file ended (at offset), 3
+ * a driver call failed (code: its CUresult). */
+struct rs_error {
+    int64_t kind, code, offset;
+};
+
+struct rs_job {
+    const struct rs_chunk *chunks;
+    int64_t chunk_count;
+    const struct rs_piece *pieces;
+    const uint64_t *slots; /* each slot's address, slot_bytes long */
+    int64_t slot_count;
+    const volatile int32_t *ready; /* slots handed over so far, in order */
+    const struct rs_cuda *cuda;
+    struct rs_error *error;
+    char *recorded;
+    int *free_slots; /* a queue, oldest first: its copy is the likeliest to have left */
+    int64_t free_first, free_count, next_chunk, known_ready;
+    pthread_mutex_t lock;
+};
+
+static void fail(struct rs_job *job, int64_t kind, int64_t code, int64_t offset) {
+    pthread_mutex_lock(&job->lock);
+    if (job->error->kind == 0) {
+        job->error->kind = kind;
+        job->error->code = code;
+        job->error->offset = offset;
+    }
+    pthread_mutex_unlock(&job->lock);
+}
+
+/* Under the lock: a free slot to the queue's end. */
+static void put(struct rs_job *job, int slot) {
+    job->free_slots[(job->free_first + job->free_count++) % job->slot_count] = slot;
+}
+
+/* Under the lock: the next chunk and a free slot for it, or -1 when done or failed. Slots
+ * handed over since the last look join the free ones; none free, it waits a little. */
+static int64_t take(struct rs_job *job, int *slot) {
+    const struct timespec pause = {0, 20000};
+    pthread_mutex_lock(&job->lock);
+    for (;;) {
+        if (job->error->kind != 0 || job->next_chunk == job->chunk_count) {
+            pthread_mutex_unlock(&job->lock);
+            return -1;
+        }
+        int64_t ready = __atomic_load_n(job->ready, __ATOMIC_ACQUIRE);
+        while (job->known_ready < ready && job->known_ready < job->slot_count)
+            put(job, (int)job->known_ready++);
+        if (job->free_count > 0)
+            break;
+        pthread_mutex_unlock(&job->lock);
+        nanosleep(&pause, NULL); /* every slot in use: one frees as its copy is waited for */
+        pthread_mutex_lock(&job->lock);
+    }
+    *slot = job->free_slots[job->free_first];
+    job->free_first = (job->free_first + 1) % job->slot_count;
+    job->free_count--;
+    int64_t chunk = job->next_chunk++;
+    pthread_mutex_unlock(&job->lock);
+    return chunk;
+}
+
+static void give_back(struct rs_job *job, int slot, char recorded) {
+    pthread_mutex_lock(&job->lock);
+    job->recorded[slot] = recorded;
+    put(job, slot);
+    pthread_mutex_unlock(&job->lock);
+}
+
+static int read_chunk(struct rs_job *job, const struct rs_chunk *chunk, char *memory) {
+    uint64_t done = 0;
+    while (done < chunk->nbytes) {
+        ssize_t n = pread((int)chunk->fd, memory + done, chunk->nbytes - done,
+                          (off_t)(chunk->file_offset + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            fail(job, 1, errno, (int64_t)(chunk->file_offset + done));
+            return -1;
+        }
+        if (n == 0) {
+            fail(job, 2, 0, (int64_t)(chunk->file_offset + done));
+            return -1;
+        }
+        done += (uint64_t)n;
+    }
+    return 0;
+}
+
+/* The pieces to their targets; on a GPU, then the slot's event. */
+static int copy_chunk(struct rs_job *job, const struct rs_chunk *chunk, const char *memory,
+                      int slot) {
+    const struct rs_cuda *cuda = job->cuda;
+    for (uint64_t i = 0; i < chunk->pieces; i++) {
+        const struct rs_piece *piece = &job->pieces[chunk->first_piece + i];
+        const char *source = memory + piece->chunk_offset;
+        if (cuda == NULL) {
+            memcpy((void *)(uintptr_t)piece->target, source, piece->nbytes);
+            continue;
+        }
+        int error = cuda->copy(piece->target, source, piece->nbytes, cuda->stream);
+        if (error != 0) {
+            fail(job, 3, error, (int64_t)chunk->file_offset);
+            return -1;
+        }
+    }
+    if (cuda != NULL) {
+        int error = cuda->record(job->cuda->events[slot], cuda->stream);
+        if (error != 0) {
+            fail(job, 3, error, (int64_t)chunk->file_offset);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void *work(void *argument) {
+    struct rs_job *job = argument;
+    const struct rs_cuda *cuda = job->cuda;
+    if (cuda != NULL) {
+        int error = cuda->set_context(cuda->context);
+        if (error != 0) {
+            fail(job, 3, error, 0);
+            return NULL;
+        }
+    }
+    int slot;
+    int64_t index;
+    while ((index = take(job, &slot)) >= 0) {
+        const struct rs_chunk *chunk = &job->chunks[index];
+        char *memory = (char *)(uintptr_t)job->slots[slot];
+        char recorded = 0;
+        if (job->recorded[slot]) {
+            int error = cuda->synchronize(cuda->events[slot]); /* its last copy has left it */
+            if (error != 0)
+                fail(job, 3, error, (int64_t)chunk->file_offset);
+        }
+        if (job->error->kind == 0 && read_chunk(job, chunk, memory) == 0)
+            recorded = copy_chunk(job, chunk, memory, slot) == 0 && cuda != NULL;
+        give_back(job, slot, recorded);
+    }
+    return NULL;
+}
+
+/* Runs every chunk through `threads` threads (the caller's among them) and returns once all
+ * are read and their copies issued (the caller synchronizes the stream); 0, or -1 with
+ * *error set. */
+int rs_copy(int32_t threads, const struct rs_chunk *chunks, int64_t chunk_count,
+            const struct rs_piece *pieces, const uint64_t *slots, int64_t slot_count,
+            const volatile int32_t *ready, const struct rs_cuda *cuda, struct rs_error *error) {
+    struct rs_job job = {
+        .chunks = chunks,
+        .chunk_count = chunk_count,
+        .pieces = pieces,
+        .slots = slots,
+        .slot_count = slot_count,
+        .ready = ready,
+        .cuda = cuda,
+        .error = error,
+    };
+    memset(error, 0, sizeof *error);
+    job.recorded = calloc((size_t)slot_count, 1);
+    job.free_slots = calloc((size_t)slot_count, sizeof *job.free_slots);
+    pthread_t *started = calloc((size_t)threads, sizeof *started);
+    if (job.recorded == NULL || job.free_slots == NULL || started == NULL) {
+        error->kind = 1;
+        error->code = ENOMEM;
+    }
+    /* The caller works too, in the device's context pushed for the call: its own stays. */
+    int push_error = cuda != NULL && error->kind == 0 ? cuda->push_context(cuda->context) : 0;
+    if (push_error != 0) {
+        error->kind = 3;
+        error->code = push_error;
+    }
+    int count = 0;
+    if (error->kind == 0) {
+        pthread_mutex_init(&job.lock, NULL);
+        /* Threads that cannot be started leave their share to the others, the caller's too. */
+        while (count < threads - 1 && pthread_create(&started[count], NULL, work, &job) == 0)
+            count++;
+        work(&job);
+        for (int i = 0; i < count; i++)
+            pthread_join(started[i], NULL);
+        for (int64_t i = 0; cuda != NULL && i < slot_count; i++)
+            if (job.recorded[i])
+                cuda->synchronize(cuda->events[i]);
+        pthread_mutex_destroy(&job.lock);
+        if (cuda != NULL) {
+            void *popped;
+            cuda->pop_context(&popped);
+        }
+    }
+    free(job.recorded);
+    free(job.free_slots);
+    free(started);
+    return error->kind == 0 ? 0 : -1;
+}
