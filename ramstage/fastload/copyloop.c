@@ -61,7 +61,7 @@ struct rs_job {
     const struct rs_piece *pieces;
     const uint64_t *slots; /* each slot's address, slot_bytes long */
     int64_t slot_count;
-    const volatile int32_t *ready; /* slots handed over so far, in order */
+    const volatile int32_t *ready; /* slots handed over so far, in order (one writer) */
     const struct rs_cuda *cuda;
     struct rs_error *error;
     char *recorded;
@@ -73,7 +73,7 @@ struct rs_job {
 static void fail(struct rs_job *job, int64_t kind, int64_t code, int64_t offset) {
     pthread_mutex_lock(&job->lock);
     if (job->error->kind == 0) {
-        job->error->kind = kind;
+        __atomic_store_n(&job->error->kind, kind, __ATOMIC_RELAXED);
         job->error->code = code;
         job->error->offset = offset;
     }
@@ -91,7 +91,7 @@ static int64_t take(struct rs_job *job, int *slot) {
     const struct timespec pause = {0, 20000};
     pthread_mutex_lock(&job->lock);
     for (;;) {
-        if (job->error->kind != 0 || job->next_chunk == job->chunk_count) {
+        if (job->error->kind != 0 || job->next_chunk == job->chunk_count) { /* under the lock */
             pthread_mutex_unlock(&job->lock);
             return -1;
         }
@@ -166,16 +166,13 @@ static int copy_chunk(struct rs_job *job, const struct rs_chunk *chunk, const ch
     return 0;
 }
 
-static void *work(void *argument) {
-    struct rs_job *job = argument;
+static int failed(struct rs_job *job) {
+    return __atomic_load_n(&job->error->kind, __ATOMIC_RELAXED) != 0;
+}
+
+/* Takes chunks until none is left or one failed. */
+static void work(struct rs_job *job) {
     const struct rs_cuda *cuda = job->cuda;
-    if (cuda != NULL) {
-        int error = cuda->set_context(cuda->context);
-        if (error != 0) {
-            fail(job, 3, error, 0);
-            return NULL;
-        }
-    }
     int slot;
     int64_t index;
     while ((index = take(job, &slot)) >= 0) {
@@ -187,10 +184,21 @@ static void *work(void *argument) {
             if (error != 0)
                 fail(job, 3, error, (int64_t)chunk->file_offset);
         }
-        if (job->error->kind == 0 && read_chunk(job, chunk, memory) == 0)
+        if (!failed(job) && read_chunk(job, chunk, memory) == 0)
             recorded = copy_chunk(job, chunk, memory, slot) == 0 && cuda != NULL;
         give_back(job, slot, recorded);
     }
+}
+
+/* A started thread: the device's context current in it first. */
+static void *start(void *argument) {
+    struct rs_job *job = argument;
+    const struct rs_cuda *cuda = job->cuda;
+    int error = cuda != NULL ? cuda->set_context(cuda->context) : 0;
+    if (error != 0)
+        fail(job, 3, error, 0);
+    else
+        work(job);
     return NULL;
 }
 
@@ -228,7 +236,7 @@ int rs_copy(int32_t threads, const struct rs_chunk *chunks, int64_t chunk_count,
     if (error->kind == 0) {
         pthread_mutex_init(&job.lock, NULL);
         /* Threads that cannot be started leave their share to the others, the caller's too. */
-        while (count < threads - 1 && pthread_create(&started[count], NULL, work, &job) == 0)
+        while (count < threads - 1 && pthread_create(&started[count], NULL, start, &job) == 0)
             count++;
         work(&job);
         for (int i = 0; i < count; i++)

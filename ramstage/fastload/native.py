@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import logging
 import os
 from collections.abc import Sequence
 from ctypes import c_int32, c_int64, c_uint64, c_void_p
@@ -20,8 +21,8 @@ from typing import Any, Callable
 
 import torch
 
-# cuda.h
-CU_EVENT_DISABLE_TIMING = 2
+# cuda.h: CU_EVENT_DISABLE_TIMING, as torch's own events (spinning, not blocking, on a wait)
+EVENT_FLAGS = 2
 DRIVER_CALLS = (
     "cuMemcpyHtoDAsync_v2",
     "cuEventRecord",
@@ -58,13 +59,19 @@ def _library() -> ctypes.CDLL | None:
     spec = importlib.util.find_spec("ramstage.fastload._copyloop")
     if spec is None or spec.origin is None:
         return None
-    library = ctypes.CDLL(spec.origin)
-    library.rs_copy.restype = c_int32
-    library.rs_copy.argtypes = (c_int32, c_void_p, c_int64, c_void_p, c_void_p, c_int64)
-    library.rs_copy.argtypes += (c_void_p, c_void_p, c_void_p)
+    try:
+        library = ctypes.CDLL(spec.origin)
+        copy = library.rs_copy
+    except (OSError, AttributeError) as error:  # not loadable here (another machine's build)
+        log.warning("fastload: the C copy loop %s cannot be used (%s)", spec.origin, error)
+        return None
+    copy.restype = c_int32
+    copy.argtypes = (c_int32, c_void_p, c_int64, c_void_p, c_void_p, c_int64)
+    copy.argtypes += (c_void_p, c_void_p, c_void_p)
     return library
 
 
+log = logging.getLogger("ramstage.fastload")
 LIBRARY = _library()
 
 
@@ -94,6 +101,9 @@ class CopyLoop:
         the stream."""
         assert LIBRARY is not None
         pieces = [piece for chunk in chunks for piece in chunk.pieces]
+        for p in pieces:  # the C loop writes where it is told: a planning error must not
+            if p.target_offset + p.nbytes > p.target.numel():  # land in another allocation
+                raise ValueError(f"a piece of {p.nbytes} bytes runs past its target")
         piece_array = (_Piece * len(pieces))(
             *(
                 _Piece(p.chunk_offset, p.target.data_ptr() + p.target_offset, p.nbytes)
@@ -133,37 +143,52 @@ def copy_loop(slots: Sequence[int], device: torch.device, stream: Any) -> CopyLo
         calls = [ctypes.cast(getattr(driver, name), c_void_p) for name in DRIVER_CALLS]
     except (OSError, AttributeError):
         return None
-    made = _context_and_events(driver, device, len(slots))
+    handle = c_void_p(stream.cuda_stream)
+    made = stream_context_and_events(driver, handle, len(slots))
     if made is None:
+        log.warning("fastload: the CUDA driver refused the C copy loop; copying with Python's")
         return None
     context, events, free = made
-    cuda = _Cuda(*calls, context, c_void_p(stream.cuda_stream), ctypes.cast(events, c_void_p))
+    cuda = _Cuda(*calls, context, handle, ctypes.cast(events, c_void_p))
     return CopyLoop(slots, cuda, free)
 
 
-def _context_and_events(
-    driver: Any, device: torch.device, count: int
+def stream_context_and_events(
+    driver: Any, stream: c_void_p, count: int
 ) -> tuple[c_void_p, Any, Callable[[], None]] | None:
-    """The device's primary context (torch's) and `count` events made in it, with what frees
-    them; None after any driver error."""
+    """The copy stream's context (the device's primary one, torch's) and `count` events made
+    in it, with what frees them; None after any driver error. The context is pushed for each
+    call, so the caller's own stays current."""
     context = c_void_p()
+    if driver.cuStreamGetCtx(stream, ctypes.byref(context)) != 0 or not context.value:
+        return None
     events = (c_void_p * count)()
     made = 0
-    with torch.cuda.device(device):  # the primary context made current, as torch uses it
-        if driver.cuCtxGetCurrent(ctypes.byref(context)) != 0 or not context.value:
-            return None
-        while made < count:
-            where = ctypes.byref(events, made * ctypes.sizeof(c_void_p))
-            if driver.cuEventCreate(where, CU_EVENT_DISABLE_TIMING) != 0:
-                break
+
+    def in_context(calls: Callable[[], object]) -> bool:
+        if driver.cuCtxPushCurrent_v2(context) != 0:
+            return False
+        try:
+            calls()
+        finally:
+            driver.cuCtxPopCurrent_v2(ctypes.byref(c_void_p()))
+        return True
+
+    def make() -> None:
+        nonlocal made
+        event = c_void_p()
+        while made < count and driver.cuEventCreate(ctypes.byref(event), EVENT_FLAGS) == 0:
+            events[made] = event.value
             made += 1
 
-    def free() -> None:
-        with torch.cuda.device(device):
-            for event in events[:made]:
-                driver.cuEventDestroy_v2(c_void_p(event))
+    def destroy() -> None:
+        for event in events[:made]:
+            driver.cuEventDestroy_v2(c_void_p(event))
 
-    if made < count:
+    def free() -> None:
+        in_context(destroy)
+
+    if not in_context(make) or made < count:
         free()
         return None
     return context, events, free

@@ -234,11 +234,7 @@ class Ring:
             _start_all(self._pool, threads)
             self._host.prepare_all(self._hand_over, device)  # in the background, from now on
         except BaseException:  # no stream or no thread: free the ring's memory now
-            self._pool.shutdown(wait=False)
-            if self._loop is not None:
-                self._loop.close()
-            self._free_stream()
-            self._host.close()
+            self._free_all(wait=False)
             raise
 
     def matches(self, device: torch.device, threads: int, ring_bytes: int) -> bool:
@@ -317,13 +313,18 @@ class Ring:
     def close(self) -> None:
         if self._host.inherited:  # a fork()'s child has none of its threads, stream or slots,
             return  # and the ring's address may be another mapping's there by now
+        self._free_all(wait=True)
+
+    def _free_all(self, *, wait: bool) -> None:
+        """Frees the threads, the C loop's events, the stream and the host memory; with wait,
+        after the threads' last copies have left."""
         with contextlib.ExitStack() as after:  # each runs, last first, whatever raises
             after.callback(self._host.close)
             after.callback(self._free_stream)
             if self._loop is not None:
                 after.callback(self._loop.close)
-            self._pool.shutdown(wait=True)
-            if self._stream is not None:
+            self._pool.shutdown(wait=wait)
+            if wait and self._stream is not None:
                 self._stream.synchronize()
 
 

@@ -70,6 +70,15 @@ def target(
         monkeypatch.setattr(native, "LIBRARY", None)
     elif native.LIBRARY is None:
         pytest.skip("the C copy loop was not built (no C compiler at install)")
+    else:
+        made = native.copy_loop
+
+        def copy_loop(*args: Any) -> Any:
+            got = made(*args)
+            assert got is not None, "the ring fell back to the Python loop"
+            return got
+
+        monkeypatch.setattr(native, "copy_loop", copy_loop)
     loader = fastload.Loader(pipeline_on_cpu=True)
     yield loader, torch.device(device)
     loader.release()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,14 +39,19 @@ def built() -> None:
 
 class FakeDriver:
     """The driver calls the loop makes, as ctypes callbacks: copies are memmoves into host
-    memory, events count their records and waits. Fails the call named `fail` with 700."""
+    memory, events count their records and waits, and the streams and contexts it is given are
+    kept for the test to check (an assert in a callback would not reach pytest). Fails the call
+    named `fail` with 700."""
 
     def __init__(self, fail: str = "") -> None:
         self.fail = fail
         self.records: dict[int, int] = {}
         self.waits: dict[int, int] = {}
         self.contexts: list[int] = []
-        self.pushed = 0
+        self.streams: set[int] = set()
+        self.pushed: list[int] = []
+        self.used: list[tuple[int, int]] = []  # (slot copied from, slots ready then)
+        self.copy_seconds = 0.0
         self.slots = (ctypes.c_char * (SLOTS * SLOT_BYTES))()
         self.events = (ctypes.c_void_p * SLOTS)(*range(0x100, 0x100 + SLOTS))
         self._calls = [
@@ -65,18 +72,21 @@ class FakeDriver:
         address = ctypes.addressof(self.slots)
         loop = native.CopyLoop([address + i * SLOT_BYTES for i in range(SLOTS)], cuda)
         loop.ready.value = SLOTS
+        self._ready = loop.ready
         return loop
 
     def _status(self, name: str) -> int:
         return 700 if name == self.fail else 0
 
     def copy(self, target: int, source: int, nbytes: int, stream: int) -> int:
-        assert stream == 0x5
+        self.streams.add(stream)
+        self.used.append(((source - ctypes.addressof(self.slots)) // SLOT_BYTES, self._ready.value))
         ctypes.memmove(target, source, nbytes)
+        time.sleep(self.copy_seconds)
         return self._status("copy")
 
     def record(self, event: int, stream: int) -> int:
-        assert stream == 0x5
+        self.streams.add(stream)
         if self.fail == "record":
             return 700
         self.records[event] = self.records.get(event, 0) + 1
@@ -91,14 +101,13 @@ class FakeDriver:
         return self._status("set_context")
 
     def push(self, context: int) -> int:
-        assert context == 0xC0
         if self.fail == "push":
             return 700
-        self.pushed += 1
+        self.pushed.append(context)
         return 0
 
     def pop(self, context: Any) -> int:
-        self.pushed -= 1
+        self.pushed.pop()
         return 0
 
 
@@ -131,8 +140,9 @@ def test_on_a_gpu_every_recorded_copy_is_waited_for_and_the_callers_context_stay
     assert bytes(out.numpy()) == payload
     assert sum(driver.records.values()) == -(-len(payload) // SLOT_BYTES)  # one per chunk
     assert driver.waits == driver.records  # before the slot's next read, or at the end
-    assert set(driver.contexts) == {0xC0} and len(driver.contexts) == 3  # each thread's
-    assert driver.pushed == 0  # the caller's own context back
+    assert driver.streams == {0x5}
+    assert driver.contexts == [0xC0, 0xC0]  # made current in each started thread
+    assert driver.pushed == []  # pushed for the caller, who works too, and popped
 
 
 @pytest.mark.parametrize("fail", ["copy", "record", "synchronize", "set_context", "push"])
@@ -143,7 +153,7 @@ def test_a_driver_error_stops_the_loop_and_says_which(
     driver = FakeDriver(fail)
     with pytest.raises(RuntimeError, match="CUDA driver error 700 while copying to the device"):
         copy(driver.loop(), path, fd, len(payload))
-    assert driver.pushed == 0
+    assert driver.pushed == []
     if fail != "synchronize":
         assert all(driver.waits.get(e, 0) == n for e, n in driver.records.items())
 
@@ -195,3 +205,79 @@ def test_a_ring_copies_with_the_c_loop_and_gathered_rows_with_the_python_one(
         assert torch.equal(got["w"], want["w"][:, 24:]) and ran == [4]
     finally:
         loader.release()
+
+
+def test_slots_handed_over_during_a_run_are_used_as_they_come(
+    data: tuple[bytes, int, Path],
+) -> None:
+    """A fresh process's first load starts before the ring is prepared: the loop starts with
+    no slot, and uses each as `ready` counts it."""
+    payload, fd, path = data
+    driver = FakeDriver()
+    driver.copy_seconds = 0.002  # pieces of 1000 bytes: 4-5 copies a chunk
+    loop = driver.loop()
+    loop.ready.value = 0
+
+    def hand_over() -> None:
+        for count in range(1, SLOTS + 1):
+            time.sleep(0.01)
+            loop.ready.value = count
+
+    preparing = threading.Thread(target=hand_over)
+    preparing.start()
+    try:
+        out = copy(loop, path, fd, len(payload))
+    finally:
+        preparing.join()
+    assert bytes(out.numpy()) == payload
+    assert all(slot < ready for slot, ready in driver.used)
+    assert len({slot for slot, _ in driver.used}) > 1  # the later ones too, once ready
+
+
+class FakeContextDriver:
+    """The driver calls that make and free the C loop's events, in the copy stream's context."""
+
+    def __init__(self, fail_at: int = -1) -> None:
+        self.fail_at, self.made, self.current = fail_at, set(), [0xAA]
+
+    def cuStreamGetCtx(self, stream: Any, context: Any) -> int:
+        assert stream.value == 0x5
+        context._obj.value = 0xC0
+        return 0
+
+    def cuCtxPushCurrent_v2(self, context: Any) -> int:
+        self.current.append(context.value)
+        return 0
+
+    def cuCtxPopCurrent_v2(self, context: Any) -> int:
+        self.current.pop()
+        return 0
+
+    def cuEventCreate(self, event: Any, flags: int) -> int:
+        if len(self.made) == self.fail_at or self.current[-1] != 0xC0 or flags != 2:
+            return 1
+        event._obj.value = 0x100 + len(self.made)
+        self.made.add(event._obj.value)
+        return 0
+
+    def cuEventDestroy_v2(self, event: Any) -> int:
+        assert self.current[-1] == 0xC0
+        self.made.remove(event.value)
+        return 0
+
+
+def test_the_events_are_made_in_the_streams_context_and_freed_there() -> None:
+    driver = FakeContextDriver()
+    made = native.stream_context_and_events(driver, ctypes.c_void_p(0x5), SLOTS)
+    assert made is not None
+    context, events, free = made
+    assert context.value == 0xC0 and list(events) == [0x100 + i for i in range(SLOTS)]
+    assert driver.current == [0xAA]  # the caller's context current again
+    free()
+    assert driver.made == set() and driver.current == [0xAA]
+
+
+def test_an_event_the_driver_refuses_frees_those_made_and_gives_no_loop() -> None:
+    driver = FakeContextDriver(fail_at=2)
+    assert native.stream_context_and_events(driver, ctypes.c_void_p(0x5), SLOTS) is None
+    assert driver.made == set() and driver.current == [0xAA]
