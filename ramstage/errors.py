@@ -56,6 +56,10 @@ class Busy(RamstageError):
     wire_type = "Busy"
 
 
+class NoAnswer(RamstageError):
+    """The daemon took the request but gave no answer in time (client side only)."""
+
+
 WIRE_TYPES = {
     cls.wire_type: cls
     for cls in (RamstageError, UsageError, NotFound, NotRunning, PermissionDenied, Busy)

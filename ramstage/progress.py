@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ramstage import view
+from ramstage.errors import NoAnswer
 from ramstage.protocol import request
 
 LONG_TIMEOUT_SECONDS = 3700.0  # stage and verify: the daemon's own limit is an hour
@@ -47,15 +48,26 @@ def frames(
     live: bool,
     *,
     done: Callable[[Models], bool] = lambda models: False,
-    over: Callable[[], bool] = lambda: False,
+    over: Callable[[], bool] | None = None,
 ) -> Iterator[str]:
     """Text to print, until done(models) is true (it may raise to end with an error) or the
-    work is over(); over() is asked before status, so the last frame shows how it ended."""
+    work is over(); over() is asked before status, so the last frame shows how it ended.
+    With over, a status poll left unanswered in time is skipped while the work goes on."""
+    patient = over is not None
+    over = over or (lambda: False)
     width = max(map(len, names), default=0)
     drawn, last_plain, states, said = 0, 0.0, [""], ""
     while True:
         ended = over()
-        models = [m for m in request(socket, "status")["models"] if m["name"] in names]
+        try:
+            status = request(socket, "status")
+        except NoAnswer:
+            # While a request works (over given), a status the daemon is too busy to answer
+            # in time is only a frame missed: the request itself still decides the outcome.
+            if patient and not ended:
+                continue
+            raise
+        models = [m for m in status["models"] if m["name"] in names]
         finished = ended or done(models)
         if live:
             up = f"\x1b[{drawn}F" if drawn else ""  # back to the first line drawn

@@ -14,6 +14,7 @@ from typing import Any
 
 from ramstage.errors import (
     Busy,
+    NoAnswer,
     NotRunning,
     PermissionDenied,
     RamstageError,
@@ -107,7 +108,7 @@ def _request_once(path: Path, cmd: str, timeout: float, args: dict[str, Any]) ->
         try:
             reply = read_message(sock)
         except socket.timeout:
-            raise RamstageError(f"no answer from ramstage within {timeout:g}s") from None
+            raise NoAnswer(f"no answer from ramstage within {timeout:g}s") from None
         except (UsageError, ConnectionResetError) as bad:
             # The daemon's own mistake (or its death mid-request), not the user's: exit 1.
             why = bad.message if isinstance(bad, UsageError) else "connection reset"

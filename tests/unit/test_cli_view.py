@@ -189,3 +189,38 @@ def test_a_command_run_by_systemd_reports_its_error_at_error_priority(tmp_path):
             ).returncode  # fmt: skip
         assert code == 3
         assert stderr.read_text().startswith(f"{prefix}ramstage: ramstage is not running")
+
+
+def unanswered_once(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """progress's status poll: no answer the first time (a daemon too busy), then one model."""
+    from ramstage import progress
+    from ramstage.errors import NoAnswer
+
+    asked: list[str] = []
+
+    def request(socket: object, cmd: str, **args: object) -> object:
+        asked.append(cmd)
+        if len(asked) == 1:
+            raise NoAnswer("no answer from ramstage within 10s")
+        return {"models": [{"name": "m", "state": "staged", "reason": "verified"}]}
+
+    monkeypatch.setattr(progress, "request", request)
+    return asked
+
+
+def test_a_status_poll_left_unanswered_is_skipped_while_a_request_works(monkeypatch):
+    from ramstage import progress
+
+    asked = unanswered_once(monkeypatch)
+    shown = list(progress.frames(None, ["m"], False, done=lambda models: True, over=lambda: False))
+    assert asked == ["status", "status"] and len(shown) == 1 and shown[0].startswith("m")
+
+
+def test_a_status_poll_left_unanswered_ends_a_wait(monkeypatch):
+    """`ramstage wait` has no request of its own: an unanswered status is its error (exit 1)."""
+    from ramstage import progress
+    from ramstage.errors import NoAnswer
+
+    unanswered_once(monkeypatch)
+    with pytest.raises(NoAnswer, match="no answer from ramstage within 10s"):
+        list(progress.frames(None, ["m"], False, done=lambda models: True))
