@@ -247,14 +247,14 @@ class Ring:
         if not chunks:
             return
         fds = {source: os.open(source, os.O_RDONLY) for source in {c.source for c in chunks}}
-        # The views keep their mappings; both go with the job (an error's traceback may hold a
-        # view, so an explicit close could fail with BufferError over the real error).
-        job = _Job(chunks, _map_strided_sources(chunks, fds))
+        workers = min(self.threads, len(chunks))
         try:
-            workers = min(self.threads, len(chunks))
             if self._loop is not None and not any(chunk.row_stride for chunk in chunks):
                 self._loop.run(chunks, fds, workers)  # all of it in C
                 return
+            # The views keep their mappings; both go with the job (an error's traceback may
+            # hold a view, so an explicit close could fail with BufferError over the real one).
+            job = _Job(chunks, _map_strided_sources(chunks, fds))
             futures: list[Future[None]] = [
                 self._pool.submit(self._work, job, fds) for _ in range(workers)
             ]
