@@ -9,7 +9,7 @@ the daemon's copier into a huge=never and a huge=within_size tmpfs. Each variant
 fresh processes forked from a server that imported only torch: the process creates its CUDA
 context (not timed), times its first load by phase, then --warm more loads. Variants:
 
-- fastload: the shipped pipeline (16 threads, 8 MiB reads), with the time its ring spent
+- fastload: the shipped pipeline (16 threads, READ_BYTES reads), with the time its ring spent
   faulting pages in and page-locking them, and when the last slot was ready; on .pth too.
 - pthload: the parts of planning a .pth (mapping it, torch.load(mmap=True) alone, profiled).
 - alloc: device allocation alone: a tensor each, one for the whole file, or one for the whole

@@ -51,14 +51,15 @@ __all__ = ["Loader", "Shard", "default_ring_bytes", "default_threads", "load", "
 
 log = logging.getLogger(__name__)
 
-# Swept on one H100 (16 cores; docs/benchmarks.md, bench_gpu_first.py): 16 threads were the
-# fastest warm; 8 MiB reads (a 256 MiB ring) as fast warm as 16 MiB (512 MiB) and the ring
-# ready in half the time on a fresh process's first load (512 MiB file: 62-67 ms against
-# 87-112); 4 and 2 MiB reads were slower warm (144-153 and 245 ms for 4 GiB against 120-125).
-# The ring follows the threads (two 8 MiB slots each, at most 256 MiB), so N processes sharing
-# the cores also share that much pinned memory instead of locking N rings of 256 MiB.
+# Swept on 16-core machines (docs/benchmarks.md): 16 threads were the fastest warm (one H100).
+# With the C copy loop (round nine, two H200s), warm loads with 4 MiB reads (a 128 MiB ring) took
+# 2-18% less time than with 8 MiB (a median read 0.7-1.6 ms against 2.9-3.6, more than twice
+# the rate), 2-3 MiB no less; first loads 12-38% less. (With the Python loop, whose every read
+# cost tenths of a millisecond of GIL, 8 MiB was the best.)
+# The ring follows the threads (two slots each, at most 128 MiB), so N processes sharing the
+# cores also share that much pinned memory instead of locking N rings of 128 MiB.
 DEFAULT_THREADS = 16
-READ_BYTES = 8 << 20
+READ_BYTES = 4 << 20
 MAX_THREADS = 64
 MIN_RING_BYTES = 16 << 10
 MAX_RING_BYTES = 8 << 30
@@ -81,7 +82,7 @@ def default_threads() -> int:
 
 
 def default_ring_bytes(threads: int) -> int:
-    """Two reads per thread, at most the 256 MiB that 16 threads were measured with."""
+    """Two reads per thread, at most the 128 MiB that 16 threads were measured with."""
     return 2 * min(threads, DEFAULT_THREADS) * READ_BYTES
 
 

@@ -12,7 +12,7 @@ ready (pipeline.Ring), so copies start after the first slot rather than after th
 
 Measured on one H100 (docs/benchmarks.md, bench_gpu_first.py): zeroing was most of the cost
 (512 MiB took one thread ~75 ms, registering it after that ~17 ms), and more threads did not
-make it faster there, which is why the ring is 256 MiB (fastload/__init__.py). Two threads fault
+make it faster there, which is why the ring is small (fastload/__init__.py). Two threads fault
 the slots in with madvise(MADV_POPULATE_WRITE), which holds no GIL (writing a byte of each page
 would hold it while the kernel zeroes); one thread registers them in order, as registering
 takes a driver lock that stalls the other threads' copies anyway.

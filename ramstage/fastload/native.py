@@ -11,8 +11,10 @@ docs/benchmarks.md, round eight).
 
 from __future__ import annotations
 
+import array
 import ctypes
 import importlib.util
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -35,20 +37,6 @@ DRIVER_CALLS = (
 
 class _Cuda(ctypes.Structure):
     _fields_ = [(name, c_void_p) for name in (*DRIVER_CALLS, "context", "stream", "events")]
-
-
-class _Piece(ctypes.Structure):
-    _fields_ = [("chunk_offset", c_uint64), ("target", c_uint64), ("nbytes", c_uint64)]
-
-
-class _Chunk(ctypes.Structure):
-    _fields_ = [
-        ("fd", c_int64),
-        ("file_offset", c_uint64),
-        ("nbytes", c_uint64),
-        ("first_piece", c_uint64),
-        ("pieces", c_uint64),
-    ]
 
 
 class _Error(ctypes.Structure):
@@ -104,23 +92,40 @@ class CopyLoop:
         for p in pieces:  # the C loop writes where it is told: a planning error must not
             if p.target_offset + p.nbytes > p.target.numel():  # land in another allocation
                 raise ValueError(f"a piece of {p.nbytes} bytes runs past its target")
-        piece_array = (_Piece * len(pieces))(
-            *(
-                _Piece(p.chunk_offset, p.target.data_ptr() + p.target_offset, p.nbytes)
+        # copyloop.c's struct rs_piece and rs_chunk, flat: filled in one go, as a 4 GiB load
+        # has a thousand of each to pass before its first read.
+        piece_array = array.array(
+            "Q",
+            [
+                field
                 for p in pieces
-            )
+                for field in (p.chunk_offset, p.target.data_ptr() + p.target_offset, p.nbytes)
+            ],
         )
-        chunk_array = (_Chunk * len(chunks))()
-        first = 0
-        for index, chunk in enumerate(chunks):
-            count = len(chunk.pieces)
-            chunk_array[index] = _Chunk(
-                fds[chunk.source], chunk.file_offset, chunk.nbytes, first, count
-            )
-            first += count
+        firsts = itertools.accumulate((len(chunk.pieces) for chunk in chunks), initial=0)
+        chunk_array = array.array(
+            "Q",
+            [
+                field
+                for chunk, first in zip(chunks, firsts)
+                for field in (
+                    fds[chunk.source],
+                    chunk.file_offset,
+                    chunk.nbytes,
+                    first,
+                    len(chunk.pieces),
+                )
+            ],
+        )
         error = _Error()
         cuda = None if self._cuda is None else ctypes.byref(self._cuda)
-        arguments = (chunk_array, len(chunks), piece_array, self._slots, len(self._slots))
+        arguments = (
+            chunk_array.buffer_info()[0],
+            len(chunks),
+            piece_array.buffer_info()[0],
+            self._slots,
+            len(self._slots),
+        )
         found = ctypes.byref(self.ready)
         if LIBRARY.rs_copy(threads, *arguments, found, cuda, ctypes.byref(error)) == 0:
             return

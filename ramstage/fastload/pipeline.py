@@ -32,7 +32,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -77,16 +77,16 @@ class Strided:
     target_offset: int
 
 
-@dataclass(frozen=True)
-class Piece:
+# Pieces and chunks are named tuples, made a third as fast as frozen dataclasses: a 4 GiB
+# load plans a thousand of each before its first read.
+class Piece(NamedTuple):
     chunk_offset: int
     target: torch.Tensor
     target_offset: int
     nbytes: int
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):
     """One read: nbytes of `source` at file_offset into one ring slot, then its pieces copied
     out. With a row_stride, nbytes are rows of row_bytes, one every row_stride bytes."""
 

@@ -397,8 +397,8 @@ def test_the_ring_follows_the_threads_shared_by_the_processes_of_a_job(
     assert (loader._ring.threads, loader._ring.ring_bytes) == (4, 4 * 2 * fastload.READ_BYTES)
     loader.release()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert fastload.default_ring_bytes(fastload.default_threads()) == 256 << 20
-    assert fastload.default_ring_bytes(64) == 256 << 20  # more threads share the measured ring
+    assert fastload.default_ring_bytes(fastload.default_threads()) == 128 << 20
+    assert fastload.default_ring_bytes(64) == 128 << 20  # more threads share the measured ring
 
 
 RANK_SCRIPT = textwrap.dedent(
