@@ -14,7 +14,6 @@ from __future__ import annotations
 import array
 import ctypes
 import importlib.util
-import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -54,7 +53,7 @@ def _library() -> ctypes.CDLL | None:
         log.warning("fastload: the C copy loop %s cannot be used (%s)", spec.origin, error)
         return None
     copy.restype = c_int32
-    copy.argtypes = (c_int32, c_void_p, c_int64, c_void_p, c_void_p, c_int64)
+    copy.argtypes = (c_int32, c_void_p, c_int64, c_uint64, c_uint64, c_void_p, c_int64)
     copy.argtypes += (c_void_p, c_void_p, c_void_p)
     return library
 
@@ -84,50 +83,41 @@ class CopyLoop:
         """Frees the events (not in a fork()'s child: Ring.close returns before)."""
         self._free()
 
-    def run(self, chunks: Sequence[Any], fds: dict[str, int], threads: int) -> None:
-        """Reads every chunk (pipeline.Chunk) and issues its copies; the caller synchronizes
-        the stream."""
+    def run(
+        self,
+        segments: Sequence[Any],
+        fds: dict[str, int],
+        threads: int,
+        *,
+        chunk_bytes: int,
+        max_gap: int,
+    ) -> None:
+        """Reads every segment (pipeline.Segment, at least one, sorted by file and offset) in
+        reads cut as pipeline.plan_chunks cuts them, and issues its copies; the caller
+        synchronizes the stream."""
         assert LIBRARY is not None
-        pieces = [piece for chunk in chunks for piece in chunk.pieces]
-        for p in pieces:  # the C loop writes where it is told: a planning error must not
-            if p.target_offset + p.nbytes > p.target.numel():  # land in another allocation
-                raise ValueError(f"a piece of {p.nbytes} bytes runs past its target")
-        # copyloop.c's struct rs_piece and rs_chunk, flat: filled in one go, as a 4 GiB load
-        # has a thousand of each to pass before its first read.
-        piece_array = array.array(
+        for s in segments:  # the C loop writes where it is told: a planning error must not
+            if s.target_offset + s.nbytes > s.target.numel():  # land in another allocation
+                raise ValueError(f"a segment of {s.nbytes} bytes runs past its target")
+        # copyloop.c's struct rs_segment, flat: (fd, file_offset, nbytes, target address).
+        flat = array.array(
             "Q",
             [
                 field
-                for p in pieces
-                for field in (p.chunk_offset, p.target.data_ptr() + p.target_offset, p.nbytes)
-            ],
-        )
-        firsts = itertools.accumulate((len(chunk.pieces) for chunk in chunks), initial=0)
-        chunk_array = array.array(
-            "Q",
-            [
-                field
-                for chunk, first in zip(chunks, firsts)
+                for s in segments
                 for field in (
-                    fds[chunk.source],
-                    chunk.file_offset,
-                    chunk.nbytes,
-                    first,
-                    len(chunk.pieces),
+                    fds[s.source],
+                    s.file_offset,
+                    s.nbytes,
+                    s.target.data_ptr() + s.target_offset,
                 )
             ],
         )
         error = _Error()
         cuda = None if self._cuda is None else ctypes.byref(self._cuda)
-        arguments = (
-            chunk_array.buffer_info()[0],
-            len(chunks),
-            piece_array.buffer_info()[0],
-            self._slots,
-            len(self._slots),
-        )
-        found = ctypes.byref(self.ready)
-        if LIBRARY.rs_copy(threads, *arguments, found, cuda, ctypes.byref(error)) == 0:
+        reads = (flat.buffer_info()[0], len(segments), chunk_bytes, max_gap)
+        ring = (self._slots, len(self._slots), ctypes.byref(self.ready))
+        if LIBRARY.rs_copy(threads, *reads, *ring, cuda, ctypes.byref(error)) == 0:
             return
         if error.kind == 1:
             raise OSError(error.code, os.strerror(error.code))

@@ -99,8 +99,17 @@ class Chunk(NamedTuple):
 
 
 def plan_reads(items: Sequence[Segment | Strided], chunk_bytes: int) -> list[Chunk]:
-    """Chunks for every segment and strided slice: rows that fit a slot with gaps worth reading
-    along are gathered, a slot's worth per chunk; other rows become segments of their own."""
+    """Chunks for every segment and strided slice (split_rows, then plan_chunks)."""
+    segments, gathered = split_rows(items, chunk_bytes)
+    return plan_chunks(segments, chunk_bytes) + gathered
+
+
+def split_rows(
+    items: Sequence[Segment | Strided], chunk_bytes: int
+) -> tuple[list[Segment], list[Chunk]]:
+    """The segments, sorted by file and offset, and the chunks of gathered rows: rows that fit a
+    slot with gaps worth reading along are gathered, a slot's worth per chunk; other rows
+    become segments of their own."""
     segments = [item for item in items if isinstance(item, Segment)]
     chunks: list[Chunk] = []
     for item in items:
@@ -119,7 +128,8 @@ def plan_reads(items: Sequence[Segment | Strided], chunk_bytes: int) -> list[Chu
             )
             for row in range(item.rows)
         )
-    return plan_chunks(segments, chunk_bytes) + chunks
+    segments.sort(key=lambda s: (s.source, s.file_offset))
+    return [s for s in segments if s.nbytes], chunks
 
 
 def _gather_chunks(item: Strided, chunk_bytes: int) -> list[Chunk]:
@@ -142,7 +152,8 @@ def _gather_chunks(item: Strided, chunk_bytes: int) -> list[Chunk]:
 
 
 def plan_chunks(segments: Sequence[Segment], chunk_bytes: int) -> list[Chunk]:
-    """Packs segments, in file order, into reads of at most chunk_bytes; splits large segments."""
+    """Packs segments (sorted by file and offset, as split_rows gives them) into reads of at
+    most chunk_bytes; splits large segments. The C loop cuts its reads the same way."""
     chunks: list[Chunk] = []
     source, begin, end = "", 0, 0  # the open chunk (none while pieces is empty)
     pieces: list[Piece] = []
@@ -152,7 +163,7 @@ def plan_chunks(segments: Sequence[Segment], chunk_bytes: int) -> list[Chunk]:
             chunks.append(Chunk(source, begin, end - begin, tuple(pieces)))
             pieces.clear()
 
-    for segment in sorted(segments, key=lambda s: (s.source, s.file_offset)):
+    for segment in segments:  # sorted by file and offset (split_rows)
         done = 0
         while done < segment.nbytes:
             start = segment.file_offset + done
@@ -241,17 +252,23 @@ class Ring:
         mine = (self.device, self.threads, self.ring_bytes)
         return not self._host.inherited and mine == (device, threads, ring_bytes)
 
-    def run(self, segments: Sequence[Segment | Strided]) -> None:
+    def run(self, items: Sequence[Segment | Strided]) -> None:
         """Copies every segment into its target; returns once all bytes are on the device."""
-        chunks = plan_reads(segments, self.chunk_bytes)
-        if not chunks:
+        segments, gathered = split_rows(items, self.chunk_bytes)
+        sources = {s.source for s in segments} | {c.source for c in gathered}
+        if not sources:
             return
-        fds = {source: os.open(source, os.O_RDONLY) for source in {c.source for c in chunks}}
-        workers = min(self.threads, len(chunks))
+        fds = {source: os.open(source, os.O_RDONLY) for source in sources}
         try:
-            if self._loop is not None and not any(chunk.row_stride for chunk in chunks):
-                self._loop.run(chunks, fds, workers)  # all of it in C
+            if self._loop is not None and not gathered:  # all of it in C, chunks cut there
+                nbytes = sum(s.nbytes for s in segments)
+                workers = min(self.threads, -(-nbytes // self.chunk_bytes))
+                self._loop.run(
+                    segments, fds, workers, chunk_bytes=self.chunk_bytes, max_gap=MAX_GAP_BYTES
+                )
                 return
+            chunks = plan_chunks(segments, self.chunk_bytes) + gathered
+            workers = min(self.threads, len(chunks))
             # The views keep their mappings; both go with the job (an error's traceback may
             # hold a view, so an explicit close could fail with BufferError over the real one).
             job = _Job(chunks, _map_strided_sources(chunks, fds))

@@ -9,6 +9,7 @@ RAMSTAGE_TEST_COPYLOOP, so that a loop that was not built fails there instead of
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import threading
 import time
@@ -20,8 +21,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ramstage.fastload import native
-from ramstage.fastload.pipeline import Segment, plan_reads
+from ramstage.fastload import native, pipeline
+from ramstage.fastload.pipeline import MAX_GAP_BYTES, Segment, plan_chunks
 
 pytestmark = pytest.mark.torch
 
@@ -51,6 +52,7 @@ class FakeDriver:
         self.streams: set[int] = set()
         self.pushed: list[int] = []
         self.used: list[tuple[int, int]] = []  # (slot copied from, slots ready then)
+        self.copies: list[tuple[int, int, int]] = []  # (offset in the slot, target, nbytes)
         self.copy_seconds = 0.0
         self.slots = (ctypes.c_char * (SLOTS * SLOT_BYTES))()
         self.events = (ctypes.c_void_p * SLOTS)(*range(0x100, 0x100 + SLOTS))
@@ -80,7 +82,9 @@ class FakeDriver:
 
     def copy(self, target: int, source: int, nbytes: int, stream: int) -> int:
         self.streams.add(stream)
-        self.used.append(((source - ctypes.addressof(self.slots)) // SLOT_BYTES, self._ready.value))
+        slot, offset = divmod(source - ctypes.addressof(self.slots), SLOT_BYTES)
+        self.used.append((slot, self._ready.value))
+        self.copies.append((offset, target, nbytes))
         ctypes.memmove(target, source, nbytes)
         time.sleep(self.copy_seconds)
         return self._status("copy")
@@ -127,8 +131,12 @@ def copy(loop: native.CopyLoop, path: Path, fd: int, nbytes: int, threads: int =
     segments = [
         Segment(str(path), at, min(1000, nbytes - at), out, at) for at in range(0, nbytes, 1000)
     ]
-    loop.run(plan_reads(segments, SLOT_BYTES), {str(path): fd}, threads)
+    run(loop, segments, {str(path): fd}, threads)
     return out
+
+
+def run(loop: native.CopyLoop, segments: list[Segment], fds: dict[str, int], threads: int) -> None:
+    loop.run(segments, fds, threads, chunk_bytes=SLOT_BYTES, max_gap=MAX_GAP_BYTES)
 
 
 def test_on_a_gpu_every_recorded_copy_is_waited_for_and_the_callers_context_stays(
@@ -143,6 +151,48 @@ def test_on_a_gpu_every_recorded_copy_is_waited_for_and_the_callers_context_stay
     assert driver.streams == {0x5}
     assert driver.contexts == [0xC0, 0xC0]  # made current in each started thread
     assert driver.pushed == []  # pushed for the caller, who works too, and popped
+
+
+def test_the_c_loop_cuts_its_reads_as_the_python_plan_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neighbours share a read, small gaps are read along, long segments are split, and a
+    large gap, another file or an overlap starts a new read (segments sorted by file and
+    offset): every copy the C loop issues is a piece of Python's plan, one event per chunk."""
+    max_gap = 64  # below a slot, so that a gap alone starts a new read
+    monkeypatch.setattr(pipeline, "MAX_GAP_BYTES", max_gap)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(os.urandom(20000))
+    second.write_bytes(os.urandom(20000))
+    layout = [  # (file, file offset, nbytes)
+        (first, 0, 100),
+        (first, 164, 250),  # a gap of max_gap: read along
+        (first, 414, 9000),  # longer than a slot: split
+        (first, 9000, 20),  # before the last one's end (a storage twice): a new read
+        (first, 9084, 10),  # a gap of max_gap: read along
+        (first, 9194, 10),  # a gap of 100: a new read
+        (first, 12000, 4090),  # a new read, 6 bytes short of a slot
+        (first, 16100, 10),  # a small gap, but past the slot's end: a new read
+        (second, 9204, 100),  # where the last ended, in another file: a new read
+        (second, 9304 + SLOT_BYTES, 100),  # a gap a slot long: a new read
+    ]
+    out = torch.zeros(sum(n for _, _, n in layout), dtype=torch.uint8)
+    targets = itertools.accumulate((n for _, _, n in layout), initial=0)
+    segments = [Segment(str(f), at, n, out, to) for (f, at, n), to in zip(layout, targets)]
+    fds = {str(f): os.open(f, os.O_RDONLY) for f in (first, second)}
+    try:
+        driver = FakeDriver()
+        driver.loop().run(segments, fds, 3, chunk_bytes=SLOT_BYTES, max_gap=max_gap)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    chunks = plan_chunks(segments, SLOT_BYTES)
+    assert len(chunks) == 9  # the long one in three
+    base = out.data_ptr()
+    pieces = [(p.chunk_offset, base + p.target_offset, p.nbytes) for c in chunks for p in c.pieces]
+    assert sorted(driver.copies) == sorted(pieces)
+    assert sum(driver.records.values()) == len(chunks)
+    assert bytes(out.numpy()) == b"".join(f.read_bytes()[at : at + n] for f, at, n in layout)
 
 
 @pytest.mark.parametrize("fail", ["copy", "record", "synchronize", "set_context", "push"])
@@ -189,9 +239,9 @@ def test_a_ring_copies_with_the_c_loop_and_gathered_rows_with_the_python_one(
     ran: list[int] = []
     real = native.CopyLoop.run
 
-    def run(self: native.CopyLoop, chunks: Any, fds: Any, threads: int) -> None:
-        ran.append(len(chunks))
-        real(self, chunks, fds, threads)
+    def run(self: native.CopyLoop, segments: Any, *args: Any, **options: Any) -> None:
+        ran.append(len(segments))
+        real(self, segments, *args, **options)
 
     monkeypatch.setattr(native.CopyLoop, "run", run)
     want = {"w": torch.randn(64, 48), "b": torch.randn(48)}
@@ -199,10 +249,10 @@ def test_a_ring_copies_with_the_c_loop_and_gathered_rows_with_the_python_one(
     loader = fastload.Loader(pipeline_on_cpu=True)
     try:
         assert_same(loader.load(path, "cpu", threads=2, ring_bytes=4 * SLOT_BYTES), want)
-        assert ran == [4]  # 12480 bytes in reads of 4 KiB
+        assert ran == [2]  # both tensors
         rows = fastload.Shard(1, 2, dims={"w": 1, "*": 0})
         got = loader.load(path, "cpu", threads=2, ring_bytes=4 * SLOT_BYTES, shard=rows)
-        assert torch.equal(got["w"], want["w"][:, 24:]) and ran == [4]
+        assert torch.equal(got["w"], want["w"][:, 24:]) and ran == [2]
     finally:
         loader.release()
 
