@@ -4,7 +4,8 @@ Several threads read file chunks with os.preadv into slots of one host ring that
 loads. Each slot's bytes are copied to the device on one CUDA stream without blocking the thread;
 an event recorded after the copy guards the slot, so it is read into again only after the device
 has taken its bytes. Where it was built, that loop is C (native.py, copyloop.c), which holds no
-GIL between reads; the Python loop here runs without it and for rows gathered by numpy.
+GIL between reads and cuts the reads itself, by plan_chunks' rules; the Python loop here runs
+without it and for rows gathered by numpy.
 
 The ring's host memory (hostring.py) is faulted in and page-locked by a background thread
 from the ring's creation on, and each slot goes to the readers as soon as it is locked, so a
