@@ -30,6 +30,7 @@ from typing import Any, Union
 
 import torch
 
+from ramstage.fastload import native
 from ramstage.fastload.formats import (
     Plan,
     Unmappable,
@@ -54,12 +55,15 @@ log = logging.getLogger(__name__)
 # Swept on 16-core machines (docs/benchmarks.md): 16 threads were the fastest warm (one H100).
 # With the C copy loop (round nine, two H200s), warm loads with 4 MiB reads (a 128 MiB ring) took
 # 2-18% less time than with 8 MiB (a median read 0.7-1.6 ms against 2.9-3.6, more than twice
-# the rate), 2-3 MiB no less; first loads 12-38% less. (With the Python loop, whose every read
-# cost tenths of a millisecond of GIL, 8 MiB was the best.)
-# The ring follows the threads (two slots each, at most 128 MiB), so N processes sharing the
-# cores also share that much pinned memory instead of locking N rings of 128 MiB.
+# the rate), 2-3 MiB no less; first loads 12-38% less. The Python loop, whose every read costs
+# tenths of a millisecond of GIL, was the fastest with 8 MiB (4 GiB warm in 120-126 ms against
+# 144-153 with 4 MiB, one H100), so it keeps them: where the C loop was not built (the .deb and
+# .rpm) or cannot run (ROCm).
+# The ring follows the threads (two slots each, at most 16 threads' worth), so N processes
+# sharing the cores also share that much pinned memory instead of locking N whole rings.
 DEFAULT_THREADS = 16
 READ_BYTES = 4 << 20
+PYTHON_LOOP_READ_BYTES = 8 << 20
 MAX_THREADS = 64
 MIN_RING_BYTES = 16 << 10
 MAX_RING_BYTES = 8 << 30
@@ -82,8 +86,10 @@ def default_threads() -> int:
 
 
 def default_ring_bytes(threads: int) -> int:
-    """Two reads per thread, at most the 128 MiB that 16 threads were measured with."""
-    return 2 * min(threads, DEFAULT_THREADS) * READ_BYTES
+    """Two reads per thread, at most 16 threads' worth, each read the best size measured for the
+    loop that will copy: 128 MiB for 16 threads with the C loop, 256 MiB with the Python one."""
+    c_loop = native.LIBRARY is not None and not torch.version.hip
+    return 2 * min(threads, DEFAULT_THREADS) * (READ_BYTES if c_loop else PYTHON_LOOP_READ_BYTES)
 
 
 class Loader:

@@ -253,10 +253,12 @@ static void *start(void *argument) {
     return NULL;
 }
 
-/* Copies every segment (at least one; sorted by file and offset) through `threads` threads,
- * the caller's among them, in reads of at most chunk_bytes, and returns once all are read and
- * their copies issued (the caller synchronizes the stream); 0, or -1 with *error set. */
-int rs_copy(int32_t threads, const struct rs_segment *segments, int64_t segment_count,
+/* Copies every segment (at least one, none empty; sorted by file and offset) through
+ * `threads` threads, the caller's among them, in reads of at most chunk_bytes (a slot's size),
+ * and returns once all are read and their copies issued (the caller synchronizes the stream);
+ * 0, or -1 with *error set. Named for its arguments: a build of another version's loop, left in
+ * place, lacks the name and is not called with these (native.py). */
+int rs_copy_segments(int32_t threads, const struct rs_segment *segments, int64_t segment_count,
             uint64_t chunk_bytes, uint64_t max_gap, const uint64_t *slots, int64_t slot_count,
             const volatile int32_t *ready, const struct rs_cuda *cuda, struct rs_error *error) {
     struct rs_job job = {

@@ -48,7 +48,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         library = ctypes.CDLL(spec.origin)
-        copy = library.rs_copy
+        copy = library.rs_copy_segments
     except (OSError, AttributeError) as error:  # not loadable here (another machine's build)
         log.warning("fastload: the C copy loop %s cannot be used (%s)", spec.origin, error)
         return None
@@ -67,15 +67,20 @@ def ended(offset: int) -> EOFError:
 
 
 class CopyLoop:
-    """The C loop over one ring's slots (their addresses) and, on a GPU, the driver's calls,
-    the device's context, the copy stream and an event per slot. `ready` counts the slots
-    handed over so far."""
+    """The C loop over one ring's slots (their addresses, slot_bytes each) and, on a GPU, the
+    driver's calls, the device's context, the copy stream and an event per slot. `ready`
+    counts the slots handed over so far."""
 
     def __init__(
-        self, slots: Sequence[int], cuda: _Cuda | None = None, free: Callable[[], object] = object
+        self,
+        slots: Sequence[int],
+        slot_bytes: int,
+        cuda: _Cuda | None = None,
+        free: Callable[[], object] = object,
     ) -> None:
         self.ready = c_int32(0)
         self._slots = (c_uint64 * len(slots))(*slots)
+        self._slot_bytes = slot_bytes
         self._cuda = cuda
         self._free = free
 
@@ -83,22 +88,16 @@ class CopyLoop:
         """Frees the events (not in a fork()'s child: Ring.close returns before)."""
         self._free()
 
-    def run(
-        self,
-        segments: Sequence[Any],
-        fds: dict[str, int],
-        threads: int,
-        *,
-        chunk_bytes: int,
-        max_gap: int,
-    ) -> None:
-        """Reads every segment (pipeline.Segment, at least one, sorted by file and offset) in
-        reads cut as pipeline.plan_chunks cuts them, and issues its copies; the caller
-        synchronizes the stream."""
+    def run(self, segments: Sequence[Any], fds: dict[str, int], threads: int, max_gap: int) -> None:
+        """Reads every segment (pipeline.Segment, at least one, none empty, sorted by file and
+        offset) in reads of at most a slot, cut as pipeline.plan_chunks cuts them, and issues
+        its copies; the caller synchronizes the stream."""
         assert LIBRARY is not None
+        if not segments:
+            raise ValueError("the C copy loop needs a segment")
         for s in segments:  # the C loop writes where it is told: a planning error must not
-            if s.target_offset + s.nbytes > s.target.numel():  # land in another allocation
-                raise ValueError(f"a segment of {s.nbytes} bytes runs past its target")
+            if not 0 < s.nbytes <= s.target.numel() - s.target_offset:  # land elsewhere
+                raise ValueError(f"a segment of {s.nbytes} bytes is empty or past its target")
         # copyloop.c's struct rs_segment, flat: (fd, file_offset, nbytes, target address).
         flat = array.array(
             "Q",
@@ -115,9 +114,9 @@ class CopyLoop:
         )
         error = _Error()
         cuda = None if self._cuda is None else ctypes.byref(self._cuda)
-        reads = (flat.buffer_info()[0], len(segments), chunk_bytes, max_gap)
+        reads = (flat.buffer_info()[0], len(segments), self._slot_bytes, max_gap)
         ring = (self._slots, len(self._slots), ctypes.byref(self.ready))
-        if LIBRARY.rs_copy(threads, *reads, *ring, cuda, ctypes.byref(error)) == 0:
+        if LIBRARY.rs_copy_segments(threads, *reads, *ring, cuda, ctypes.byref(error)) == 0:
             return
         if error.kind == 1:
             raise OSError(error.code, os.strerror(error.code))
@@ -126,13 +125,15 @@ class CopyLoop:
         raise RuntimeError(f"CUDA driver error {error.code} while copying to the device")
 
 
-def copy_loop(slots: Sequence[int], device: torch.device, stream: Any) -> CopyLoop | None:
+def copy_loop(
+    slots: Sequence[int], slot_bytes: int, device: torch.device, stream: Any
+) -> CopyLoop | None:
     """The C loop for a ring, where it was built: on the CPU (the pipeline's tests), or on a
     CUDA device whose driver (libcuda.so.1) gives every call it needs; else None."""
     if LIBRARY is None:
         return None
     if device.type != "cuda":
-        return CopyLoop(slots)
+        return CopyLoop(slots, slot_bytes)
     try:
         driver = None if torch.version.hip else ctypes.CDLL("libcuda.so.1")
         calls = [ctypes.cast(getattr(driver, name), c_void_p) for name in DRIVER_CALLS]
@@ -145,7 +146,7 @@ def copy_loop(slots: Sequence[int], device: torch.device, stream: Any) -> CopyLo
         return None
     context, events, free = made
     cuda = _Cuda(*calls, context, handle, ctypes.cast(events, c_void_p))
-    return CopyLoop(slots, cuda, free)
+    return CopyLoop(slots, slot_bytes, cuda, free)
 
 
 def stream_context_and_events(

@@ -52,7 +52,7 @@ class FakeDriver:
         self.streams: set[int] = set()
         self.pushed: list[int] = []
         self.used: list[tuple[int, int]] = []  # (slot copied from, slots ready then)
-        self.copies: list[tuple[int, int, int]] = []  # (offset in the slot, target, nbytes)
+        self.calls: list[Any] = []  # (offset in the slot, target, nbytes) per copy, "record"
         self.copy_seconds = 0.0
         self.slots = (ctypes.c_char * (SLOTS * SLOT_BYTES))()
         self.events = (ctypes.c_void_p * SLOTS)(*range(0x100, 0x100 + SLOTS))
@@ -72,7 +72,7 @@ class FakeDriver:
         events = ctypes.cast(self.events, ctypes.c_void_p)
         cuda = native._Cuda(*calls, ctypes.c_void_p(0xC0), ctypes.c_void_p(0x5), events)
         address = ctypes.addressof(self.slots)
-        loop = native.CopyLoop([address + i * SLOT_BYTES for i in range(SLOTS)], cuda)
+        loop = native.CopyLoop([address + i * SLOT_BYTES for i in range(SLOTS)], SLOT_BYTES, cuda)
         loop.ready.value = SLOTS
         self._ready = loop.ready
         return loop
@@ -84,7 +84,7 @@ class FakeDriver:
         self.streams.add(stream)
         slot, offset = divmod(source - ctypes.addressof(self.slots), SLOT_BYTES)
         self.used.append((slot, self._ready.value))
-        self.copies.append((offset, target, nbytes))
+        self.calls.append((offset, target, nbytes))
         ctypes.memmove(target, source, nbytes)
         time.sleep(self.copy_seconds)
         return self._status("copy")
@@ -94,6 +94,7 @@ class FakeDriver:
         if self.fail == "record":
             return 700
         self.records[event] = self.records.get(event, 0) + 1
+        self.calls.append("record")
         return 0
 
     def synchronize(self, event: int) -> int:
@@ -136,7 +137,7 @@ def copy(loop: native.CopyLoop, path: Path, fd: int, nbytes: int, threads: int =
 
 
 def run(loop: native.CopyLoop, segments: list[Segment], fds: dict[str, int], threads: int) -> None:
-    loop.run(segments, fds, threads, chunk_bytes=SLOT_BYTES, max_gap=MAX_GAP_BYTES)
+    loop.run(segments, fds, threads, MAX_GAP_BYTES)
 
 
 def test_on_a_gpu_every_recorded_copy_is_waited_for_and_the_callers_context_stays(
@@ -157,13 +158,14 @@ def test_the_c_loop_cuts_its_reads_as_the_python_plan_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Neighbours share a read, small gaps are read along, long segments are split, and a
-    large gap, another file or an overlap starts a new read (segments sorted by file and
-    offset): every copy the C loop issues is a piece of Python's plan, one event per chunk."""
+    large gap, another file, an overlap or the slot's end starts a new read (segments sorted
+    by file and offset): one thread issues, read by read, the copies of Python's plan, each
+    read's ended by its event."""
     max_gap = 64  # below a slot, so that a gap alone starts a new read
     monkeypatch.setattr(pipeline, "MAX_GAP_BYTES", max_gap)
     first, second = tmp_path / "first", tmp_path / "second"
     first.write_bytes(os.urandom(20000))
-    second.write_bytes(os.urandom(20000))
+    second.write_bytes(os.urandom(30000))
     layout = [  # (file, file offset, nbytes)
         (first, 0, 100),
         (first, 164, 250),  # a gap of max_gap: read along
@@ -172,9 +174,9 @@ def test_the_c_loop_cuts_its_reads_as_the_python_plan_does(
         (first, 9084, 10),  # a gap of max_gap: read along
         (first, 9194, 10),  # a gap of 100: a new read
         (first, 12000, 4090),  # a new read, 6 bytes short of a slot
-        (first, 16100, 10),  # a small gap, but past the slot's end: a new read
-        (second, 9204, 100),  # where the last ended, in another file: a new read
-        (second, 9304 + SLOT_BYTES, 100),  # a gap a slot long: a new read
+        (first, 16096, 10),  # a small gap, but at the slot's end: a new read
+        (second, 16106, 100),  # where the last ended, in another file: a new read
+        (second, 16206 + SLOT_BYTES, 100),  # a gap a slot long: a new read
     ]
     out = torch.zeros(sum(n for _, _, n in layout), dtype=torch.uint8)
     targets = itertools.accumulate((n for _, _, n in layout), initial=0)
@@ -182,16 +184,21 @@ def test_the_c_loop_cuts_its_reads_as_the_python_plan_does(
     fds = {str(f): os.open(f, os.O_RDONLY) for f in (first, second)}
     try:
         driver = FakeDriver()
-        driver.loop().run(segments, fds, 3, chunk_bytes=SLOT_BYTES, max_gap=max_gap)
+        driver.loop().run(segments, fds, 1, max_gap)
     finally:
         for fd in fds.values():
             os.close(fd)
     chunks = plan_chunks(segments, SLOT_BYTES)
     assert len(chunks) == 9  # the long one in three
     base = out.data_ptr()
-    pieces = [(p.chunk_offset, base + p.target_offset, p.nbytes) for c in chunks for p in c.pieces]
-    assert sorted(driver.copies) == sorted(pieces)
-    assert sum(driver.records.values()) == len(chunks)
+    plan = [[(p.chunk_offset, base + p.target_offset, p.nbytes) for p in c.pieces] for c in chunks]
+    reads: list[list[Any]] = [[]]  # the copies between one event and the next
+    for call in driver.calls:
+        if call == "record":
+            reads.append([])
+        else:
+            reads[-1].append(call)
+    assert reads == [*plan, []]
     assert bytes(out.numpy()) == b"".join(f.read_bytes()[at : at + n] for f, at, n in layout)
 
 
@@ -211,7 +218,7 @@ def test_a_driver_error_stops_the_loop_and_says_which(
 def test_a_file_shorter_than_its_plan_says_where_it_ends(data: tuple[bytes, int, Path]) -> None:
     payload, fd, path = data
     slot = ctypes.create_string_buffer(SLOT_BYTES)
-    loop = native.CopyLoop([ctypes.addressof(slot)])
+    loop = native.CopyLoop([ctypes.addressof(slot)], SLOT_BYTES)
     loop.ready.value = 1
     with pytest.raises(EOFError, match=f"file ends at byte {len(payload)}, before the data"):
         copy(loop, path, fd, len(payload) + 10)
@@ -219,7 +226,7 @@ def test_a_file_shorter_than_its_plan_says_where_it_ends(data: tuple[bytes, int,
 
 def test_a_read_error_gives_the_systems_error(tmp_path: Path) -> None:
     slot = ctypes.create_string_buffer(SLOT_BYTES)
-    loop = native.CopyLoop([ctypes.addressof(slot)])
+    loop = native.CopyLoop([ctypes.addressof(slot)], SLOT_BYTES)
     loop.ready.value = 1
     fd = os.open(tmp_path, os.O_RDONLY)  # a directory: read(2) gives EISDIR
     try:

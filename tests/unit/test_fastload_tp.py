@@ -33,7 +33,7 @@ from test_fastload import (
 )
 
 from ramstage import fastload
-from ramstage.fastload import Shard, torchzip
+from ramstage.fastload import Shard, native, torchzip
 from ramstage.fastload import pipeline as fastload_pipeline
 from ramstage.fastload.pipeline import (
     MAX_GAP_BYTES,
@@ -394,11 +394,15 @@ def test_the_ring_follows_the_threads_shared_by_the_processes_of_a_job(
     torch.save({"a": torch.ones(10)}, tmp_path / "a.pt")
     loader.load(tmp_path / "a.pt", "cpu")
     assert loader._ring is not None
-    assert (loader._ring.threads, loader._ring.ring_bytes) == (4, 4 * 2 * fastload.READ_BYTES)
+    assert (loader._ring.threads, loader._ring.ring_bytes) == (4, fastload.default_ring_bytes(4))
     loader.release()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(native, "LIBRARY", object())  # the C loop: 4 MiB reads
+    assert fastload.default_ring_bytes(4) == 32 << 20
     assert fastload.default_ring_bytes(fastload.default_threads()) == 128 << 20
     assert fastload.default_ring_bytes(64) == 128 << 20  # more threads share the measured ring
+    monkeypatch.setattr(native, "LIBRARY", None)  # the Python loop: 8 MiB reads
+    assert fastload.default_ring_bytes(16) == fastload.default_ring_bytes(64) == 256 << 20
 
 
 RANK_SCRIPT = textwrap.dedent(
