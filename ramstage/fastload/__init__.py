@@ -88,8 +88,8 @@ def default_threads() -> int:
 def default_ring_bytes(threads: int) -> int:
     """Two reads per thread, at most 16 threads' worth, each read the best size measured for the
     loop that will copy: 128 MiB for 16 threads with the C loop, 256 MiB with the Python one."""
-    c_loop = native.LIBRARY is not None and not torch.version.hip
-    return 2 * min(threads, DEFAULT_THREADS) * (READ_BYTES if c_loop else PYTHON_LOOP_READ_BYTES)
+    read = READ_BYTES if native.available() else PYTHON_LOOP_READ_BYTES
+    return 2 * min(threads, DEFAULT_THREADS) * read
 
 
 class Loader:

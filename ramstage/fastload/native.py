@@ -125,17 +125,23 @@ class CopyLoop:
         raise RuntimeError(f"CUDA driver error {error.code} while copying to the device")
 
 
+def available() -> bool:
+    """Whether the C loop can copy here: built, and torch not ROCm's (its calls are CUDA's)."""
+    return LIBRARY is not None and not torch.version.hip
+
+
 def copy_loop(
     slots: Sequence[int], slot_bytes: int, device: torch.device, stream: Any
 ) -> CopyLoop | None:
-    """The C loop for a ring, where it was built: on the CPU (the pipeline's tests), or on a
-    CUDA device whose driver (libcuda.so.1) gives every call it needs; else None."""
-    if LIBRARY is None:
+    """The C loop for a ring, where it can copy (available()): on the CPU (the pipeline's
+    tests), or on a CUDA device whose driver (libcuda.so.1) gives every call it needs; else
+    None."""
+    if not available():
         return None
     if device.type != "cuda":
         return CopyLoop(slots, slot_bytes)
     try:
-        driver = None if torch.version.hip else ctypes.CDLL("libcuda.so.1")
+        driver = ctypes.CDLL("libcuda.so.1")
         calls = [ctypes.cast(getattr(driver, name), c_void_p) for name in DRIVER_CALLS]
     except (OSError, AttributeError):
         return None

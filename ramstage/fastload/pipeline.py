@@ -99,12 +99,6 @@ class Chunk(NamedTuple):
     row_stride: int = 0
 
 
-def plan_reads(items: Sequence[Segment | Strided], chunk_bytes: int) -> list[Chunk]:
-    """Chunks for every segment and strided slice (split_rows, then plan_chunks)."""
-    segments, gathered = split_rows(items, chunk_bytes)
-    return plan_chunks(segments, chunk_bytes) + gathered
-
-
 def split_rows(
     items: Sequence[Segment | Strided], chunk_bytes: int
 ) -> tuple[list[Segment], list[Chunk]]:
@@ -262,7 +256,7 @@ class Ring:
         fds = {source: os.open(source, os.O_RDONLY) for source in sources}
         try:
             if self._loop is not None and not gathered:  # all of it in C, chunks cut there
-                # At most one read per segment, and one per slot's worth of a segment, more.
+                # The most reads the segments can make: one each, and one per slot's worth.
                 reads = len(segments) + sum(s.nbytes for s in segments) // self.chunk_bytes
                 self._loop.run(segments, fds, min(self.threads, reads), MAX_GAP_BYTES)
                 return

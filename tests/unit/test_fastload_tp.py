@@ -41,8 +41,9 @@ from ramstage.fastload.pipeline import (
     Segment,
     Strided,
     gather_rows,
-    plan_reads,
+    plan_chunks,
     read_rows,
+    split_rows,
 )
 from ramstage.fastload.shard import plan_safetensors_slices
 
@@ -201,7 +202,7 @@ def test_a_contiguous_slice_is_read_alone_and_an_inner_one_by_its_rows(tmp_path:
 
 def test_rows_are_gathered_a_slot_at_a_time_and_long_ones_read_alone() -> None:
     out = torch.empty(0, dtype=torch.uint8)
-    chunks = plan_reads(
+    segments, gathered = split_rows(
         [
             Strided("f", 100, 3000, 5, 12000, out, 0),  # two rows per 8 KiB slot
             Strided("g", 0, 10, 2, 10 + MAX_GAP_BYTES + 1, out, 0),  # gap too long to read
@@ -209,6 +210,7 @@ def test_rows_are_gathered_a_slot_at_a_time_and_long_ones_read_alone() -> None:
         ],
         chunk_bytes=8192,
     )
+    chunks = plan_chunks(segments, 8192) + gathered
     got = [(c.source, c.file_offset, c.nbytes, c.row_bytes, c.row_stride) for c in chunks]
     assert got == [
         ("g", 0, 10, 0, 0),
@@ -397,11 +399,11 @@ def test_the_ring_follows_the_threads_shared_by_the_processes_of_a_job(
     assert (loader._ring.threads, loader._ring.ring_bytes) == (4, fastload.default_ring_bytes(4))
     loader.release()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    monkeypatch.setattr(native, "LIBRARY", object())  # the C loop: 4 MiB reads
+    monkeypatch.setattr(native, "available", lambda: True)  # the C loop: 4 MiB reads
     assert fastload.default_ring_bytes(4) == 32 << 20
     assert fastload.default_ring_bytes(fastload.default_threads()) == 128 << 20
     assert fastload.default_ring_bytes(64) == 128 << 20  # more threads share the measured ring
-    monkeypatch.setattr(native, "LIBRARY", None)  # the Python loop: 8 MiB reads
+    monkeypatch.setattr(native, "available", lambda: False)  # the Python loop: 8 MiB reads
     assert fastload.default_ring_bytes(16) == fastload.default_ring_bytes(64) == 256 << 20
 
 
