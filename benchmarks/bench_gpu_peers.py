@@ -9,9 +9,10 @@ Checkpoints like a mid-sized transformer (bf16 matrices, fp32 norms; the .pth ti
 layer to the embedding) of 512 MiB and 4 GiB are staged with the daemon's own copier
 (ramstage.copier.stage_source) into two tmpfs mounts, huge=never and huge=within_size. Each
 loader then runs in fresh processes forked from a server that imported only torch (and peers.py):
-the first load of each process is a first-call sample (CUDA context creation timed apart), and
-one of them goes on to time --reps warm loads and to compare fastload's result with the plain
-loader's, bit for bit. Last, 2 and 4 processes load one model at once, rounds started together.
+the first load of each process is a first-call sample (CUDA context creation timed apart), the
+two loads after it are warm samples, and the first of fastload's processes compares its result
+with the plain loader's, bit for bit. The loaders of one checkpoint take turns, one process each,
+--reps times. Last, 2 and 4 processes load one model at once, rounds started together.
 fastload keeps its host ring in a ring file on a tmpfs mounted as the daemon mounts its rings
 (ramstage/rings.py), made by one process before the samples, as after a machine's first load;
 --no-rings leaves that out (rings of fresh memory in every process).
@@ -42,6 +43,7 @@ STORES = ("never", "within_size")
 SAFETENSORS_LOADERS = ("fastload", "fsst-new", "runai", "load_file")
 PTH_LOADERS = ("fastload", "torch.load")
 KEPT_BUFFERS_MIB = (16, 256, 512)
+WARM_PER_PROCESS = 2  # loads after the first in each process: the warm samples
 
 
 def ensure_cudart_link(work: Path) -> None:
@@ -236,40 +238,44 @@ def fresh(pool_factory: Callable[[], ProcessPoolExecutor], fn: Callable, *args: 
 def run_cells(
     new_pool: Callable, staged: dict, reps: int, log: Callable, only: set[str]
 ) -> list[dict]:
+    """Each checkpoint's loaders in turn, a fresh process each, for reps rounds (every other
+    round in reverse order): a slow minute of a noisy machine falls on all of them alike."""
     rows = []
     for (huge, label, fmt), path in staged.items():
         names = SAFETENSORS_LOADERS if fmt == "safetensors" else PTH_LOADERS
-        for name in (n for n in names if not only or n in only):
-            check = name.startswith("fastload")
-            samples = [fresh(new_pool, cell, name, str(path), reps, check, {})]
-            samples += [
-                fresh(new_pool, cell, name, str(path), 0, False, {}) for _ in range(reps - 1)
-            ]
-            rows.append(summarize(huge, label, fmt, name, path, samples))
-            log(rows[-1])
+        variants: dict[str, tuple[str, dict[str, str]]] = {
+            n: (n, {}) for n in names if not only or n in only
+        }
         if fmt == "safetensors" and (not only or "fsst-kept" in only):
             for mib in KEPT_BUFFERS_MIB:
                 env = {"BENCH_FSST_BBUF_MIB": str(mib)}
-                sample = fresh(new_pool, cell, "fsst-kept", str(path), reps, False, env)
-                rows.append(summarize(huge, label, fmt, f"fsst-kept-{mib}MiB", path, [sample]))
-                log(rows[-1])
+                variants[f"fsst-kept-{mib}MiB"] = ("fsst-kept", env)
+        samples: dict[str, list[dict]] = {name: [] for name in variants}
+        for round_ in range(reps):
+            for name in list(variants)[:: 1 if round_ % 2 == 0 else -1]:
+                loader, env = variants[name]
+                check = round_ == 0 and name.startswith("fastload")
+                sample = fresh(new_pool, cell, loader, str(path), WARM_PER_PROCESS, check, env)
+                samples[name].append(sample)
+        for name, taken in samples.items():
+            rows.append(summarize(huge, label, fmt, name, path, taken))
+            log(rows[-1])
     return rows
 
 
 def summarize(huge: str, label: str, fmt: str, name: str, path: Path, samples: list) -> dict:
     nbytes = path.stat().st_size
-    first = statistics.median(s["first_s"] for s in samples)
-    warm = statistics.median(samples[0]["warm_s"])
+    warm = [run for s in samples for run in s["warm_s"]]
     return {
         "store": huge,
         "size": label,
         "format": fmt,
         "loader": name,
         "bytes": nbytes,
-        "first_s": first,
+        "first_s": statistics.median(s["first_s"] for s in samples),
         "first_runs_s": [s["first_s"] for s in samples],
-        "warm_s": warm,
-        "warm_runs_s": samples[0]["warm_s"],
+        "warm_s": statistics.median(warm),
+        "warm_runs_s": warm,
         "context_s": statistics.median(s["context_s"] for s in samples),
         "identical": samples[0]["identical"],
     }

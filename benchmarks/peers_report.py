@@ -83,7 +83,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         (
             "Each cell: median ms (GB/s). first: the first load in a fresh process (CUDA "
-            "context excluded); warm: later loads in that process."
+            "context excluded); warm: the loads after it in those processes. The loaders of "
+            "one checkpoint took turns, one process each."
         ),
         "",
     ]

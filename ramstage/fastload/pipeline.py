@@ -231,13 +231,15 @@ class Ring:
         self._free_stream: Callable[[], object] = lambda: None
         self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ramstage-fastload")
+        self._pool_started = False
         self._gaps = threading.local()  # per thread: a cache-sized buffer written by each core
         try:
             if cuda:
                 self._stream, self._free_stream = copy_stream(device)
             addresses = [slot.tensor.data_ptr() for slot in self._host.slots]
             self._loop = native.copy_loop(addresses, self.chunk_bytes, device, self._stream)
-            _start_all(self._pool, threads)
+            if self._loop is None:  # the C loop starts its own threads
+                self._start_pool()
             self._host.prepare_all(self._hand_over, device)  # in the background, from now on
         except BaseException:  # no stream or no thread: free the ring's memory now
             self._free_all(wait=False)
@@ -260,6 +262,7 @@ class Ring:
                 reads = len(segments) + sum(s.nbytes for s in segments) // self.chunk_bytes
                 self._loop.run(segments, fds, min(self.threads, reads), MAX_GAP_BYTES)
                 return
+            self._start_pool()
             chunks = plan_chunks(segments, self.chunk_bytes) + gathered
             workers = min(self.threads, len(chunks))
             # The views keep their mappings; both go with the job (an error's traceback may
@@ -277,6 +280,11 @@ class Ring:
                 self._stream.synchronize()
             for fd in fds.values():
                 os.close(fd)
+
+    def _start_pool(self) -> None:
+        if not self._pool_started:
+            _start_all(self._pool, self.threads)
+            self._pool_started = True
 
     def _hand_over(self, slot: Slot) -> None:
         self._free.put(slot)
@@ -339,11 +347,12 @@ class Ring:
 
 
 def _start_all(pool: ThreadPoolExecutor, threads: int) -> None:
-    """Starts every thread of the pool now, before the ring is prepared (16 threads: 2-4
-    ms). Started lazily by the first load, they came up 2-6 ms apart while slots were being
-    page-locked (one H200), and the preparing thread's own pool waited behind them: submit
-    holds concurrent.futures' one module-wide lock while it starts a thread. The first read
-    then came 10-40 ms after the load began."""
+    """Starts every thread of the pool at once (16 threads: 2-4 ms): with the Python loop,
+    before the ring is prepared; with the C loop, which starts its own, at the first load that
+    gathers rows. Started one by one as work came, they came up 2-6 ms apart while slots were
+    being page-locked (one H200), and the preparing thread's own pool waited behind them:
+    submit holds concurrent.futures' one module-wide lock while it starts a thread. The first
+    read then came 10-40 ms after the load began."""
     started = threading.Barrier(threads + 1)
     try:
         for _ in range(threads):

@@ -250,16 +250,22 @@ def test_a_ring_copies_with_the_c_loop_and_gathered_rows_with_the_python_one(
         ran.append(len(segments))
         real(self, segments, *args, **options)
 
+    def python_threads() -> int:
+        return sum(t.name.startswith("ramstage-fastload") for t in threading.enumerate())
+
     monkeypatch.setattr(native.CopyLoop, "run", run)
     want = {"w": torch.randn(64, 48), "b": torch.randn(48)}
     path = write_safetensors(tmp_path / "m.safetensors", want)
     loader = fastload.Loader(pipeline_on_cpu=True)
+    before = python_threads()
     try:
         assert_same(loader.load(path, "cpu", threads=2, ring_bytes=4 * SLOT_BYTES), want)
         assert ran == [2]  # both tensors
+        assert python_threads() == before  # the C loop's own threads, started and joined
         rows = fastload.Shard(1, 2, dims={"w": 1, "*": 0})
         got = loader.load(path, "cpu", threads=2, ring_bytes=4 * SLOT_BYTES, shard=rows)
         assert torch.equal(got["w"], want["w"][:, 24:]) and ran == [2]
+        assert python_threads() == before + 2  # the ring's pool, started for the rows
     finally:
         loader.release()
 

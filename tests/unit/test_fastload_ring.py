@@ -26,7 +26,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ramstage import fastload, rings
-from ramstage.fastload import hostring, pipeline, stream
+from ramstage.fastload import hostring, native, pipeline, stream
 
 pytestmark = pytest.mark.torch
 
@@ -302,7 +302,9 @@ def test_a_ring_starts_its_readers_before_it_prepares_the_slots(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Threads started while slots are faulted in and page-locked start slowly and hold the
-    preparation up, so every reader is running before the preparation begins."""
+    preparation up, so with the Python loop every reader is running before the preparation
+    begins (the C loop starts its own; test_fastload_copyloop.py)."""
+    monkeypatch.setattr(native, "available", lambda: False)
     readers_at_start: list[int] = []
     real = hostring.HostRing.prepare_all
 
@@ -324,6 +326,7 @@ def test_a_ring_whose_threads_cannot_start_fails_and_frees_its_memory(
 ) -> None:
     """Where the process may start no more threads, creating the ring raises that error, the
     thread already started returns (no_thread_leaks checks), and the ring's mapping is freed."""
+    monkeypatch.setattr(native, "available", lambda: False)  # the loop whose threads start here
     real_submit, real_close = ThreadPoolExecutor.submit, hostring.HostRing.close
     submitted: list[object] = []
     closed: list[hostring.HostRing] = []
