@@ -129,7 +129,7 @@ class Loader:
         with self._lock:
             # A new ring starts preparing its host memory at once, while the files are planned.
             kept = self._ring
-            ring = self._ring_for(device, threads, ring_bytes)
+            ring = self._ring_for(device, threads, ring_bytes, rows=slices is not None)
             if device.type == "cuda" and slices is None:
                 _reserve(device, sum(file.stat().st_size for file in files))
             plans = [_plan(file, device, slices) for file in files]
@@ -148,11 +148,11 @@ class Loader:
             self._ring.close()
             self._ring = None
 
-    def _ring_for(self, device: torch.device, threads: int, ring_bytes: int) -> Ring:
+    def _ring_for(self, device: torch.device, threads: int, ring_bytes: int, rows: bool) -> Ring:
         if self._ring is not None and not self._ring.matches(device, threads, ring_bytes):
             self._close_ring()
         if self._ring is None:
-            self._ring = Ring(device, threads=threads, ring_bytes=ring_bytes)
+            self._ring = Ring(device, threads=threads, ring_bytes=ring_bytes, rows=rows)
         return self._ring
 
 

@@ -10,10 +10,7 @@ without it and for rows gathered by numpy.
 The ring's host memory (hostring.py) is faulted in and page-locked by a background thread
 from the ring's creation on, and each slot goes to the readers as soon as it is locked, so a
 fresh process's first load starts copying after one slot rather than after the whole ring.
-Copying from pageable memory instead (the file's mapping, or a buffer filled by preadv) was
-measured at 5.5-9.5 GB/s whatever the threads, and it slowed the page-locking beside it;
-copying straight from the file's pages (cudaHostRegister of the mapped tmpfs file) was also
-slower (docs/gpu.md, docs/benchmarks.md).
+Copies from pageable memory, or straight from the file's pages, were slower (docs/gpu.md).
 
 A tensor-parallel rank's slice along an inner dim is rows, one every row_stride bytes
 (Strided). Short rows with short gaps are gathered a slot's worth at a time from a read-only
@@ -218,7 +215,9 @@ def read_rows(fd: int, memory: memoryview, chunk: Chunk, gap: memoryview) -> Non
 class Ring:
     """Host slots, a thread pool and (CUDA) a copy stream, reused across loads until close()."""
 
-    def __init__(self, device: torch.device, *, threads: int, ring_bytes: int) -> None:
+    def __init__(
+        self, device: torch.device, *, threads: int, ring_bytes: int, rows: bool = False
+    ) -> None:
         self.device = device
         self.threads = threads
         self.ring_bytes = ring_bytes
@@ -230,16 +229,15 @@ class Ring:
         self._loop: native.CopyLoop | None = None
         self._free_stream: Callable[[], object] = lambda: None
         self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ramstage-fastload")
-        self._pool_started = False
+        self._pool: ThreadPoolExecutor | None = None  # for the Python loop (_threads)
         self._gaps = threading.local()  # per thread: a cache-sized buffer written by each core
         try:
             if cuda:
                 self._stream, self._free_stream = copy_stream(device)
             addresses = [slot.tensor.data_ptr() for slot in self._host.slots]
             self._loop = native.copy_loop(addresses, self.chunk_bytes, device, self._stream)
-            if self._loop is None:  # the C loop starts its own threads
-                self._start_pool()
+            if self._loop is None or rows:  # the C loop starts its own; rows: _started_pool
+                self._threads()
             self._host.prepare_all(self._hand_over, device)  # in the background, from now on
         except BaseException:  # no stream or no thread: free the ring's memory now
             self._free_all(wait=False)
@@ -262,14 +260,14 @@ class Ring:
                 reads = len(segments) + sum(s.nbytes for s in segments) // self.chunk_bytes
                 self._loop.run(segments, fds, min(self.threads, reads), MAX_GAP_BYTES)
                 return
-            self._start_pool()
+            pool = self._threads()
             chunks = plan_chunks(segments, self.chunk_bytes) + gathered
             workers = min(self.threads, len(chunks))
             # The views keep their mappings; both go with the job (an error's traceback may
             # hold a view, so an explicit close could fail with BufferError over the real one).
             job = _Job(chunks, _map_strided_sources(chunks, fds))
             futures: list[Future[None]] = [
-                self._pool.submit(self._work, job, fds) for _ in range(workers)
+                pool.submit(self._work, job, fds) for _ in range(workers)
             ]
             for future in futures:
                 future.exception()  # wait for all before raising: slots must be back first
@@ -281,10 +279,10 @@ class Ring:
             for fd in fds.values():
                 os.close(fd)
 
-    def _start_pool(self) -> None:
-        if not self._pool_started:
-            _start_all(self._pool, self.threads)
-            self._pool_started = True
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:  # or a start failed: a fresh pool then
+            self._pool = _started_pool(self.threads)
+        return self._pool
 
     def _hand_over(self, slot: Slot) -> None:
         self._free.put(slot)
@@ -341,26 +339,29 @@ class Ring:
             after.callback(self._free_stream)
             if self._loop is not None:
                 after.callback(self._loop.close)
-            self._pool.shutdown(wait=wait)
+            if self._pool is not None:
+                self._pool.shutdown(wait=wait)
             if wait and self._stream is not None:
                 self._stream.synchronize()
 
 
-def _start_all(pool: ThreadPoolExecutor, threads: int) -> None:
-    """Starts every thread of the pool at once (16 threads: 2-4 ms): with the Python loop,
-    before the ring is prepared; with the C loop, which starts its own, at the first load that
-    gathers rows. Started one by one as work came, they came up 2-6 ms apart while slots were
-    being page-locked (one H200), and the preparing thread's own pool waited behind them:
-    submit holds concurrent.futures' one module-wide lock while it starts a thread. The first
-    read then came 10-40 ms after the load began."""
+def _started_pool(threads: int) -> ThreadPoolExecutor:
+    """A pool with every thread started at once (16 threads: 2-4 ms), before the ring is
+    prepared: for the Python loop, or the rows a sharded load gathers (the C loop starts its
+    own). Started one by one as work came, while slots were page-locked, they came up 2-6 ms
+    apart, the preparing thread's pool waiting behind concurrent.futures' module-wide lock:
+    the first read came 10-40 ms after the load began (one H200)."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="ramstage-fastload")
     started = threading.Barrier(threads + 1)
     try:
         for _ in range(threads):
             pool.submit(started.wait)  # each waits, so each submit starts a thread
         started.wait()
-    except BaseException:
-        started.abort()  # the threads already started return
+    except BaseException:  # the threads already started return; the pool goes with them
+        started.abort()
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
+    return pool
 
 
 def _map_strided_sources(chunks: list[Chunk], fds: dict[str, int]) -> dict[str, Any]:

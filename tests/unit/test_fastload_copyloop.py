@@ -251,7 +251,7 @@ def test_a_ring_copies_with_the_c_loop_and_gathered_rows_with_the_python_one(
         real(self, segments, *args, **options)
 
     def python_threads() -> int:
-        return sum(t.name.startswith("ramstage-fastload") for t in threading.enumerate())
+        return sum(t.name.startswith("ramstage-fastload_") for t in threading.enumerate())
 
     monkeypatch.setattr(native.CopyLoop, "run", run)
     want = {"w": torch.randn(64, 48), "b": torch.randn(48)}
@@ -268,6 +268,46 @@ def test_a_ring_copies_with_the_c_loop_and_gathered_rows_with_the_python_one(
         assert python_threads() == before + 2  # the ring's pool, started for the rows
     finally:
         loader.release()
+
+
+def test_a_load_whose_threads_could_not_start_leaves_the_next_a_fresh_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool that failed to start one of its threads miscounts its idle ones, and a second
+    start on it waited forever, holding the loader's lock: the load with gathered rows that
+    could not start the Python loop's threads fails, and the next one starts a fresh pool."""
+    from test_fastload import write_safetensors
+
+    from ramstage import fastload
+
+    real_start = threading.Thread.start
+    starts: list[str] = []
+
+    def start(self: threading.Thread) -> None:  # as where the process may start no more
+        if self.name.startswith("ramstage-fastload_"):
+            starts.append(self.name)
+            if len(starts) == 2:
+                raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    want = {"w": torch.randn(64, 48), "b": torch.randn(48)}
+    path = write_safetensors(tmp_path / "m.safetensors", want)
+    rows = fastload.Shard(1, 2, dims={"w": 1, "*": 0})
+    options: dict[str, Any] = {"threads": 2, "ring_bytes": 4 * SLOT_BYTES}
+    loader = fastload.Loader(pipeline_on_cpu=True)
+    loader.load(path, "cpu", **options)  # the ring, made for a whole load: no Python threads
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        loader.load(path, "cpu", shard=rows, **options)
+    got: list[dict[str, Any]] = []
+    retry = threading.Thread(
+        target=lambda: got.append(loader.load(path, "cpu", shard=rows, **options)), daemon=True
+    )
+    retry.start()
+    retry.join(timeout=30)
+    assert not retry.is_alive(), "the load after a failed start waits forever"
+    loader.release()
+    assert torch.equal(got[0]["w"], want["w"][:, 24:])
 
 
 def test_slots_handed_over_during_a_run_are_used_as_they_come(

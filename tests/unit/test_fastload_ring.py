@@ -298,13 +298,20 @@ def test_a_fork_while_a_ring_claims_its_file_waits_and_the_child_holds_nothing(
             ring.close()
 
 
+@pytest.mark.parametrize(
+    ("c_loop", "rows", "readers"),
+    [(False, False, 3), (True, True, 3), (True, False, 0)],
+    ids=["python-loop", "c-loop-rows", "c-loop"],
+)
 def test_a_ring_starts_its_readers_before_it_prepares_the_slots(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, c_loop: bool, rows: bool, readers: int
 ) -> None:
     """Threads started while slots are faulted in and page-locked start slowly and hold the
-    preparation up, so with the Python loop every reader is running before the preparation
-    begins (the C loop starts its own; test_fastload_copyloop.py)."""
-    monkeypatch.setattr(native, "available", lambda: False)
+    preparation up, so the Python loop's readers are all running before the preparation
+    begins: for the Python loop, and for a sharded load's rows; the C loop starts its own."""
+    if c_loop and native.LIBRARY is None:
+        pytest.skip("the C copy loop was not built (no C compiler at install)")
+    monkeypatch.setattr(native, "available", lambda: c_loop)
     readers_at_start: list[int] = []
     real = hostring.HostRing.prepare_all
 
@@ -314,9 +321,9 @@ def test_a_ring_starts_its_readers_before_it_prepares_the_slots(
         real(self, *args)
 
     monkeypatch.setattr(hostring.HostRing, "prepare_all", prepare_all)
-    ring = pipeline.Ring(torch.device("cpu"), threads=3, ring_bytes=6 * SLOT_BYTES)
+    ring = pipeline.Ring(torch.device("cpu"), threads=3, ring_bytes=6 * SLOT_BYTES, rows=rows)
     try:
-        assert readers_at_start == [3]
+        assert readers_at_start == [readers]
     finally:
         ring.close()
 
