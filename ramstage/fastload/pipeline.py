@@ -236,7 +236,7 @@ class Ring:
                 self._stream, self._free_stream = copy_stream(device)
             addresses = [slot.tensor.data_ptr() for slot in self._host.slots]
             self._loop = native.copy_loop(addresses, self.chunk_bytes, device, self._stream)
-            if self._loop is None or rows:  # the C loop starts its own; rows: _started_pool
+            if self._loop is None or rows:  # the C loop starts its own; gathered rows use these
                 self._threads()
             self._host.prepare_all(self._hand_over, device)  # in the background, from now on
         except BaseException:  # no stream or no thread: free the ring's memory now

@@ -276,19 +276,11 @@ def test_a_load_whose_threads_could_not_start_leaves_the_next_a_fresh_pool(
     """A pool that failed to start one of its threads miscounts its idle ones, and a second
     start on it waited forever, holding the loader's lock: the load with gathered rows that
     could not start the Python loop's threads fails, and the next one starts a fresh pool."""
+    from conftest import wait_for
     from test_fastload import write_safetensors
+    from test_fastload_ring import refuse_the_second_reader
 
     from ramstage import fastload
-
-    real_start = threading.Thread.start
-    starts: list[str] = []
-
-    def start(self: threading.Thread) -> None:  # as where the process may start no more
-        if self.name.startswith("ramstage-fastload_"):
-            starts.append(self.name)
-            if len(starts) == 2:
-                raise RuntimeError("can't start new thread")
-        real_start(self)
 
     want = {"w": torch.randn(64, 48), "b": torch.randn(48)}
     path = write_safetensors(tmp_path / "m.safetensors", want)
@@ -296,9 +288,11 @@ def test_a_load_whose_threads_could_not_start_leaves_the_next_a_fresh_pool(
     options: dict[str, Any] = {"threads": 2, "ring_bytes": 4 * SLOT_BYTES}
     loader = fastload.Loader(pipeline_on_cpu=True)
     loader.load(path, "cpu", **options)  # the ring, made for a whole load: no Python threads
-    monkeypatch.setattr(threading.Thread, "start", start)
+    refuse_the_second_reader(monkeypatch)
     with pytest.raises(RuntimeError, match="can't start new thread"):
         loader.load(path, "cpu", shard=rows, **options)
+    readers = [t for t in threading.enumerate() if t.name.startswith("ramstage-fastload_")]
+    wait_for(lambda: not any(t.is_alive() for t in readers), timeout=10)  # the pool went
     got: list[dict[str, Any]] = []
     retry = threading.Thread(
         target=lambda: got.append(loader.load(path, "cpu", shard=rows, **options)), daemon=True
